@@ -1,0 +1,113 @@
+"""Token sampling and draft verification, on device, batched over rows.
+
+Randomness is a pure function of (request seed, position): a request that is preempted and
+recomputed, or run alone instead of in a batch, draws the same tokens.
+
+Verification with a deterministic draft (prompt lookup, suffix automaton: the draft puts all its
+mass on one token d) uses the standard speculative-sampling rule with q = one-hot(d): accept d with
+probability p(d); on rejection sample from the residual max(0, p - q), i.e. p with d removed and
+renormalised. The output distribution is exactly p's. Greedy rows accept d iff d == argmax p.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+
+
+class SamplingArrays:
+    """Per-row sampling parameters as device arrays (a pytree)."""
+
+    def __init__(self, temperature, top_k, top_p, seed):
+        self.temperature = temperature  # f32 [N]; 0 = greedy
+        self.top_k = top_k  # i32 [N]; 0 = off
+        self.top_p = top_p  # f32 [N]; 1 = off
+        self.seed = seed  # u32 [N]
+
+    def tree_flatten(self):
+        return (self.temperature, self.top_k, self.top_p, self.seed), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        return cls(*children)
+
+
+jax.tree_util.register_pytree_node(SamplingArrays, SamplingArrays.tree_flatten, SamplingArrays.tree_unflatten)
+
+
+def _row_keys(seed, position, salt):
+    """One PRNG key per row from (seed, position, salt)."""
+    def one(s, p):
+        k = jax.random.key(s)
+        return jax.random.fold_in(jax.random.fold_in(k, p), salt)
+    return jax.vmap(one)(seed, position)
+
+
+def filtered_log_probs(logits, temperature, top_k, top_p):
+    """Log-probabilities after temperature, top-k and top-p; logits f32 [N, V]."""
+    v = logits.shape[-1]
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    x = logits / t
+    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
+    # top-k: keep values >= the k-th largest.
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(sorted_x, (k - 1)[:, None], axis=-1)
+    x = jnp.where(x >= kth, x, _NEG)
+    # top-p over what survived top-k: keep the smallest prefix of the sorted probs with mass >= p.
+    sorted_x = jnp.where(jnp.arange(v)[None, :] < k[:, None], sorted_x, _NEG)
+    probs = jax.nn.softmax(sorted_x, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p[:, None]
+    cutoff = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x >= cutoff, x, _NEG)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def sample(logits, params: SamplingArrays, positions):
+    """One token per row: argmax for greedy rows, else a draw from the filtered distribution."""
+    logp = filtered_log_probs(logits, params.temperature, params.top_k, params.top_p)
+    keys = _row_keys(params.seed, positions, 0)
+    drawn = jax.vmap(lambda k, lp: jax.random.categorical(k, lp))(keys, logp)
+    return jnp.where(params.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def verify(logits, drafts, num_drafts, params: SamplingArrays, positions):
+    """Speculative verification for S sequences with up to K drafts each.
+
+    logits [S, K+1, V]: the target's logits after the newest token and after each draft; drafts
+    [S, K] (padding beyond num_drafts[s] is ignored); positions [S]: position of the first predicted
+    token. Returns (tokens [S, K+1], num_new [S]): tokens[s, :num_new[s]] are the accepted drafts
+    followed by one token from the target (the correction or the bonus token).
+    """
+    s, kp1, v = logits.shape
+    k = kp1 - 1
+    flat = logits.reshape(s * kp1, v)
+    rep = lambda a: jnp.repeat(a, kp1)  # noqa: E731
+    logp = filtered_log_probs(flat, rep(params.temperature), rep(params.top_k), rep(params.top_p))
+    logp = logp.reshape(s, kp1, v)
+    greedy = params.temperature <= 0
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [S, K+1]
+    pos = positions[:, None] + jnp.arange(kp1)[None, :]  # position each row predicts
+    seeds = jnp.repeat(params.seed, kp1)
+    u_keys = _row_keys(seeds, pos.reshape(-1), 1)
+    u = jax.vmap(jax.random.uniform)(u_keys).reshape(s, kp1)
+    d = jnp.pad(drafts, ((0, 0), (0, 1)))  # [S, K+1]; the last column is never a draft
+    p_d = jnp.exp(jnp.take_along_axis(logp, d[..., None], axis=-1)[..., 0])
+    is_draft = jnp.arange(kp1)[None, :] < num_drafts[:, None]
+    ok = jnp.where(greedy[:, None], d == argmax, u < p_d) & is_draft
+    num_acc = jnp.argmin(jnp.concatenate([ok, jnp.zeros((s, 1), bool)], axis=1), axis=1)[:, None]
+    num_acc = jnp.minimum(num_acc[:, 0], k)
+    # The extra token at index num_acc: residual draw after a rejection, plain draw after all accepted.
+    rejected = num_acc < num_drafts
+    row_logp = jnp.take_along_axis(logp, num_acc[:, None, None], axis=1)[:, 0]  # [S, V]
+    row_d = jnp.take_along_axis(d, num_acc[:, None], axis=1)[:, 0]
+    residual = jnp.where(rejected[:, None] & (jnp.arange(v)[None, :] == row_d[:, None]), _NEG, row_logp)
+    x_keys = _row_keys(params.seed, positions + num_acc, 2)
+    drawn = jax.vmap(lambda kk, lp: jax.random.categorical(kk, lp))(x_keys, residual)
+    row_argmax = jnp.take_along_axis(argmax, num_acc[:, None], axis=1)[:, 0]
+    extra = jnp.where(greedy, row_argmax, drawn).astype(jnp.int32)
+    idx = jnp.arange(kp1)[None, :]
+    tokens = jnp.where(idx < num_acc[:, None], d, jnp.where(idx == num_acc[:, None], extra[:, None], 0))
+    return tokens.astype(jnp.int32), (num_acc + 1).astype(jnp.int32)

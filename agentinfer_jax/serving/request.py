@@ -1,0 +1,124 @@
+"""A generation request and its life cycle in the serving loop.
+
+States: WAITING -> RUNNING -> FINISHED | ABORTED, and RUNNING -> WAITING on preemption. A running
+request is "prefilling" while `num_computed_tokens < num_tokens - 1` and "decoding" once only its
+newest token lacks KV; the scheduler treats both the same way (feed the tokens whose KV is missing),
+which is what makes chunked prefill, prefix reuse and recompute-after-preemption one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # EOS token or stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # cancelled, or failed validation after admission
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as given (empty or over-long prompt, bad ids or parameters)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop."""
+
+    max_tokens: int = 64  # new tokens at most
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # nucleus mass; 1 = no cut
+    seed: int | None = None  # per-request seed; sampling is reproducible given (seed, position)
+    stop_token_ids: tuple[int, ...] = ()  # extra stop ids besides the model's EOS
+    stop: tuple[str, ...] = ()  # stop strings (checked by the serving loop on decoded text)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks, forced replay)
+
+    def validate(self) -> None:
+        if self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be positive, got {self.max_tokens}")
+        if not self.temperature >= 0.0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation call. Mutated only by the scheduler (and the loop that owns it)."""
+
+    request_id: str
+    prompt_tokens: list[int]
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    session_id: str | None = None  # agent session: its calls share a cached prefix
+    namespace: str = ""  # prefix-cache isolation key (tenant or cache salt)
+    priority: int = 0  # higher first where the policy honours it
+    speculative: bool = False  # a short SPAgent action-speculation call
+    arrival_s: float = 0.0
+    # Tokens the model must emit regardless of its own choice (trace replay); the KV and costs stay real.
+    forced_output: Sequence[int] | None = None
+
+    state: RequestState = RequestState.WAITING
+    output_tokens: list[int] = dataclasses.field(default_factory=list)
+    block_ids: list[int] = dataclasses.field(default_factory=list)  # block i holds positions [i*bs, (i+1)*bs)
+    num_computed_tokens: int = 0  # positions whose KV is in block_ids
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at (first) admission
+    num_inserted_blocks: int = 0  # leading full blocks already offered to the prefix cache
+    num_preemptions: int = 0
+    num_drafted: int = 0
+    num_accepted: int = 0
+    num_verify_steps: int = 0
+    admitted_s: float | None = None  # first admission
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    finish_s: float | None = None
+    finish_reason: FinishReason | None = None
+    waiting_since_s: float = 0.0
+    stop_text: str | None = None
+    drafter_started: bool = False  # the drafter holds state for this request  # output text cut before a matched stop string
+
+    def __post_init__(self) -> None:
+        self.waiting_since_s = self.arrival_s
+
+    @property
+    def all_tokens(self) -> list[int]:
+        return self.prompt_tokens + self.output_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_tokens) + len(self.output_tokens)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    @property
+    def done(self) -> bool:
+        return self.state in (RequestState.FINISHED, RequestState.ABORTED)
+
+    def validate(self, vocab_size: int, max_model_len: int) -> None:
+        """Raises InvalidRequestError naming what is wrong with the request as submitted."""
+        if not self.prompt_tokens:
+            raise InvalidRequestError("prompt is empty")
+        bad = [t for t in self.prompt_tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        self.sampling.validate()
+        if len(self.prompt_tokens) >= max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(self.prompt_tokens)} tokens; the context limit is {max_model_len}")

@@ -1,0 +1,404 @@
+"""The executor-agnostic scheduler: who runs this step, on which blocks, with which tokens.
+
+Each step `schedule()` returns a `SchedulerOutput` (per request: the tokens to feed, their first
+position, the block table and any draft tokens); an executor (the JAX engine, or the discrete-event
+simulator) runs it and hands back the new tokens to `update()`. The scheduler never runs a model,
+so the engine and the simulator share this code, the allocator and the prefix cache exactly.
+
+Invariants:
+- A running request holds one reference on each of its `block_ids`; a finished, aborted or
+  preempted request holds none. The prefix cache holds its own reference on every cached block.
+- `num_computed_tokens <= num_tokens - 1` for a running request after `update()`: only its newest
+  token lacks KV; a step feeds `all_tokens[num_computed_tokens:]` (capped by the budget) plus drafts.
+- Running requests are served before waiting ones (decode latency first); when blocks run out the
+  newest running request is preempted (its blocks released, recomputed later from its tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+from agentinfer_jax.serving.policies import FCFS, AdmissionPolicy, CacheView, Candidate
+from agentinfer_jax.serving.request import (FinishReason, InvalidRequestError, Request, RequestState,
+                                            SamplingParams)
+
+__all__ = ["SchedulerConfig", "ScheduledSeq", "SchedulerOutput", "Scheduler", "SessionRetention",
+           "InvalidRequestError", "SamplingParams"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Capacity and budgets of one engine (all counts in tokens or blocks)."""
+
+    block_size: int = 16  # tokens per KV block (page)
+    max_num_seqs: int = 32  # running requests at most (decode slots)
+    max_tokens_per_step: int = 256  # prefill chunk + decode + draft tokens fed in one step
+    max_model_len: int = 2048  # prompt + output tokens at most
+    vocab_size: int = 4096  # token ids must lie in [0, vocab_size)
+    num_draft_tokens: int = 0  # k drafted tokens per decode step (0 = no drafting)
+    eos_token_ids: tuple[int, ...] = ()  # tokens that end a request (unless ignore_eos)
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_tokens_per_step <= 0:
+            raise ValueError("block_size, max_num_seqs and max_tokens_per_step must be positive")
+        if self.max_tokens_per_step < self.max_num_seqs:
+            raise ValueError("max_tokens_per_step must cover one decode token per running request")
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    """One request's share of a step."""
+
+    request: Request
+    start_pos: int  # position of tokens[0]; equals request.num_computed_tokens
+    tokens: list[int]  # tokens fed: a prefill chunk, or [newest token] + drafts
+    num_draft: int  # how many of `tokens` (at the end) are drafts to verify
+    block_ids: list[int]  # the request's block table, covering every fed position
+
+    @property
+    def samples(self) -> bool:
+        """True when the step ends at the request's newest token, so it yields new tokens."""
+        return self.start_pos + len(self.tokens) - self.num_draft == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]
+    preempted: list[str]  # request ids preempted while building this step
+    num_waiting: int  # still waiting after admission
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.seqs)
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+
+class SessionRetention:
+    """Keeps a finished call's full blocks for `ttl_s` while its agent runs a tool.
+
+    One job: hold one extra reference per retained block, so LRU eviction cannot take a session's
+    context between its calls. Released when the session's next call is admitted, when the TTL runs
+    out, or under pressure (oldest first) when the allocator has nothing else to give.
+    """
+
+    def __init__(self, pool, ttl_s: float = 30.0):
+        self._pool = pool
+        self.ttl_s = ttl_s
+        self._held: dict[str, tuple[float, list[int]]] = {}  # session -> (expiry, blocks); insertion = age
+
+    def hold(self, session_id: str, block_ids: Sequence[int], now_s: float) -> None:
+        self.drop(session_id)
+        if block_ids:
+            self._pool.incref(list(block_ids))
+            self._held[session_id] = (now_s + self.ttl_s, list(block_ids))
+
+    def drop(self, session_id: str) -> None:
+        held = self._held.pop(session_id, None)
+        if held:
+            self._pool.release(held[1])
+
+    def expire(self, now_s: float) -> None:
+        for sid in [s for s, (exp, _) in self._held.items() if exp <= now_s]:
+            self.drop(sid)
+
+    def release_oldest(self) -> bool:
+        """Releases the oldest retained session; False when nothing is held."""
+        if not self._held:
+            return False
+        self.drop(next(iter(self._held)))
+        return True
+
+    def clear(self) -> None:
+        while self.release_oldest():
+            pass
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(b) for _, b in self._held.values())
+
+
+class Scheduler:
+    """Continuous batching over a paged KV cache with prefix reuse, drafting and preemption."""
+
+    def __init__(self, config: SchedulerConfig, pool, prefix_cache=None, policy: AdmissionPolicy | None = None,
+                 drafter=None, retention: SessionRetention | None = None,
+                 clock: Callable[[], float] = time.monotonic, draft_len_fn: Callable[[Request], int] | None = None):
+        self.config = config
+        self.pool = pool
+        self.prefix_cache = prefix_cache
+        self.policy = policy or FCFS()
+        self.drafter = drafter
+        self.retention = retention
+        self.clock = clock
+        # Per-request draft length (the adaptive switch); defaults to config.num_draft_tokens.
+        self.draft_len_fn = draft_len_fn
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.num_steps = 0
+
+    # ---- requests in and out -------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        """Validates and queues a request; raises InvalidRequestError for bad input."""
+        if req.request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request id {req.request_id!r}")
+        req.validate(self.config.vocab_size, self.config.max_model_len)
+        req.state = RequestState.WAITING
+        req.waiting_since_s = req.arrival_s = self.clock() if req.arrival_s == 0.0 else req.arrival_s
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Cancels a request wherever it is; its blocks are released. Unknown ids are ignored."""
+        req = self.requests.get(request_id)
+        if req is None or req.done:
+            return None
+        self._finish(req, FinishReason.ABORT, RequestState.ABORTED)
+        return req
+
+    def stop(self, request_id: str) -> Request | None:
+        """Finishes a request early with reason STOP (the serving loop matched a stop string)."""
+        req = self.requests.get(request_id)
+        if req is None or req.done:
+            return None
+        self._finish(req, FinishReason.STOP, RequestState.FINISHED)
+        return req
+
+    def forget(self, request_id: str) -> None:
+        """Drops a finished request's record (the loop calls this once its result is delivered)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.done:
+            del self.requests[request_id]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        now = self.clock()
+        if self.retention is not None:
+            self.retention.expire(now)
+        budget = self.config.max_tokens_per_step
+        seqs: list[ScheduledSeq] = []
+        preempted: list[str] = []
+
+        # Running requests first, oldest first; growth may preempt the newest.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            seq = self._plan_running(req, budget)
+            while seq is None:
+                victim = self.running[-1]
+                self._preempt(victim, now)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+                seq = self._plan_running(req, budget)
+            if seq is None:
+                continue  # req itself was preempted (it was the last one); loop ends
+            seqs.append(seq)
+            budget -= len(seq.tokens)
+            i += 1
+
+        # Then admission, in the policy's order, first feasible.
+        if self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            budget = self._admit(now, budget, seqs)
+        self.num_steps += 1
+        return SchedulerOutput(seqs, preempted, len(self.waiting))
+
+    def update(self, output: SchedulerOutput, new_tokens: dict[str, Sequence[int]]) -> list[Request]:
+        """Applies an executed step. `new_tokens[id]`: accepted drafts + one sampled token (sampling
+        seqs only). Returns the requests that finished in this step."""
+        now = self.clock()
+        finished = []
+        for seq in output.seqs:
+            req = seq.request
+            if req.done or req.state is not RequestState.RUNNING:
+                continue  # aborted while the step ran
+            toks = list(new_tokens.get(req.request_id, ())) if seq.samples else []
+            if seq.samples and not toks:
+                raise RuntimeError(f"executor returned no token for sampling request {req.request_id}")
+            num_acc = max(0, len(toks) - 1) if seq.num_draft else 0
+            if len(toks) > 1 + seq.num_draft:
+                raise RuntimeError(f"executor returned {len(toks)} tokens for {seq.num_draft} drafts")
+            if seq.num_draft and any(t != d for t, d in zip(toks[:num_acc], seq.tokens[-seq.num_draft:])):
+                raise RuntimeError("accepted tokens disagree with the drafts")
+            req.num_computed_tokens = seq.start_pos + len(seq.tokens) - seq.num_draft + num_acc
+            if seq.num_draft:
+                req.num_drafted += seq.num_draft
+                req.num_accepted += num_acc
+                req.num_verify_steps += 1
+            if toks:
+                reason = self._append(req, toks, now)
+                if self.drafter is not None:
+                    self.drafter.extend(req.request_id, toks)
+            else:
+                reason = None
+            self._offer_to_cache(req)
+            if reason is not None:
+                self._finish(req, reason, RequestState.FINISHED)
+                finished.append(req)
+        return finished
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _append(self, req: Request, toks: list[int], now: float) -> FinishReason | None:
+        sp = req.sampling
+        stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.config.eos_token_ids))
+        reason = None
+        for n, t in enumerate(toks):
+            req.output_tokens.append(t)
+            if t in stops:
+                reason = FinishReason.STOP
+            elif len(req.output_tokens) >= sp.max_tokens or req.num_tokens >= self.config.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                # Tokens past the stop are dropped; their KV (if any) lies beyond num_computed.
+                req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+                break
+        if req.first_token_s is None:
+            req.first_token_s = now
+        req.last_token_s = now
+        return reason
+
+    def _blocks_needed(self, req: Request, upto_pos: int) -> int:
+        return max(0, math.ceil(upto_pos / self.config.block_size) - len(req.block_ids))
+
+    def _allocate(self, n: int) -> list[int] | None:
+        """n blocks, evicting unreferenced cached blocks and then retained sessions if needed."""
+        if n == 0:
+            return []
+        while True:
+            ids = self.pool.allocate(n)
+            if ids is not None:
+                return ids
+            short = n - self.pool.num_free
+            if self.prefix_cache is not None and self.prefix_cache.evict(short) > 0:
+                continue
+            if self.retention is not None and self.retention.release_oldest():
+                continue
+            return None
+
+    def _draft_len(self, req: Request) -> int:
+        if self.drafter is None:
+            return 0
+        k = self.draft_len_fn(req) if self.draft_len_fn else self.config.num_draft_tokens
+        room = min(req.sampling.max_tokens - len(req.output_tokens),
+                   self.config.max_model_len - req.num_tokens) - 1
+        return max(0, min(k, room))
+
+    def _plan_running(self, req: Request, budget: int) -> ScheduledSeq | None:
+        """The request's next feed within `budget`, with blocks allocated; None if blocks ran out."""
+        start = req.num_computed_tokens
+        pending = req.all_tokens[start:]
+        drafts: list[int] = []
+        if len(pending) == 1:
+            k = min(self._draft_len(req), budget - 1)
+            if k > 0:
+                drafts = list(self.drafter.propose(req.request_id, k))[:k]
+        else:
+            pending = pending[:budget]
+        tokens = pending + drafts
+        new = self._allocate(self._blocks_needed(req, start + len(tokens)))
+        if new is None:
+            return None
+        req.block_ids.extend(new)
+        return ScheduledSeq(req, start, tokens, len(drafts), list(req.block_ids))
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """Cached blocks of the request's tokens, leaving at least one token to compute."""
+        if self.prefix_cache is None:
+            return []
+        toks = req.all_tokens
+        hit = self.prefix_cache.match(toks, namespace=req.namespace)
+        return hit[: (len(toks) - 1) // self.config.block_size]
+
+    def _admit(self, now: float, budget: int, seqs: list[ScheduledSeq]) -> int:
+        bs = self.config.block_size
+        cands = []
+        for req in self.waiting:
+            n_hit = len(self._cached_prefix(req))
+            cands.append(Candidate(req.request_id, req.num_tokens, n_hit, math.ceil(req.num_tokens / bs) - n_hit,
+                                   now - req.waiting_since_s, req.arrival_s, req.speculative, req.priority))
+        view = CacheView(self.pool.num_free, self.prefix_cache.num_evictable() if self.prefix_cache else 0, bs)
+        for cand in self.policy.order(cands, view, now):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            req = self.requests[cand.request_id]
+            # Matched again: admitting an earlier candidate may have evicted blocks seen above.
+            hit = self._cached_prefix(req)
+            if self.retention is not None and req.session_id is not None:
+                self.retention.drop(req.session_id)  # the prefix cache now serves this session
+            if hit:
+                self.pool.incref(hit)
+            req.block_ids = list(hit)
+            req.num_computed_tokens = len(hit) * self.config.block_size
+            if req.admitted_s is None:
+                req.admitted_s = now
+                req.num_cached_tokens = min(req.num_computed_tokens, len(req.prompt_tokens))
+            req.num_inserted_blocks = len(hit)
+            if self.drafter is not None and not req.drafter_started:
+                self.drafter.begin(req.request_id, req.prompt_tokens, req.session_id)
+                req.drafter_started = True
+            seq = self._plan_running(req, budget)
+            if seq is None:  # not feasible now: undo and try the next candidate
+                self.pool.release(req.block_ids)
+                req.block_ids, req.num_computed_tokens, req.num_inserted_blocks = [], 0, 0
+                continue
+            self.waiting.remove(req)
+            self.running.append(req)
+            req.state = RequestState.RUNNING
+            seqs.append(seq)
+            budget -= len(seq.tokens)
+        return budget
+
+    def _offer_to_cache(self, req: Request) -> None:
+        if self.prefix_cache is None:
+            return
+        full = req.num_computed_tokens // self.config.block_size
+        if full > req.num_inserted_blocks:
+            bs = self.config.block_size
+            self.prefix_cache.insert(req.all_tokens[: full * bs], req.block_ids[:full], namespace=req.namespace)
+            req.num_inserted_blocks = full
+
+    def _release_blocks(self, req: Request) -> None:
+        if req.block_ids:
+            self.pool.release(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_inserted_blocks = 0
+
+    def _preempt(self, req: Request, now: float) -> None:
+        self.running.remove(req)
+        self._release_blocks(req)
+        req.state = RequestState.WAITING
+        req.waiting_since_s = now
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, req)
+
+    def _finish(self, req: Request, reason: FinishReason, state: RequestState) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if (self.retention is not None and req.session_id is not None and state is RequestState.FINISHED
+                and req.num_inserted_blocks):
+            self.retention.hold(req.session_id, req.block_ids[: req.num_inserted_blocks], self.clock())
+        self._release_blocks(req)
+        req.state = state
+        req.finish_reason = reason
+        req.finish_s = self.clock()
+        if self.drafter is not None and req.drafter_started:
+            self.drafter.end(req.request_id)
+            req.drafter_started = False

@@ -1,0 +1,169 @@
+"""Readers for the agent-trace formats in ../shared/data, normalised to chat messages.
+
+Formats understood by `load_traces(path)`:
+- FireAct trajectory dicts: `{qid: {"traj": [{role, content}, ...] | "<alpaca-style text>", ...}}`.
+- OpenAI-messages JSONL: one `{"messages": [{role, content}, ...]}` per line.
+- A JSON list of records, each with a `traj` (or `messages`) message list.
+- speculative-action runs: a directory holding `<qid>/normalobs.json` files (searched recursively);
+  each becomes prompt -> (thought + action, observation)* messages, and its `metrics.json` guess hit
+  rates are kept in `meta["guess_hit_rates"]`.
+
+Every trajectory is a list of {"role", "content"} messages with roles system/user/assistant; an
+assistant message is one model call, and the user message after it carries the tool observation.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import pathlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+Message = dict[str, str]
+_ROLES = {"system", "user", "assistant"}
+
+
+class TraceFormatError(ValueError):
+    """A trace file that is not in one of the supported formats."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Trajectory:
+    """One recorded agent session as chat messages."""
+
+    id: str
+    messages: tuple[Message, ...]
+    source: str
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def assistant_turns(self) -> Iterator[tuple[tuple[Message, ...], str]]:
+        """Yields (all earlier messages, recorded response) for every assistant message."""
+        for i, m in enumerate(self.messages):
+            if m["role"] == "assistant":
+                yield self.messages[:i], m["content"]
+
+
+def _check_messages(msgs: Any, where: str) -> tuple[Message, ...]:
+    if not isinstance(msgs, list) or not msgs:
+        raise TraceFormatError(f"{where}: expected a non-empty list of messages")
+    out = []
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise TraceFormatError(f"{where}: message {j} is not a {{role, content}} chat message")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+_STEP_LINE = re.compile(r"^(Thought|Action|Observation)( \d+)?:")
+
+
+def _alpaca_to_messages(text: str) -> list[Message]:
+    """FireAct's Llama format: an instruction block, then Thought/Action/Observation lines."""
+    head, sep, body = text.partition("### Response:")
+    if not sep:
+        raise TraceFormatError("alpaca-style trajectory without '### Response:'")
+    instruction = head.split("### Instruction:", 1)[-1].strip()
+    msgs: list[Message] = [{"role": "user", "content": instruction}]
+    current: list[str] = []
+    role = "assistant"
+    for line in body.strip().splitlines():
+        m = _STEP_LINE.match(line)
+        kind = m.group(1) if m else None
+        new_role = "user" if kind == "Observation" else ("assistant" if kind else role)
+        if new_role != role and current:
+            msgs.append({"role": role, "content": "\n".join(current).strip()})
+            current = []
+        role = new_role
+        current.append(line)
+    if current:
+        msgs.append({"role": role, "content": "\n".join(current).strip()})
+    return msgs
+
+
+def _load_fireact_dict(data: dict, source: str) -> list[Trajectory]:
+    out = []
+    for qid, rec in data.items():
+        if not isinstance(rec, dict) or "traj" not in rec:
+            raise TraceFormatError(f"{source}: record {qid!r} has no 'traj'")
+        traj = rec["traj"]
+        msgs = _alpaca_to_messages(traj) if isinstance(traj, str) else traj
+        meta = {k: rec[k] for k in ("gt", "pred", "em", "reward") if k in rec}
+        out.append(Trajectory(str(qid), _check_messages(msgs, f"{source}[{qid}]"), source, meta))
+    return out
+
+
+def _load_speculative_action_run(qdir: pathlib.Path, source: str) -> Trajectory:
+    rec = json.loads((qdir / "normalobs.json").read_text())
+
+    def as_list(v: Any) -> list[str]:
+        return ast.literal_eval(v) if isinstance(v, str) else list(v)
+
+    thoughts, actions, observations = (as_list(rec[k]) for k in ("thoughts", "actions", "observations"))
+    msgs: list[Message] = [{"role": "user", "content": rec["prompt"]}]
+    for i, (t, a) in enumerate(zip(thoughts, actions), start=1):
+        msgs.append({"role": "assistant", "content": f"Thought {i}: {t}\nAction {i}: {a}"})
+        if i <= len(observations):
+            msgs.append({"role": "user", "content": f"Observation {i}: {observations[i - 1]}"})
+    meta: dict[str, Any] = {"tool_times_s": as_list(rec.get("time_taken", []))}
+    metrics = qdir / "metrics.json"
+    if metrics.exists():
+        meta["guess_hit_rates"] = json.loads(metrics.read_text())
+    rel = qdir.relative_to(qdir.parents[2]) if len(qdir.parents) > 2 else qdir
+    return Trajectory(str(rel), _check_messages(msgs, str(qdir)), source, meta)
+
+
+def load_traces(path: str | pathlib.Path, limit: int | None = None) -> list[Trajectory]:
+    """Loads every trajectory in a file or speculative-action run directory."""
+    path = pathlib.Path(path)
+    source = path.name
+    if path.is_dir():
+        runs = sorted(p.parent for p in path.rglob("normalobs.json"))
+        if not runs:
+            raise TraceFormatError(f"{path}: directory holds no speculative-action runs (normalobs.json)")
+        trajs = [_load_speculative_action_run(q, source) for q in runs]
+    elif not path.exists():
+        raise FileNotFoundError(f"trace file not found: {path}")
+    elif path.suffix == ".jsonl":
+        trajs = []
+        for n, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TraceFormatError(f"{path}:{n + 1}: malformed JSON ({e.msg})") from e
+            msgs = rec.get("messages") if isinstance(rec, dict) else None
+            trajs.append(Trajectory(f"{source}:{n}", _check_messages(msgs, f"{path}:{n + 1}"), source))
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise TraceFormatError(f"{path}: malformed JSON ({e.msg})") from e
+        if isinstance(data, dict):
+            trajs = _load_fireact_dict(data, source)
+        elif isinstance(data, list):
+            trajs = []
+            for n, rec in enumerate(data):
+                msgs = rec.get("traj", rec.get("messages")) if isinstance(rec, dict) else None
+                rid = str(rec.get("id", n)) if isinstance(rec, dict) else str(n)
+                trajs.append(Trajectory(rid, _check_messages(msgs, f"{path}[{n}]"), source))
+        else:
+            raise TraceFormatError(f"{path}: expected a dict of trajectories or a list of records")
+    return trajs[:limit] if limit is not None else trajs
+
+
+def default_trace_path() -> pathlib.Path:
+    """The bundled FireAct sample (MIT; see assets/data/README.md): works without ../shared."""
+    return pathlib.Path(__file__).resolve().parents[1] / "assets" / "data" / "fireact_hotpotqa_sample.json"
+
+
+def shared_trace_paths(shared: str | pathlib.Path) -> Sequence[pathlib.Path]:
+    """All trace sources in a ../shared checkout, in a fixed order."""
+    root = pathlib.Path(shared) / "data" / "traces"
+    fire = root / "fireact"
+    return [fire / "hotpotqa_dev_gpt-3.5-turbo-ft.json", fire / "hotpotqa_dev_llama-2-13b-ft.json",
+            fire / "hotpotqa_dev_llama-2-7b-ft.json", fire / "finetune_multitask_multimethod.jsonl",
+            root / "speculative-action" / "hotpotqa" / "run_metrics"]

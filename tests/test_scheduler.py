@@ -1,0 +1,239 @@
+"""Scheduler correctness against a model-free page oracle (see page_oracle.py).
+
+Every configuration (prefix cache on/off, chunk sizes, preemption, drafting, batching) must give
+exactly the reference tokens, and every block must come back.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from agentinfer_jax.cache import BlockPool, PrefixCache
+from agentinfer_jax.serving.policies import make_policy
+from agentinfer_jax.serving.request import InvalidRequestError, Request, SamplingParams
+from agentinfer_jax.serving.scheduler import Scheduler, SchedulerConfig, SessionRetention
+from page_oracle import PageOracleExecutor, reference_generate, run_until_done
+
+VOCAB = 97
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 1e-3
+        return self.t
+
+
+class RandomDrafter:
+    """Adversarial: proposes random tokens, sometimes the right ones (it peeks at the oracle)."""
+
+    def __init__(self, seed: int, p_right: float):
+        self.rng = random.Random(seed)
+        self.p_right = p_right
+        self.ctx: dict[str, list[int]] = {}
+
+    def begin(self, rid, prompt, session_id=None):
+        self.ctx[rid] = list(prompt)
+
+    def extend(self, rid, toks):
+        self.ctx[rid].extend(toks)
+
+    def propose(self, rid, k):
+        from page_oracle import next_token
+        ctx, out = list(self.ctx[rid]), []
+        for _ in range(self.rng.randint(0, k)):
+            t = next_token(ctx, VOCAB) if self.rng.random() < self.p_right else self.rng.randrange(VOCAB)
+            out.append(t)
+            ctx.append(t)
+        return out
+
+    def end(self, rid):
+        del self.ctx[rid]
+
+
+def make(num_blocks=64, bs=4, budget=64, seqs=8, cache=True, drafter=None, k=0, policy="fcfs",
+         retention_ttl=None, max_len=256):
+    clock = FakeClock()
+    pool = BlockPool(num_blocks)
+    pc = PrefixCache(bs, pool) if cache else None
+    cfg = SchedulerConfig(block_size=bs, max_num_seqs=seqs, max_tokens_per_step=budget, max_model_len=max_len,
+                          vocab_size=VOCAB, num_draft_tokens=k, eos_token_ids=(0,))
+    ret = SessionRetention(pool, retention_ttl) if retention_ttl else None
+    sched = Scheduler(cfg, pool, pc, make_policy(policy), drafter=drafter, retention=ret, clock=clock)
+    return sched, PageOracleExecutor(num_blocks, bs, VOCAB), pool, pc
+
+
+def random_requests(rng, n, shared_prefix_len=24, max_prompt=60, max_new=20):
+    prefix = [rng.randrange(1, VOCAB) for _ in range(shared_prefix_len)]
+    reqs = []
+    for i in range(n):
+        body = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, max_prompt))]
+        prompt = (prefix if rng.random() < 0.6 else []) + body
+        reqs.append((f"r{i}", prompt, rng.randint(1, max_new)))
+    return reqs
+
+
+def expected(prompt, n):
+    return reference_generate(prompt, n, VOCAB, stop_ids=(0,))
+
+
+def all_released(pool, pc, sched):
+    if sched.retention:
+        sched.retention.clear()
+    if pc is not None:
+        pc.evict(pool.num_used)
+    return pool.num_used == 0
+
+
+CONFIGS = {
+    "no_cache_whole": dict(cache=False, budget=256),
+    "cache_whole": dict(cache=True, budget=256),
+    "cache_chunked": dict(cache=True, budget=16),
+    "forced_preemption": dict(cache=True, num_blocks=28, budget=32),
+    "random_drafter": dict(cache=True, drafter="adv", k=4),
+    "mostly_right_drafter": dict(cache=True, drafter="good", k=6),
+    "drafter_preempt": dict(cache=True, num_blocks=28, drafter="adv", k=3),
+    "sjf_policy": dict(policy="sjf"),
+    "agentsched_policy": dict(policy="agentsched", num_blocks=40),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_outputs_match_reference_batch_of_32(name):
+    kw = dict(CONFIGS[name])
+    d = kw.pop("drafter", None)
+    drafter = {None: None, "adv": RandomDrafter(1, 0.3), "good": RandomDrafter(2, 0.9)}[d]
+    sched, ex, pool, pc = make(drafter=drafter, **kw)
+    rng = random.Random(sum(map(ord, name)))
+    reqs = random_requests(rng, 32)
+    objs = []
+    for rid, prompt, n in reqs:
+        r = Request(rid, prompt, SamplingParams(max_tokens=n))
+        sched.add_request(r)
+        objs.append(r)
+    run_until_done(sched, ex)
+    for r, (_, prompt, n) in zip(objs, reqs):
+        assert r.output_tokens == expected(prompt, n), r.request_id
+    if name == "forced_preemption" or name == "drafter_preempt":
+        assert sched.num_preemptions > 0
+    if drafter is not None:
+        assert sum(r.num_drafted for r in objs) > 0
+    assert all_released(pool, pc, sched)
+
+
+def test_alone_equals_in_batch():
+    rng = random.Random(5)
+    reqs = random_requests(rng, 8)
+    alone = []
+    for rid, prompt, n in reqs:
+        sched, ex, *_ = make()
+        r = Request(rid, prompt, SamplingParams(max_tokens=n))
+        sched.add_request(r)
+        run_until_done(sched, ex)
+        alone.append(r.output_tokens)
+    sched, ex, *_ = make(num_blocks=28, budget=24)
+    objs = [Request(rid, p, SamplingParams(max_tokens=n)) for rid, p, n in reqs]
+    for r in objs:
+        sched.add_request(r)
+    run_until_done(sched, ex)
+    assert [r.output_tokens for r in objs] == alone
+
+
+def test_prefix_cache_hits_across_session_calls():
+    sched, ex, pool, pc = make(bs=4)
+    rng = random.Random(0)
+    ctx = [rng.randrange(1, VOCAB) for _ in range(40)]
+    hits = []
+    for call in range(4):
+        r = Request(f"s{call}", list(ctx), SamplingParams(max_tokens=8), session_id="s")
+        sched.add_request(r)
+        run_until_done(sched, ex)
+        assert r.output_tokens == expected(ctx, 8)
+        hits.append(r.num_cached_tokens)
+        ctx = ctx + r.output_tokens + [rng.randrange(1, VOCAB) for _ in range(7)]  # observation
+    assert hits[0] == 0
+    # Later calls reuse every full block of the previous call's prompt + response.
+    assert all(h >= 40 for h in hits[1:])
+    assert all_released(pool, pc, sched)
+
+
+def test_retention_survives_pressure_from_other_requests():
+    """With retention a session's context outlives LRU pressure from other traffic during a tool call."""
+    results = {}
+    for ttl in (None, 100.0):
+        sched, ex, pool, pc = make(num_blocks=40, bs=4, retention_ttl=ttl)
+        rng = random.Random(3)
+        ctx = [rng.randrange(1, VOCAB) for _ in range(60)]
+        first = Request("a0", ctx, SamplingParams(max_tokens=4), session_id="a")
+        sched.add_request(first)
+        run_until_done(sched, ex)
+        for i in range(6):  # other sessions churn the cache while "a" runs its tool
+            sched.add_request(Request(f"o{i}", [rng.randrange(1, VOCAB) for _ in range(50)],
+                                      SamplingParams(max_tokens=4)))
+            run_until_done(sched, ex)
+        nxt = Request("a1", ctx + first.output_tokens + [5, 6, 7], SamplingParams(max_tokens=4), session_id="a")
+        sched.add_request(nxt)
+        run_until_done(sched, ex)
+        assert nxt.output_tokens == expected(nxt.prompt_tokens, 4)
+        results[ttl] = nxt.num_cached_tokens
+        assert all_released(pool, pc, sched)
+    assert results[None] < results[100.0]
+    assert results[100.0] >= 60
+
+
+def test_thousand_random_requests_no_leak():
+    rng = random.Random(11)
+    sched, ex, pool, pc = make(num_blocks=48, bs=4, budget=48, seqs=12, drafter=RandomDrafter(3, 0.5), k=3)
+    sessions: dict[str, list[int]] = {}
+    objs = {}
+    n = 0
+    while n < 1000 or sched.has_unfinished:
+        if n < 1000:
+            for _ in range(rng.randint(0, 4)):
+                if sessions and rng.random() < 0.4:  # a session's next call extends its context
+                    sid = rng.choice(sorted(sessions))
+                    prompt = sessions[sid] + [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 8))]
+                else:
+                    sid = f"sess{n}"
+                    prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 50))]
+                prompt = prompt[-150:]
+                r = Request(f"q{n}", prompt, SamplingParams(max_tokens=rng.randint(1, 12)), session_id=sid)
+                sched.add_request(r)
+                objs[r.request_id] = r
+                sessions[sid] = prompt
+                n += 1
+        out = sched.schedule()
+        for seq in out.seqs:  # cancel some mid-flight
+            if rng.random() < 0.02:
+                sched.abort(seq.request.request_id)
+        sched.update(out, ex.execute(out))
+        if rng.random() < 0.05 and sched.waiting:
+            sched.abort(rng.choice(sched.waiting).request_id)
+    done = [r for r in objs.values() if r.finish_reason.value != "abort"]
+    assert len(done) > 700
+    for r in done:
+        assert r.output_tokens == expected(r.prompt_tokens, r.sampling.max_tokens)
+    assert all_released(pool, pc, sched)
+
+
+@pytest.mark.parametrize("prompt,params,msg", [
+    ([], SamplingParams(), "empty"),
+    ([1, 2, VOCAB], SamplingParams(), "vocabulary"),
+    ([1, 2, -1], SamplingParams(), "vocabulary"),
+    ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+    ([1] * 300, SamplingParams(), "context limit"),
+    ([1, 2], SamplingParams(top_p=0.0), "top_p"),
+])
+def test_bad_input_is_rejected_and_serving_continues(prompt, params, msg):
+    sched, ex, pool, pc = make()
+    with pytest.raises(InvalidRequestError, match=msg):
+        sched.add_request(Request("bad", prompt, params))
+    good = Request("good", [3, 4, 5], SamplingParams(max_tokens=5))
+    sched.add_request(good)
+    run_until_done(sched, ex)
+    assert good.output_tokens == expected([3, 4, 5], 5)
+    assert all_released(pool, pc, sched)
