@@ -1,0 +1,296 @@
+"""The agent orchestrator: an asyncio Think-Act-Observe loop with AgentCollab, AgentCompress and SPAgent.
+
+One `ReActAgent` serves many sessions concurrently (`run` keeps all per-session state local);
+sessions share its ActionServer (concurrency limit, de-duplication) and ActionBuffer. Each
+technique is a feature flag. Nothing a model or tool does makes `run` raise: malformed output
+becomes an "Invalid action" observation, tool failures and timeouts become "tool error"
+observations, and a failing LLM backend ends the session with `metrics.error` set. Every
+background task of a session is cancelled before `run` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from agentinfer_jax.agents.action_buffer import ActionBuffer
+from agentinfer_jax.agents.action_server import ActionServer
+from agentinfer_jax.agents.clients import Completion, LLMClient, TokenCounter, builtin_token_counter, count_message_tokens
+from agentinfer_jax.agents.collab import PROGRESS_INSTRUCTION, CollabController, strip_progress
+from agentinfer_jax.agents.compress import MemoryDistiller, SearchResultFilter
+from agentinfer_jax.agents.react import Action, StepRecord, build_messages, cut_at_observation, parse_step
+from agentinfer_jax.agents.spagent import ActionSpeculator, Phase, SpeculationConfig
+from agentinfer_jax.agents.tools import ToolEnvironment, ToolOutcome, ToolState, render_results
+
+T = TypeVar("T")
+INVALID_ACTION = "Invalid action: {error}. Valid actions are Search[entity], Lookup[keyword] and Finish[answer]."
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentFeatures:
+    """Which techniques run; all off is a plain ReAct agent on the large model."""
+
+    collab: bool = False
+    filter_results: bool = False
+    distill_memory: bool = False
+    speculate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    max_steps: int = 8
+    max_tokens: int = 256
+    temperature: float = 0.0
+    role: str = "large"  # the model when collab is off
+    stop: tuple[str, ...] = ("\nObservation",)
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.max_tokens < 1:
+            raise ValueError("max_steps and max_tokens must be >= 1")
+        if self.role not in ("large", "small"):
+            raise ValueError(f"role must be 'large' or 'small', got {self.role!r}")
+
+
+@dataclasses.dataclass
+class SessionMetrics:
+    """Per-session accounting. Times are wall-clock seconds spent waiting on the critical path."""
+
+    session_id: str
+    steps: int = 0
+    llm_calls: int = 0
+    llm_time_s: float = 0.0
+    tool_time_s: float = 0.0
+    wall_s: float = 0.0
+    prompt_tokens: dict[str, int] = dataclasses.field(default_factory=lambda: {"large": 0, "small": 0})
+    completion_tokens: dict[str, int] = dataclasses.field(default_factory=lambda: {"large": 0, "small": 0})
+    cached_tokens: int = 0
+    parse_errors: int = 0
+    tool_errors: int = 0
+    buffer_hits: int = 0
+    skipped_reasoning_calls: int = 0
+    finished: bool = False
+    answer: str | None = None
+    error: str | None = None
+    collab: dict[str, Any] | None = None
+    compress: dict[str, Any] | None = None
+    speculation: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class AgentResult:
+    question: str
+    answer: str | None
+    steps: list[StepRecord]
+    messages: list[dict[str, str]]
+    metrics: SessionMetrics
+
+
+class ReActAgent:
+    """Runs ReAct sessions against an LLMClient and a tool environment."""
+
+    _ids = itertools.count()
+
+    def __init__(
+        self,
+        client: LLMClient,
+        tools: ToolEnvironment,
+        *,
+        config: AgentConfig = AgentConfig(),
+        features: AgentFeatures = AgentFeatures(),
+        action_server: ActionServer | None = None,
+        buffer: ActionBuffer | None = None,
+        collab_factory: Callable[[], CollabController] = CollabController,
+        result_filter: SearchResultFilter | None = None,
+        distiller_factory: Callable[[str], MemoryDistiller] | None = None,
+        speculation: SpeculationConfig = SpeculationConfig(),
+        instruction: str | None = None,
+        token_counter: TokenCounter | None = None,
+    ) -> None:
+        self.client, self.tools = client, tools
+        self.config, self.features = config, features
+        self.server = action_server or ActionServer(tools)
+        self.buffer = buffer or ActionBuffer()
+        self._collab_factory = collab_factory
+        self._filter = result_filter or (SearchResultFilter() if features.filter_results else None)
+        self._distiller_factory = distiller_factory or (
+            lambda sid: MemoryDistiller(client, session_id=sid, token_counter=token_counter)
+        )
+        self._speculation = speculation
+        self._instruction = instruction
+        self._extra = PROGRESS_INSTRUCTION if features.collab else ""
+        self._count = token_counter
+
+    async def run(self, question: str, *, session_id: str | None = None) -> AgentResult:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        session = _Session(self, question, session_id or f"session-{next(self._ids)}")
+        return await session.run()
+
+    async def aclose(self) -> None:
+        await self.server.aclose()
+
+
+class _Session:
+    """The state of one running session (owned by `ReActAgent.run`)."""
+
+    def __init__(self, agent: ReActAgent, question: str, session_id: str) -> None:
+        self.agent, self.question, self.id = agent, question, session_id
+        features = agent.features
+        self.cfg = agent.config
+        self.metrics = SessionMetrics(session_id)
+        self.steps: list[StepRecord] = []
+        self.state = ToolState()
+        self.collab = agent._collab_factory() if features.collab else None
+        self.distiller = agent._distiller_factory(session_id) if features.distill_memory else None
+        self.speculator = (
+            ActionSpeculator(agent.client, agent.server, agent.buffer, session_id, agent._speculation)
+            if features.speculate
+            else None
+        )
+
+    def messages(self) -> list[dict[str, str]]:
+        return build_messages(self.question, self.steps, instruction=self.agent._instruction, extra_instruction=self.agent._extra)
+
+    async def _timed(self, awaitable: Awaitable[T], kind: str) -> T:
+        start = time.perf_counter()
+        try:
+            return await awaitable
+        finally:
+            elapsed = time.perf_counter() - start
+            if kind == "llm":
+                self.metrics.llm_time_s += elapsed
+            else:
+                self.metrics.tool_time_s += elapsed
+
+    def _account(self, completion: Completion, role: str) -> None:
+        self.metrics.llm_calls += 1
+        self.metrics.prompt_tokens[role] += completion.prompt_tokens
+        self.metrics.completion_tokens[role] += completion.completion_tokens
+        self.metrics.cached_tokens += completion.cached_tokens
+
+    async def run(self) -> AgentResult:
+        start = time.perf_counter()
+        try:
+            for index in range(1, self.cfg.max_steps + 1):
+                if await self._step(index):
+                    break
+        except Exception as e:  # a failing backend ends this session, never the serving loop
+            self.metrics.error = f"{type(e).__name__}: {e}"
+        finally:
+            if self.speculator is not None:
+                await self.speculator.aclose()
+            if self.distiller is not None:
+                await self.distiller.aclose()
+            self.metrics.wall_s = time.perf_counter() - start
+            self._collect()
+        return AgentResult(self.question, self.metrics.answer, self.steps, self.messages(), self.metrics)
+
+    def _collect(self) -> None:
+        if self.collab is not None:
+            self.metrics.collab = self.collab.metrics.as_dict()
+        if self.distiller is not None:
+            self.metrics.compress = dataclasses.asdict(self.distiller.metrics)
+        if self.speculator is not None:
+            self.metrics.speculation = {**dataclasses.asdict(self.speculator.metrics), "phase": self.speculator.phase.value}
+            self.metrics.buffer_hits = self.speculator.metrics.buffer_hits
+            self.metrics.skipped_reasoning_calls = self.speculator.metrics.skipped_reasoning_calls
+
+    async def _step(self, index: int) -> bool:
+        """One Think-Act-Observe round; True when the session is finished."""
+        if self.distiller is not None:
+            self.distiller.poll(self.steps)
+        messages = self.messages()
+        role = self.collab.role_for_next_step() if self.collab is not None else self.cfg.role
+        self.metrics.steps += 1
+
+        chosen = await self._aggressive(messages, role, index)
+        if chosen is not None:
+            action, response = chosen, f"Action {index}: {chosen}"
+        else:
+            completion = await self._timed(
+                self.agent.client.complete(
+                    messages,
+                    role=role,
+                    max_tokens=self.cfg.max_tokens,
+                    stop=list(self.cfg.stop),
+                    temperature=self.cfg.temperature,
+                    session_id=self.id,
+                    priority=self.cfg.priority,
+                ),
+                "llm",
+            )
+            self._account(completion, role)
+            raw = completion.text
+            if self.collab is not None:
+                self.collab.observe(role, raw, completion.prompt_tokens, completion.completion_tokens)
+                raw = strip_progress(raw)
+            response = cut_at_observation(raw)
+            step = parse_step(response)
+            if step.action is None:
+                self.metrics.parse_errors += 1
+                self.steps.append(StepRecord(response or "(no output)", INVALID_ACTION.format(error=step.error)))
+                return False
+            action = step.action
+
+        if action.kind == "finish":
+            self.metrics.finished, self.metrics.answer = True, action.arg
+            self.steps.append(StepRecord(response, "Episode finished.", action))
+            return True
+        outcome = await self._timed(self._execute(action), "tool")
+        await self._observe(response, action, outcome)
+        return False
+
+    async def _aggressive(self, messages: list[dict[str, str]], role: str, index: int) -> Action | None:
+        """SPAgent: the action to take without a reasoning call, or None (then verified speculation starts)."""
+        spec = self.speculator
+        if spec is None:
+            return None
+        limit = spec.config.max_aggressive_steps
+        if spec.phase is Phase.AGGRESSIVE and limit is not None and index > limit:
+            spec.switch_to_verified(index)
+        if spec.phase is Phase.VERIFIED:
+            if spec.config.verified:
+                spec.launch(messages, role, self.state)
+            return None
+        try:
+            candidates = await self._timed(spec.propose(messages, role, self.cfg.priority), "llm")
+        except Exception:
+            spec.metrics.speculation_errors += 1
+            candidates = []
+        best = spec.passes(candidates)
+        if best is not None:
+            spec.metrics.skipped_reasoning_calls += 1
+            return best.action
+        spec.switch_to_verified(index)
+        if spec.config.verified:
+            spec.launch(messages, role, self.state, candidates)
+        return None
+
+    async def _execute(self, action: Action) -> ToolOutcome:
+        if self.speculator is not None:
+            outcome, _ = await self.speculator.execute_real(action, self.state)
+            return outcome
+        return await self.agent.server.execute(action, self.state)
+
+    async def _observe(self, response: str, action: Action, outcome: ToolOutcome) -> None:
+        observation = outcome.observation
+        if not outcome.ok:
+            self.metrics.tool_errors += 1
+        else:
+            self.state = outcome.state
+            if self.agent._filter is not None and outcome.results:
+                kept = await self._timed(
+                    self.agent._filter.filter(self.question, outcome.results, session_id=self.id), "llm"
+                )
+                observation = render_results(outcome.query, kept)
+        self.steps.append(StepRecord(response, observation, action))
+        if self.distiller is not None:
+            counter = self.agent._count or builtin_token_counter()
+            self.distiller.maybe_start(self.question, self.steps, count_message_tokens(self.messages(), counter))

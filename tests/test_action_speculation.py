@@ -1,0 +1,206 @@
+"""SPAgent: buffer, plausibility parsing, both phases inside the loop, and the load-aware planner."""
+
+import asyncio
+import collections
+import itertools
+import random
+import string
+import threading
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentinfer_jax.agents.action_buffer import ActionBuffer
+from agentinfer_jax.agents.action_server import ActionServer
+from agentinfer_jax.agents.clients import ScriptedClient
+from agentinfer_jax.agents.loop import AgentConfig, AgentFeatures, ReActAgent
+from agentinfer_jax.agents.spagent import SessionSpeculationInfo, SpeculationConfig, SpeculationPlanner, parse_plausibility
+from agentinfer_jax.agents.tools import SearchTool, ToolOutcome, ToolState, tool_error
+
+CORPUS = {"Alpha": ["Alpha is a town."], "Beta": ["Beta is a river."], "Gamma": ["Gamma is a hill."]}
+
+
+def test_buffer_matches_lru_model_and_counts():
+    rng = random.Random(0)
+    buf = ActionBuffer(capacity_per_session=3, max_sessions=2)
+    model: collections.OrderedDict = collections.OrderedDict()  # session -> OrderedDict(key -> obs)
+    hits = misses = 0
+    for _ in range(2000):
+        sid, key = rng.choice("abc"), rng.choice("uvwxy")
+        if rng.random() < 0.5:
+            out = ToolOutcome(f"{sid}{key}{rng.random()}", ToolState())
+            buf.put(sid, key, out)
+            model.setdefault(sid, collections.OrderedDict())[key] = out
+            model.move_to_end(sid)
+            model[sid].move_to_end(key)
+            while len(model[sid]) > 3:
+                model[sid].popitem(last=False)
+            while len(model) > 2:
+                model.popitem(last=False)
+        else:
+            got = buf.get(sid, key)
+            want = model.get(sid, {}).get(key)
+            assert got == want
+            if want is None:
+                misses += 1
+            else:
+                hits += 1
+                model[sid].move_to_end(key)
+                model.move_to_end(sid)
+    stats = buf.stats()
+    assert (stats.hits, stats.misses, stats.sessions) == (hits, misses, len(model))
+    assert not buf.put("a", "z", tool_error("x", ToolState())) and ("a", "z") not in buf
+
+
+def test_buffer_is_thread_safe():
+    buf = ActionBuffer(capacity_per_session=1000)
+
+    def worker(t):
+        for i in range(500):
+            buf.put(f"s{t % 2}", f"k{t}-{i}", ToolOutcome("o", ToolState()))
+            buf.get(f"s{t % 2}", f"k{t}-{i}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    stats = buf.stats()
+    assert stats.puts == 2000 and stats.hits == 2000 and buf.session_size("s0") == 1000
+
+
+def test_parse_plausibility():
+    cases = {"Action: Search[x]\nPlausibility: 4": 4, "Search[x] (score 2/5)": 2, "Search[x] - 5": 5,
+             "confidence=3.5": 3.5, "Plausibility: 9": None, "Search[x]": None, "": None}
+    for text, want in cases.items():
+        assert parse_plausibility(text) == want, text
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.text(alphabet=string.printable, max_size=120))
+def test_plausibility_fuzz_never_raises(text):
+    score = parse_plausibility(text)
+    assert score is None or 1 <= score <= 5
+
+
+class CountingSearch:
+    """SearchTool with per-action latency and scripted failures, counting calls per action."""
+
+    def __init__(self, latency=None, fail_first=()):
+        self.inner = SearchTool(CORPUS)
+        self.latency = latency or {}
+        self.fail_first = set(fail_first)
+        self.calls = collections.Counter()
+
+    async def run(self, action, state):
+        key = action.arg.lower()
+        self.calls[key] += 1
+        await asyncio.sleep(self.latency.get(key, 0.005))
+        if key in self.fail_first and self.calls[key] == 1:
+            return tool_error("injected", state)
+        return self.inner.execute(action, state)
+
+
+def spec_line(arg, score):
+    return f"Action: Search[{arg}]\nPlausibility: {score}"
+
+
+def make_agent(client, tool, **spec):
+    return ReActAgent(
+        client,
+        tool,
+        config=AgentConfig(max_steps=6),
+        features=AgentFeatures(speculate=True),
+        action_server=ActionServer(tool, timeout_s=5.0),
+        speculation=SpeculationConfig(k=2, beta=3, **spec),
+    )
+
+
+def test_threshold_switches_from_aggressive_to_verified():
+    client = ScriptedClient(
+        {
+            "speculative": [[spec_line("Alpha", 5), spec_line("Gamma", 2)], [spec_line("Gamma", 2), spec_line("Gamma", 1)], [spec_line("Gamma", 1)] * 2],
+            "large": ["Thought: now beta.\nAction: Search[Beta]", "Thought: done.\nAction: Finish[river]"],
+        }
+    )
+    tool = CountingSearch()
+    result = asyncio.run(make_agent(client, tool).run("q"))
+    assert result.answer == "river"
+    spec = result.metrics.speculation
+    assert spec["skipped_reasoning_calls"] == 1 and spec["phase_switch_step"] == 2 and spec["phase"] == "verified"
+    assert len(client.calls_on("large")) == 2  # step 1 had no reasoning call
+    assert result.steps[0].response == "Action 1: Search[Alpha]" and result.steps[0].observation == "Alpha is a town."
+    assert result.steps[1].observation == "Beta is a river."
+    assert client.calls_on("speculative")[0].n == 2 and client.calls_on("speculative")[0].max_tokens == 24
+    assert tool.calls["alpha"] == 1 and tool.calls["beta"] == 1
+
+
+def _verified_client(real_arg, spec_arg, reasoning_s):
+    return ScriptedClient(
+        {
+            "speculative": [[spec_line(spec_arg, 2), spec_line("Gamma", 1)]] + [["Action: Finish[x]\nPlausibility: 1"] * 2] * 2,
+            "large": [f"Thought: t.\nAction: Search[{real_arg}]", "Action: Finish[done]"],
+        },
+        latency_s=lambda call: 0.0 if call.speculative else reasoning_s,
+    )
+
+
+def test_buffer_hit_reuses_the_speculated_result():
+    tool = CountingSearch()
+    client = _verified_client("  beta ", "Beta", reasoning_s=0.05)  # speculation finishes first
+    result = asyncio.run(make_agent(client, tool, aggressive=False).run("q"))
+    assert result.steps[0].observation == "Beta is a river."
+    assert tool.calls["beta"] == 1 and result.metrics.buffer_hits == 1
+
+
+def test_real_action_joins_inflight_speculation_and_survives_its_failure():
+    # the speculative Beta is still running when the real Beta arrives: shared, not re-run
+    tool = CountingSearch(latency={"beta": 0.05})
+    result = asyncio.run(make_agent(_verified_client("Beta", "Beta", 0.01), tool, aggressive=False).run("q"))
+    assert result.steps[0].observation == "Beta is a river." and tool.calls["beta"] == 1
+    # the same, but the speculative execution fails: the main path runs the tool itself
+    tool = CountingSearch(latency={"beta": 0.05}, fail_first={"beta"})
+    result = asyncio.run(make_agent(_verified_client("Beta", "Beta", 0.01), tool, aggressive=False).run("q"))
+    assert result.steps[0].observation == "Beta is a river." and tool.calls["beta"] == 2
+    assert result.metrics.tool_errors == 0
+    # failed speculation finished before the real action: nothing buffered, tool called again
+    tool = CountingSearch(fail_first={"beta"})
+    result = asyncio.run(make_agent(_verified_client("Beta", "Beta", 0.05), tool, aggressive=False).run("q"))
+    assert result.steps[0].observation == "Beta is a river." and tool.calls["beta"] == 2 and result.metrics.buffer_hits == 0
+
+
+def test_slow_speculation_does_not_delay_the_main_path():
+    slow_s = 1.0
+
+    async def main():
+        tool = CountingSearch(latency={"gamma": slow_s, "alpha": slow_s})
+        agent = make_agent(_verified_client("Beta", "Alpha", 0.01), tool, aggressive=False)
+        start = time.perf_counter()
+        result = await agent.run("q")
+        wall = time.perf_counter() - start
+        await asyncio.sleep(0.01)  # let cancelled executions unwind
+        return result, wall, agent.server.running
+
+    result, wall, running = asyncio.run(main())
+    assert result.answer == "done" and result.steps[0].observation == "Beta is a river."
+    assert wall < slow_s / 3  # the main path never waited for the slow speculative calls
+    assert running == 0  # the session's speculative executions were cancelled at its end
+
+
+def test_planner_greedy_equals_brute_force_under_convex_cost():
+    rng = random.Random(5)
+    for _ in range(200):
+        n, k = rng.randint(0, 7), rng.randint(1, 5)
+        sessions = [SessionSpeculationInfo(f"s{i}", rng.random(), rng.uniform(0, 3)) for i in range(n)]
+        a, c = rng.uniform(0, 1), rng.uniform(0, 0.3)
+        cost = lambda m: a * m + c * m * m
+        planner = SpeculationPlanner(cost, k=k)
+        benefit = {s.session_id: (1 - (1 - s.hit_probability) ** k) * s.mean_tool_time_s for s in sessions}
+        best = max(
+            (sum(benefit[s.session_id] for s in sub) - cost(len(sub)) for r in range(n + 1) for sub in itertools.combinations(sessions, r)),
+            default=0.0,
+        )
+        chosen = planner.select(sessions)
+        assert abs(sum(benefit[i] for i in chosen) - cost(len(chosen)) - best) < 1e-9
+    assert SpeculationPlanner(lambda m: 10.0 * m).select([SessionSpeculationInfo("x", 0.9, 1.0)]) == []

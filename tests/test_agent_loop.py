@@ -1,0 +1,154 @@
+"""The ReAct loop end to end on scripted, replayed and OpenAI-compatible (mocked HTTP) backends."""
+
+import asyncio
+import json
+import random
+import re
+
+import httpx
+import pytest
+from tokenizers import Tokenizer
+
+from agentinfer_jax.agents.action_server import ActionServer
+from agentinfer_jax.agents.clients import TOKENIZER_PATH, ClientError, LatencyModel, OpenAIClient, ReplayClient, ScriptedClient
+from agentinfer_jax.agents.loop import AgentConfig, ReActAgent
+from agentinfer_jax.agents.react import parse_step
+from agentinfer_jax.agents.tools import ReplayTool, SearchTool, ToolLatency
+from agentinfer_jax.workloads.traces import default_trace_path, load_traces
+
+CORPUS = {"Alpha": ["Alpha is a town.", "Alpha has a river."], "Beta": ["Beta is a river."]}
+
+
+def _replayable(trajectories):
+    for t in trajectories:
+        turns = [r for _, r in t.assistant_turns()]
+        steps = [parse_step(r) for r in turns]
+        if all(s.action is not None for s in steps) and steps[-1].action.kind == "finish" and all(
+            s.action.kind != "finish" for s in steps[:-1]
+        ) and t.messages[0]["role"] == "user" and [m["role"] for m in t.messages[1:]] == ["assistant", "user"] * len(turns):
+            yield t
+
+
+def test_lossless_replay_of_recorded_trajectories():
+    trajectories = list(_replayable(load_traces(default_trace_path())))
+    assert len(trajectories) >= 5
+    chosen = random.Random(0).sample(trajectories, 5)
+    client = ReplayClient.from_trajectories(chosen)
+
+    async def replay(t):
+        observations = [m["content"] for m in t.messages[2:-1:2]]
+        agent = ReActAgent(client, ReplayTool(observations), config=AgentConfig(max_steps=len(observations) + 1))
+        return await agent.run(t.messages[0]["content"], session_id=t.id)
+
+    async def main():
+        return await asyncio.gather(*(replay(t) for t in chosen))  # concurrent sessions keep apart
+
+    for t, result in zip(chosen, asyncio.run(main())):
+        got = [m["content"] for m in result.messages[2:]]
+        want = [m["content"].strip() for m in t.messages[1:-1]]  # the recording's last message is its reward
+        want = [re.sub(r"^Observation\s*\d*:\s*", "", w) if i % 2 else w for i, w in enumerate(want)]
+        got = [re.sub(r"^Observation \d+: ", "", g) if i % 2 else g for i, g in enumerate(got)]
+        assert got[: len(want)] == want
+        assert result.answer == parse_step(want[-1]).action.arg and result.metrics.finished
+        assert result.metrics.llm_calls == client_calls(t) and client.remaining(t.id) == 0
+
+
+def client_calls(t):
+    return sum(1 for _ in t.assistant_turns())
+
+
+def test_replay_latency_model_and_exhaustion():
+    tok = Tokenizer.from_file(str(TOKENIZER_PATH))
+    count = lambda s: len(tok.encode(s, add_special_tokens=False).ids)
+    model = LatencyModel(base_s=0.1, prefill_s_per_token=1e-3, decode_s_per_token=2e-2, sleep=False)
+    client = ReplayClient({"s": ["Thought: a\nAction: Finish[b]"]}, latency=model)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Question: why?"}]
+    out = asyncio.run(client.complete(msgs, session_id="s", n=2))
+    prompt = sum(count(m["content"]) + 5 for m in msgs)
+    assert out.prompt_tokens == prompt and out.completion_tokens == 2 * count(out.text)
+    assert out.latency_s == pytest.approx(0.1 + 1e-3 * prompt + 2e-2 * out.completion_tokens)
+    with pytest.raises(ClientError):
+        asyncio.run(client.complete(msgs, session_id="s"))
+    with pytest.raises(ValueError, match="role"):
+        asyncio.run(client.complete(msgs, session_id="s", role="medium"))
+
+
+def test_malformed_output_and_step_limit_never_raise():
+    client = ScriptedClient(["I am not sure.", "Action 2: Search[", "Thought: ok\nAction: Search[alpha]\nObservation: fake", "Action: Lookup[river]"])
+    result = asyncio.run(ReActAgent(client, SearchTool(CORPUS), config=AgentConfig(max_steps=4)).run("Where?"))
+    assert [s.observation.split(":")[0] for s in result.steps[:2]] == ["Invalid action"] * 2
+    assert result.metrics.parse_errors == 2 and not result.metrics.finished and result.answer is None
+    assert result.steps[2].response == "Thought: ok\nAction: Search[alpha]"  # hallucinated observation cut
+    assert result.steps[3].observation == "(Result 1 / 1) Alpha has a river."
+    assert client.calls[0].stop == ["\nObservation"] and client.calls[0].session_id == result.metrics.session_id
+
+
+def test_tool_failures_and_timeouts_become_observations():
+    class Flaky:
+        def __init__(self):
+            self.n = 0
+
+        async def run(self, action, state):
+            self.n += 1
+            if self.n == 1:
+                raise RuntimeError("search backend 503")
+            await asyncio.sleep(1.0 if self.n == 2 else 0.0)
+            return SearchTool(CORPUS).execute(action, state)
+
+    tool = Flaky()
+    client = ScriptedClient(["Action: Search[Alpha]"] * 3 + ["Action: Finish[x]"])
+    agent = ReActAgent(client, tool, action_server=ActionServer(tool, timeout_s=0.05))
+    result = asyncio.run(agent.run("q"))
+    obs = [s.observation for s in result.steps]
+    assert obs[0].startswith("tool error: ") and "503" in obs[0]
+    assert obs[1].startswith("tool error: ") and "timed out" in obs[1]
+    assert obs[2] == "Alpha is a town. Alpha has a river." and result.metrics.tool_errors == 2
+    assert result.answer == "x"
+    latency = ToolLatency(0.02)
+    timed = asyncio.run(ReActAgent(ScriptedClient(["Action: Search[Beta]", "Action: Finish[y]"]), SearchTool(CORPUS, latency=latency)).run("q"))
+    assert timed.metrics.tool_time_s >= 0.02 and timed.metrics.llm_time_s < timed.metrics.wall_s
+
+
+def test_backend_failure_ends_session_cleanly():
+    async def main():
+        client = ScriptedClient(["Action: Search[Alpha]", ClientError("connection reset")])
+        result = await ReActAgent(client, SearchTool(CORPUS)).run("q")
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return result, pending
+
+    result, pending = asyncio.run(main())
+    assert result.metrics.error and "connection reset" in result.metrics.error and len(result.steps) == 1
+    assert pending == []
+    with pytest.raises(ValueError, match="question"):
+        asyncio.run(ReActAgent(ScriptedClient(["x"]), SearchTool(CORPUS)).run("  "))
+
+
+def test_openai_client_sends_session_fields_and_reads_usage():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        return httpx.Response(
+            200,
+            json={
+                "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": i, "message": {"role": "assistant", "content": f"out{i}"}, "finish_reason": "stop"} for i in range(body["n"])],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18, "prompt_tokens_details": {"cached_tokens": 4}},
+            },
+        )
+
+    async def main():
+        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        client = OpenAIClient("http://test/v1", {"large": "big-model", "small": "tiny-model"}, http_client=http)
+        msgs = [{"role": "user", "content": "hi"}]
+        out = await client.complete(msgs, role="small", max_tokens=5, stop=["\n"], n=2, session_id="sess-1", priority=3, speculative=True)
+        await client.complete(msgs, role="large", max_tokens=5)
+        await client.close()
+        return out
+
+    out = asyncio.run(main())
+    assert out.texts == ["out0", "out1"] and (out.prompt_tokens, out.completion_tokens, out.cached_tokens) == (11, 7, 4)
+    assert seen[0]["model"] == "tiny-model" and seen[0]["session_id"] == "sess-1" and seen[0]["priority"] == 3
+    assert seen[0]["speculative"] is True and seen[0]["n"] == 2 and seen[0]["stop"] == ["\n"]
+    assert seen[1]["model"] == "big-model" and "session_id" not in seen[1] and "speculative" not in seen[1]
