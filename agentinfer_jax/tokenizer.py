@@ -1,0 +1,143 @@
+"""Tokenizer: a HF `tokenizer.json` plus the chat template of `tokenizer_config.json`.
+
+Chat templates are rendered with jinja2 (sandboxed), the same engine transformers uses, so a
+model's own template produces the prompt it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+import tokenizers
+
+ASSETS_DIR = pathlib.Path(__file__).parent / "assets"
+Message = Mapping[str, Any]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing or malformed, or a chat template cannot be rendered."""
+
+
+def _token_content(value: Any) -> str | None:
+    """Special tokens in tokenizer_config.json are strings or AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Text <-> token ids, special-token ids and chat formatting.
+
+    Invariant: every special token named in the config exists in the vocabulary.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, config: Mapping[str, Any]):
+        self._tok = tokenizer
+        self.config = dict(config)
+        self.bos_token = _token_content(config.get("bos_token"))
+        self.eos_token = _token_content(config.get("eos_token"))
+        self.pad_token = _token_content(config.get("pad_token"))
+        self.add_bos_token = bool(config.get("add_bos_token", False))
+        self.bos_id = self._special_id(self.bos_token, "bos_token")
+        self.pad_id = self._special_id(self.pad_token, "pad_token")
+        eos_id = self._special_id(self.eos_token, "eos_token")
+        self.eos_token_ids: tuple[int, ...] = () if eos_id is None else (eos_id,)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: use "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"),
+                            None)
+        self.chat_template: str | None = template
+        self._template: jinja2.Template | None = None
+        if template is not None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True,
+                                                               lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            try:
+                self._template = env.from_string(template)
+            except jinja2.TemplateSyntaxError as e:
+                raise TokenizerError(f"malformed chat_template: {e}") from e
+
+    def _special_id(self, token: str | None, field: str) -> int | None:
+        if token is None:
+            return None
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{field} {token!r} is not in the vocabulary")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`; special tokens written in the text are recognised."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        add_bos = self.add_bos_token if add_bos is None else add_bos
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[Message], *,
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """The prompt text for `messages` ([{role, content}, ...])."""
+        if self._template is None:
+            raise TokenizerError("this tokenizer has no chat_template")
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be a mapping with 'role' and 'content'")
+        try:
+            return self._template.render(messages=list(messages),
+                                         add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "",
+                                         eos_token=self.eos_token or "", **kwargs)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"chat_template failed to render: {e}") from e
+
+    def encode_chat(self, messages: Sequence[Message], *,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat prompt (no extra BOS: templates write their own)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_bos=False)
+
+
+def _raise_template_error(message: str) -> None:
+    raise TokenizerError(f"chat_template raised: {message}")
+
+
+def load_tokenizer(path_or_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """Loads `tokenizer.json` (+ `tokenizer_config.json` beside it, if present).
+
+    `path_or_dir` is a directory or the tokenizer.json file; None means the built-in tokenizer.
+    """
+    path = pathlib.Path(ASSETS_DIR if path_or_dir is None else path_or_dir)
+    tok_file = path / "tokenizer.json" if path.is_dir() else path
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {tok_file}")
+    try:
+        tok = tokenizers.Tokenizer.from_file(str(tok_file))
+    except Exception as e:  # tokenizers raises a bare Exception on parse errors
+        raise TokenizerError(f"malformed tokenizer file {tok_file}: {e}") from e
+    config_file = tok_file.parent / "tokenizer_config.json"
+    config: dict[str, Any] = {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"malformed {config_file}: {e}") from e
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{config_file} is not a JSON object")
+    return Tokenizer(tok, config)
