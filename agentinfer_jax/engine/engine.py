@@ -1,0 +1,222 @@
+"""The JAX engine: runs scheduler steps on the model over a paged KV cache.
+
+One jitted function does a whole step: the ragged forward pass (prefill chunks, decode tokens and
+verification tokens of many sequences in one call), then sampling and draft verification on device;
+the result comes to host as one int32 array. Shapes are padded to power-of-two buckets of tokens
+and sequences, so the number of compilations is bounded by len(token_buckets) * len(seq_buckets).
+
+Trace replay (`Request.forced_output`): the forward pass and the KV writes are real, but the
+emitted tokens are the recorded ones, and a draft is accepted iff it matches the record. Costs
+and cache behaviour are those of generating the trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from agentinfer_jax.engine.paged import PagedAttention, PagedMeta
+from agentinfer_jax.engine.sampling import SamplingArrays, verify
+from agentinfer_jax.model.config import ModelConfig
+from agentinfer_jax.serving.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of the page pool and of one step."""
+
+    num_blocks: int = 256  # KV pages in the pool (page 0 is the null page)
+    block_size: int = 16  # tokens per page
+    max_num_seqs: int = 16  # sequences per step
+    max_tokens_per_step: int = 256  # tokens per step (prefill chunks + decode + drafts)
+    max_model_len: int = 2048  # prompt + output tokens per request
+    max_draft_tokens: int = 8  # k: verification width is k + 1
+    min_token_bucket: int = 16  # smallest padded token count
+    # Padded sequence counts. Default: max_num_seqs only (one shape per token bucket); padding
+    # sequences have no rows and no pages, so they cost almost nothing. Add smaller buckets when
+    # per-sequence work dominates (very large max_num_seqs).
+    seq_buckets: tuple[int, ...] = ()
+    attention_backend: str | None = None  # kernels backend; None = platform default
+    interpret: bool = False  # Pallas interpret mode (CPU tests of the GPU kernel)
+    kv_dtype: str | None = None  # None = the model's activation dtype
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 2:
+            raise ValueError("num_blocks must be >= 2 (page 0 is the null page)")
+        if (self.num_blocks - 1) * self.block_size < self.max_model_len:
+            raise ValueError(f"{self.num_blocks - 1} usable pages of {self.block_size} tokens cannot hold "
+                             f"one request of max_model_len={self.max_model_len}")
+
+    def scheduler_config(self, model: ModelConfig, num_draft_tokens: int = 0) -> SchedulerConfig:
+        if num_draft_tokens > self.max_draft_tokens:
+            raise ValueError(f"num_draft_tokens {num_draft_tokens} > max_draft_tokens {self.max_draft_tokens}")
+        return SchedulerConfig(block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+                               max_tokens_per_step=self.max_tokens_per_step, max_model_len=self.max_model_len,
+                               vocab_size=model.vocab_size, num_draft_tokens=num_draft_tokens,
+                               eos_token_ids=tuple(model.eos_token_ids))
+
+
+def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    out, b = [], max(1, lo)
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+_TRACES = [0]  # incremented at trace time: one per compilation of the step
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("kv",))
+def _engine_step(graphdef, backend, state, kv, tokens, positions, meta, rows, drafts, num_drafts, sample_pos,
+                 sampling):
+    """Forward over the ragged batch, then verification/sampling; returns [S, 1 + K+1] on device:
+    column 0 the number of new tokens, then the tokens."""
+    _TRACES[0] += 1
+    model = nnx.merge(graphdef, state)
+    logits, kv = model(tokens[None], positions[None], kv, meta, backend)
+    logits = logits[0][rows]  # [S, K+1, V]: only the rows that predict a token
+    out_tokens, num_new = verify(logits, drafts, num_drafts, sampling, sample_pos)
+    return jnp.concatenate([num_new[:, None], out_tokens], axis=1), kv
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """What one step computed and how long it took (cost-model samples)."""
+
+    prefill_tokens: int
+    decode_tokens: int
+    num_seqs: int
+    context_tokens: int  # sum of kv_len over sequences
+    attended_pairs: int  # sum of q_len * kv_len
+    padded_tokens: int
+    seconds: float
+
+
+class Engine:
+    """The executor of `Scheduler` steps on a Flax model."""
+
+    def __init__(self, model, config: EngineConfig, *, record_steps: bool = False):
+        self.model_config: ModelConfig = model.config
+        self.config = config
+        self.graphdef, self.state = nnx.split(model)
+        mc = self.model_config
+        dtype = jnp.dtype(config.kv_dtype or mc.dtype)
+        shape = (mc.num_kv_heads, config.num_blocks, config.block_size, mc.head_dim)
+        self.kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(mc.num_layers))
+        self.token_buckets = _pow2_buckets(config.min_token_bucket, config.max_tokens_per_step)
+        self.seq_buckets = tuple(sorted(set(config.seq_buckets) | {config.max_num_seqs}))
+        self.max_pages = math.ceil(config.max_model_len / config.block_size)
+        self.backend = PagedAttention(config.attention_backend, config.interpret)
+        self.num_compilations = 0  # traces (compilations) triggered by this engine's steps
+        self.record_steps = record_steps
+        self.steps: list[StepRecord] = []
+
+    # ---- host side -----------------------------------------------------------------------------
+
+    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
+        seqs = out.seqs
+        if not seqs:
+            return {}
+        cfg, bs = self.config, self.config.block_size
+        k = cfg.max_draft_tokens
+        t_real = sum(len(s.tokens) for s in seqs)
+        t_pad = _bucket(t_real, self.token_buckets)
+        s_pad = _bucket(len(seqs), self.seq_buckets)
+
+        tokens = np.zeros(t_pad, np.int32)
+        positions = np.zeros(t_pad, np.int32)
+        slots = np.full(t_pad, -1, np.int32)
+        kv_lens = np.zeros(s_pad, np.int32)
+        pages = np.zeros((s_pad, self.max_pages), np.int32)
+        cu = np.zeros(s_pad + 1, np.int32)
+        rows = np.zeros((s_pad, k + 1), np.int32)
+        drafts = np.zeros((s_pad, k), np.int32)
+        num_drafts = np.zeros(s_pad, np.int32)
+        sample_pos = np.zeros(s_pad, np.int32)
+        temp = np.zeros(s_pad, np.float32)
+        top_k = np.zeros(s_pad, np.int32)
+        top_p = np.ones(s_pad, np.float32)
+        seed = np.zeros(s_pad, np.uint32)
+        at = 0
+        for i, s in enumerate(seqs):
+            n = len(s.tokens)
+            if s.num_draft > k:
+                raise ValueError(f"{s.num_draft} drafts exceed the engine's max_draft_tokens={k}")
+            pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
+            table = np.asarray(s.block_ids, np.int32)
+            tokens[at:at + n] = s.tokens
+            positions[at:at + n] = pos
+            slots[at:at + n] = table[pos // bs] * bs + pos % bs
+            kv_lens[i] = s.start_pos + n
+            pages[i, :len(table)] = table
+            newest = at + n - 1 - s.num_draft  # row of the newest real token: predicts the next one
+            rows[i] = np.minimum(newest + np.arange(k + 1), at + n - 1)
+            drafts[i, :s.num_draft] = s.tokens[n - s.num_draft:]
+            num_drafts[i] = s.num_draft
+            sample_pos[i] = s.start_pos + n - s.num_draft
+            sp = s.request.sampling
+            temp[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
+            seed[i] = sp.seed if sp.seed is not None else zlib.crc32(s.request.request_id.encode())
+            at += n
+            cu[i + 1] = at
+        cu[len(seqs) + 1:] = at
+
+        meta = PagedMeta(jnp.asarray(slots), jnp.asarray(kv_lens), jnp.asarray(pages), jnp.asarray(cu),
+                         jnp.asarray(len(seqs), jnp.int32))
+        sampling = SamplingArrays(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seed))
+        t0 = time.perf_counter()
+        traces = _TRACES[0]
+        result, self.kv = _engine_step(self.graphdef, self.backend, self.state, self.kv, jnp.asarray(tokens),
+                                       jnp.asarray(positions), meta, jnp.asarray(rows), jnp.asarray(drafts),
+                                       jnp.asarray(num_drafts), jnp.asarray(sample_pos), sampling)
+        result = np.asarray(result)  # the one device-to-host transfer of the step
+        self.num_compilations += _TRACES[0] - traces
+        if self.record_steps:
+            self.steps.append(self._record(seqs, t_pad, time.perf_counter() - t0))
+        return {s.request.request_id: self._emitted(s, result[i]) for i, s in enumerate(seqs) if s.samples}
+
+    @staticmethod
+    def _emitted(seq: ScheduledSeq, row: np.ndarray) -> list[int]:
+        req = seq.request
+        if req.forced_output is None:
+            return row[1:1 + row[0]].tolist()
+        forced = list(req.forced_output)
+        n0 = len(req.output_tokens)
+        d = seq.tokens[len(seq.tokens) - seq.num_draft:]
+        acc = 0
+        while acc < len(d) and n0 + acc < len(forced) and d[acc] == forced[n0 + acc]:
+            acc += 1
+        new = forced[n0:n0 + acc + 1]
+        # Past the record (max_tokens larger than the trace): fall back to the model's own token.
+        return new if new else row[1:2].tolist()
+
+    @staticmethod
+    def _record(seqs: list[ScheduledSeq], t_pad: int, seconds: float) -> StepRecord:
+        prefill = sum(len(s.tokens) for s in seqs if len(s.tokens) - s.num_draft > 1)
+        total = sum(len(s.tokens) for s in seqs)
+        return StepRecord(prefill, total - prefill, len(seqs), sum(s.start_pos + len(s.tokens) for s in seqs),
+                          sum(len(s.tokens) * (s.start_pos + len(s.tokens)) for s in seqs), t_pad, seconds)
+
+    def warmup(self) -> None:
+        """Compiles the smallest step (used before timing)."""
+        from agentinfer_jax.serving.request import Request
+        req = Request("warmup", [0], )
+        seq = ScheduledSeq(req, 0, [0], 0, [1])
+        self.execute(SchedulerOutput([seq], [], 0))
