@@ -72,6 +72,11 @@ class ServingLoop:
             self._thread = threading.Thread(target=self._run, name="serving-loop", daemon=True)
             self._thread.start()
 
+    @property
+    def is_running(self) -> bool:
+        """True while the background serving thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()

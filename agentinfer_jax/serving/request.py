@@ -89,8 +89,8 @@ class Request:
     finish_s: float | None = None
     finish_reason: FinishReason | None = None
     waiting_since_s: float = 0.0
-    stop_text: str | None = None
-    drafter_started: bool = False  # the drafter holds state for this request  # output text cut before a matched stop string
+    stop_text: str | None = None  # output text cut before a matched stop string
+    drafter_started: bool = False  # the drafter holds state for this request
 
     def __post_init__(self) -> None:
         self.waiting_since_s = self.arrival_s

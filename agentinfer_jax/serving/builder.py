@@ -1,0 +1,182 @@
+"""Builds the whole serving stack (model, tokenizer, engine, KV pool, prefix cache, policy, drafter,
+scheduler, loop) from one small `ServerConfig`. Used by the server, the experiments and the demo.
+
+Invariants of a built `ServingStack`:
+- every token id the tokenizer can produce is a valid model id (tokenizer vocab <= model vocab);
+- the scheduler, engine and pool agree on block size, pool size and sequence limits;
+- the loop's detokenizer never raises on model output (ids the tokenizer lacks are dropped), so a
+  model with a larger vocabulary than its tokenizer (random-weight GPU runs) cannot kill the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pathlib
+import re
+from collections.abc import Sequence
+
+from agentinfer_jax.cache import BlockPool, PrefixCache
+from agentinfer_jax.engine.engine import Engine, EngineConfig
+from agentinfer_jax.model.config import ModelConfig
+from agentinfer_jax.model.transformer import Transformer, init_model
+from agentinfer_jax.serving.loop import ServingLoop
+from agentinfer_jax.serving.metrics import ServingMetrics
+from agentinfer_jax.serving.policies import make_policy
+from agentinfer_jax.serving.scheduler import Scheduler, SessionRetention
+from agentinfer_jax.speculation import PromptLookupDrafter
+from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["ServerConfig", "ServingStack", "build_stack", "load_model_config", "SafeDetokenizer", "DRAFTERS"]
+
+DRAFTERS = ("none", "ngram")
+_CONFIG_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """What to serve and with which capacity. Exactly one of `checkpoint` / `config` names the model."""
+
+    checkpoint: str | None = None  # HF safetensors dir (config.json + *.safetensors [+ tokenizer.json])
+    config: str | None = "tiny"  # configs/<name>.py with random weights (used when checkpoint is None)
+    tokenizer: str | None = None  # tokenizer dir/file; None = the checkpoint's, else the built-in one
+    model_name: str | None = None  # id in /v1/models; default: checkpoint dir name or config name
+    seed: int = 0  # random-weight init seed
+    dtype: str | None = None  # activation dtype override (e.g. "float32" on CPU)
+    num_blocks: int = 512  # KV pages (page 0 is the null page)
+    block_size: int = 16  # tokens per page
+    max_num_seqs: int = 16  # sequences per step
+    max_tokens_per_step: int = 256  # token budget per step
+    max_model_len: int = 2048  # prompt + output tokens per request
+    min_token_bucket: int = 16  # smallest padded step size (fewer buckets = fewer compilations)
+    drafter: str = "none"  # "none" or "ngram" (prompt lookup)
+    num_draft_tokens: int = 4  # k, when a drafter is on
+    policy: str = "fcfs"  # admission policy (fcfs, sjf, lpm, agentsched)
+    prefix_cache: bool = True
+    retention_ttl_s: float = 0.0  # keep a finished session's blocks this long (0 = off)
+    attention_backend: str | None = None  # kernels backend; None = platform default
+
+    def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.config is None):
+            raise ValueError("give exactly one of checkpoint (a directory) or config (a configs/ name)")
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"unknown drafter {self.drafter!r}; choose one of {', '.join(DRAFTERS)}")
+        if self.drafter != "none" and self.num_draft_tokens <= 0:
+            raise ValueError(f"num_draft_tokens must be positive with a drafter, got {self.num_draft_tokens}")
+        if self.retention_ttl_s < 0:
+            raise ValueError(f"retention_ttl_s must be >= 0, got {self.retention_ttl_s}")
+
+    @property
+    def num_draft(self) -> int:
+        """k the scheduler drafts per decode step (0 without a drafter)."""
+        return 0 if self.drafter == "none" else self.num_draft_tokens
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(num_blocks=self.num_blocks, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+                            max_tokens_per_step=self.max_tokens_per_step, max_model_len=self.max_model_len,
+                            max_draft_tokens=max(1, self.num_draft), min_token_bucket=self.min_token_bucket,
+                            attention_backend=self.attention_backend)
+
+
+@dataclasses.dataclass
+class ServingStack:
+    """Everything a server needs; `loop` is not started (call `start()` or drive `loop.step()`)."""
+
+    config: ServerConfig
+    model_name: str
+    model_config: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer
+    engine: Engine
+    pool: BlockPool
+    prefix_cache: PrefixCache | None
+    scheduler: Scheduler
+    loop: ServingLoop
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return SafeDetokenizer(self.tokenizer)(ids)
+
+
+class SafeDetokenizer:
+    """Decodes output ids for the loop's stop-string check and streaming; never raises on ids."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        known = [int(t) for t in ids if 0 <= int(t) < self.vocab_size]
+        return self.tokenizer.decode(known, skip_special_tokens=True)
+
+
+def load_model_config(name: str) -> ModelConfig:
+    """`configs/<name>.py`'s `get_config()`; ValueError naming the problem for unknown names."""
+    if not _CONFIG_NAME.match(name):
+        raise ValueError(f"bad config name {name!r}: use a module name from configs/ such as 'tiny'")
+    try:
+        module = importlib.import_module(f"agentinfer_jax.configs.{name}")
+    except ModuleNotFoundError as e:
+        raise ValueError(f"unknown model config {name!r} (no configs/{name}.py)") from e
+    return module.get_config()
+
+
+def _model_config(config: ServerConfig) -> ModelConfig:
+    """The model's shapes, read cheaply (no weights) so bad configs fail before any loading."""
+    if config.checkpoint is None:
+        model_config = load_model_config(config.config)
+        return model_config if config.dtype is None else model_config.replace(dtype=config.dtype,
+                                                                              param_dtype=config.dtype)
+    if not os.path.isdir(config.checkpoint):
+        raise ValueError(f"checkpoint directory {config.checkpoint} does not exist")
+    return ModelConfig.from_hf(config.checkpoint, dtype=config.dtype)
+
+
+def _load_model(config: ServerConfig, model_config: ModelConfig) -> tuple[Transformer, str]:
+    if config.checkpoint is not None:
+        from agentinfer_jax.model.checkpoint import load_hf_checkpoint  # heavy; only when serving a checkpoint
+        _, model = load_hf_checkpoint(config.checkpoint, dtype=config.dtype)
+        return model, pathlib.Path(config.checkpoint).resolve().name
+    return init_model(model_config, seed=config.seed), config.config
+
+
+def _load_tokenizer(config: ServerConfig) -> Tokenizer:
+    if config.tokenizer is not None:
+        return load_tokenizer(config.tokenizer)
+    if config.checkpoint is not None and os.path.isfile(os.path.join(config.checkpoint, "tokenizer.json")):
+        return load_tokenizer(config.checkpoint)
+    return load_tokenizer(None)
+
+
+def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None) -> ServingStack:
+    """Builds model, tokenizer, engine, pool, prefix cache, policy, drafter, scheduler and loop."""
+    model_config = _model_config(config)
+    if config.max_model_len > model_config.max_position_embeddings:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
+                         f"max_position_embeddings {model_config.max_position_embeddings}")
+    policy = make_policy(config.policy)
+    engine_config = config.engine_config()
+    tokenizer = _load_tokenizer(config)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model_config.vocab_size}")
+    model, default_name = _load_model(config, model_config)
+    engine = Engine(model, engine_config)
+    pool = BlockPool(config.num_blocks)
+    prefix_cache = PrefixCache(config.block_size, pool) if config.prefix_cache else None
+    sched_config = engine_config.scheduler_config(model_config, config.num_draft)
+    # The chat template ends turns with the tokenizer's EOS; stop on it even if config.json omits it.
+    eos = tuple(dict.fromkeys((*sched_config.eos_token_ids, *tokenizer.eos_token_ids)))
+    sched_config = dataclasses.replace(sched_config, eos_token_ids=eos)
+    drafter = PromptLookupDrafter() if config.drafter == "ngram" else None
+    retention = SessionRetention(pool, config.retention_ttl_s) if config.retention_ttl_s > 0 else None
+    scheduler = Scheduler(sched_config, pool, prefix_cache, policy, drafter=drafter,
+                          retention=retention)
+    loop = ServingLoop(scheduler, engine, detokenize=SafeDetokenizer(tokenizer), metrics=metrics)
+    return ServingStack(config, config.model_name or default_name, model_config, model, tokenizer, engine, pool,
+                        prefix_cache, scheduler, loop)

@@ -1,0 +1,515 @@
+"""OpenAI-compatible HTTP server over a `ServingStack`: completions, chat completions (SSE or not),
+models, health and Prometheus metrics.
+
+Thread model: the engine runs in the ServingLoop's background thread; each HTTP request submits a
+`Request` with a callback that hops StreamEvents onto the event loop (`call_soon_threadsafe` into an
+`asyncio.Queue`). Whatever ends a handler early (client disconnect, cancellation, an error) cancels
+its request in `finally`, so the request's KV blocks always come back.
+
+Extension fields beside OpenAI's: session_id, priority, speculative, cache_salt (prefix-cache
+namespace), top_k, ignore_eos, return_token_ids (token ids in each choice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agentinfer_jax.serving.builder import ServingStack
+from agentinfer_jax.serving.loop import StreamEvent
+from agentinfer_jax.serving.request import InvalidRequestError, Request, SamplingParams
+
+__all__ = ["ApiError", "ServerLimits", "create_app", "serve", "BackgroundServer"]
+
+log = logging.getLogger(__name__)
+_MAX_STOP_STRINGS = 16
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape {"error": {"message", "type", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type = status, message, code, type_
+
+    def response(self) -> JSONResponse:
+        return _error_response(self.status, self.message, self.code, self.type)
+
+
+def _error_response(status: int, message: str, code: str | None, type_: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
+                        status_code=status)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """Input limits enforced before a request reaches the scheduler."""
+
+    max_body_bytes: int = 1 << 20  # request body size (413 beyond)
+    max_tokens_limit: int | None = None  # max_tokens at most; None = the model's max_model_len
+    default_max_tokens: int = 256  # when the body gives none (completions and chat)
+
+
+# ---- request parsing -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedRequest:
+    """A validated OpenAI body, ready to become a `Request`."""
+
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    session_id: str | None
+    priority: int
+    speculative: bool
+    namespace: str
+
+
+class BodyParser:
+    """Turns a JSON body into a `ParsedRequest`; raises ApiError(400) naming the offending field."""
+
+    def __init__(self, stack: ServingStack, limits: ServerLimits):
+        self.stack = stack
+        self.limits = limits
+        self.max_tokens_limit = limits.max_tokens_limit or stack.config.max_model_len
+
+    def completion(self, body: Mapping[str, Any]) -> ParsedRequest:
+        if "prompt" not in body:
+            raise ApiError(400, "missing required field 'prompt'", "missing_field")
+        for field in ("echo", "logprobs", "suffix"):
+            if body.get(field):
+                raise ApiError(400, f"'{field}' is not supported", "unsupported_field")
+        return self._common(body, self._prompt_ids(body["prompt"]))
+
+    def chat(self, body: Mapping[str, Any]) -> ParsedRequest:
+        if "messages" not in body:
+            raise ApiError(400, "missing required field 'messages'", "missing_field")
+        if body.get("logprobs"):
+            raise ApiError(400, "'logprobs' is not supported", "unsupported_field")
+        messages = self._messages(body["messages"])
+        try:
+            ids = self.stack.tokenizer.encode_chat(messages)
+        except ValueError as e:  # TokenizerError is a ValueError
+            raise ApiError(400, f"messages cannot be formatted: {e}", "invalid_messages") from e
+        return self._common(body, ids, max_tokens_field="max_completion_tokens")
+
+    # -- fields
+
+    def _common(self, body: Mapping[str, Any], prompt: list[int],
+                max_tokens_field: str | None = None) -> ParsedRequest:
+        self._check_model(body)
+        n = _get(body, "n", int, 1)
+        if n != 1:
+            raise ApiError(400, f"only n=1 is supported, got n={n}", "unsupported_n")
+        if _get(body, "best_of", int, 1) != 1:
+            raise ApiError(400, "only best_of=1 is supported", "unsupported_best_of")
+        max_tokens = _get(body, "max_tokens", int, None)
+        if max_tokens is None and max_tokens_field is not None:
+            max_tokens = _get(body, max_tokens_field, int, None)
+        if max_tokens is None:
+            max_tokens = self.limits.default_max_tokens
+        if max_tokens <= 0:
+            raise ApiError(400, f"max_tokens must be positive, got {max_tokens}", "invalid_max_tokens")
+        if max_tokens > self.max_tokens_limit:
+            raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit {self.max_tokens_limit}",
+                           "invalid_max_tokens")
+        stream_options = _get(body, "stream_options", dict, None) or {}
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(_get(body, "temperature", float, 1.0)),
+            top_k=max(0, _get(body, "top_k", int, 0)),  # OpenAI-style -1 also means "off"
+            top_p=float(_get(body, "top_p", float, 1.0)),
+            seed=_get(body, "seed", int, None),
+            stop=self._stop(body.get("stop")),
+            ignore_eos=_get(body, "ignore_eos", bool, False),
+        )
+        try:
+            sampling.validate()
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "invalid_sampling") from e
+        return ParsedRequest(prompt, sampling, _get(body, "stream", bool, False),
+                             _get(stream_options, "include_usage", bool, False),
+                             _get(body, "return_token_ids", bool, False),
+                             _get(body, "session_id", str, None), _get(body, "priority", int, 0),
+                             _get(body, "speculative", bool, False), _get(body, "cache_salt", str, None) or "")
+
+    def _check_model(self, body: Mapping[str, Any]) -> None:
+        model = _get(body, "model", str, None)
+        if model is None:
+            raise ApiError(400, "missing required field 'model'", "missing_field")
+        if model != self.stack.model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {self.stack.model_name!r}",
+                           "model_not_found")
+
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            return self.stack.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise ApiError(400, "'prompt' must be a string or a list of token ids (batches are not supported)",
+                       "invalid_prompt")
+
+    @staticmethod
+    def _messages(messages: Any) -> list[dict[str, str]]:
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "invalid_messages")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", "invalid_messages")
+                content = "".join(p["text"] for p in content)
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}].content must be a string or text parts", "invalid_messages")
+            out.append({"role": m["role"], "content": content})
+        return out
+
+    @staticmethod
+    def _stop(stop: Any) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        stops = [stop] if isinstance(stop, str) else stop
+        if (not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
+                or len(stops) > _MAX_STOP_STRINGS):
+            raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {_MAX_STOP_STRINGS} "
+                           "non-empty strings", "invalid_stop")
+        return tuple(stops)
+
+
+def _get(body: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    """body[key] checked against `kind` (None counts as absent); ints pass as floats, bools never as numbers."""
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ApiError(400, f"'{key}' must be of type {kind.__name__}, got {type(value).__name__}", "invalid_type")
+    return value
+
+
+# ---- streaming text ------------------------------------------------------------------------------
+
+
+class TextDeltas:
+    """Turns the loop's "full text so far" into deltas that are never retracted.
+
+    Holds back an incomplete UTF-8 tail (U+FFFD) and any tail that could still grow into a stop
+    string (the loop would cut the text there), until the final event.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.sent = ""
+
+    def push(self, text: str | None, final: bool) -> str:
+        if text is None or not text.startswith(self.sent):
+            return ""
+        ready = len(text) if final else self._stable_length(text)
+        if ready <= len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):ready], text[:ready]
+        return delta
+
+    def _stable_length(self, text: str) -> int:
+        end = len(text.rstrip("\ufffd"))
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, end), 0, -1):
+                if text[end - n:end] == stop[:n]:
+                    hold = max(hold, n)
+                    break
+        return end - hold
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+
+class _Generation:
+    """One submitted request and the queue its StreamEvents arrive on (event-loop side)."""
+
+    def __init__(self, stack: ServingStack, parsed: ParsedRequest, request_id: str):
+        self.stack = stack
+        self.parsed = parsed
+        self.request = Request(request_id, parsed.prompt_tokens, parsed.sampling, session_id=parsed.session_id,
+                               namespace=parsed.namespace, priority=parsed.priority,
+                               speculative=parsed.speculative)
+        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.finished = False
+        self.token_ids: list[int] = []
+        aio_loop = asyncio.get_running_loop()
+
+        def on_event(ev: StreamEvent) -> None:  # serving-loop thread
+            aio_loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+        try:
+            stack.loop.submit(self.request, on_event)
+        except InvalidRequestError as e:
+            code = "context_length_exceeded" if "context limit" in str(e) else "invalid_request"
+            raise ApiError(400, str(e), code) from e
+
+    async def next_event(self) -> StreamEvent:
+        ev = await self.queue.get()
+        self.token_ids.extend(ev.new_tokens)
+        self.finished = ev.finished
+        if ev.finished and ev.error:
+            raise ApiError(500, ev.error, "engine_error", "server_error")
+        return ev
+
+    def cancel_unless_finished(self) -> None:
+        if not self.finished:
+            self.stack.loop.cancel(self.request.request_id)
+            self.finished = True
+
+    def usage(self) -> dict[str, Any]:
+        prompt = len(self.request.prompt_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": len(self.token_ids),
+                "total_tokens": prompt + len(self.token_ids),
+                "prompt_tokens_details": {"cached_tokens": self.request.num_cached_tokens}}
+
+
+class _OpenAIRoutes:
+    """Handlers of the OpenAI routes; one instance per app."""
+
+    def __init__(self, stack: ServingStack, limits: ServerLimits):
+        self.stack = stack
+        self.limits = limits
+        self.parser = BodyParser(stack, limits)
+        self.created = int(time.time())
+
+    async def read_json(self, http: HttpRequest) -> dict[str, Any]:
+        limit = self.limits.max_body_bytes
+        declared = http.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                           "body_too_large")
+        chunks, size = [], 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "body_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}", "invalid_json") from e
+        if not isinstance(body, dict):
+            raise ApiError(400, "the JSON body must be an object", "invalid_json")
+        return body
+
+    async def completions(self, http: HttpRequest) -> Response:
+        parsed = self.parser.completion(await self.read_json(http))
+        return await self._respond(http, parsed, chat=False)
+
+    async def chat_completions(self, http: HttpRequest) -> Response:
+        parsed = self.parser.chat(await self.read_json(http))
+        return await self._respond(http, parsed, chat=True)
+
+    async def _respond(self, http: HttpRequest, parsed: ParsedRequest, chat: bool) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        gen = _Generation(self.stack, parsed, rid)
+        if parsed.stream:
+            return StreamingResponse(self._stream(gen, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return JSONResponse(await self._complete(http, gen, chat))
+        finally:
+            gen.cancel_unless_finished()
+
+    async def _complete(self, http: HttpRequest, gen: _Generation, chat: bool) -> dict[str, Any]:
+        # One pending get at a time (never wait_for on queue.get: a timeout could drop an event).
+        pending: asyncio.Future[StreamEvent] | None = None
+        try:
+            while True:
+                pending = pending or asyncio.ensure_future(gen.next_event())
+                done, _ = await asyncio.wait({pending}, timeout=1.0)
+                if not done:
+                    if await http.is_disconnected():
+                        raise ApiError(499, "client disconnected", "client_disconnected")
+                    continue
+                ev, pending = pending.result(), None
+                if ev.finished:
+                    break
+        finally:
+            if pending is not None:
+                pending.cancel()
+        text = ev.text or ""
+        choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        if gen.parsed.return_token_ids:
+            choice["token_ids"] = gen.token_ids
+        return {"id": gen.request.request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.stack.model_name, "choices": [choice],
+                "usage": gen.usage()}
+
+    async def _stream(self, gen: _Generation, chat: bool) -> AsyncIterator[str]:
+        rid, created = gen.request.request_id, int(time.time())
+        deltas = TextDeltas(gen.parsed.sampling.stop)
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+            obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                   "created": created, "model": self.stack.model_name, "choices": choices}
+            if usage is not None:
+                obj["usage"] = usage
+            return f"data: {json.dumps(obj)}\n\n"
+
+        def choice(text: str, finish_reason: str | None, first: bool, new_ids: list[int]) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+            if chat:
+                c["delta"] = ({"role": "assistant", "content": text} if first else {"content": text})
+            else:
+                c["text"] = text
+            if gen.parsed.return_token_ids:
+                c["token_ids"] = new_ids
+            return c
+
+        try:
+            first = True
+            while True:
+                try:
+                    ev = await gen.next_event()
+                except ApiError as e:
+                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.code}})}\n\n"
+                    break
+                text = deltas.push(ev.text, ev.finished)
+                if text or ev.finished or (first and chat):
+                    yield chunk([choice(text, ev.finish_reason if ev.finished else None, first, ev.new_tokens)])
+                    first = False
+                if ev.finished:
+                    if gen.parsed.include_usage:
+                        yield chunk([], gen.usage())
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # client gone (generator closed or cancelled) -> free the request's blocks
+            gen.cancel_unless_finished()
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.stack.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "agentinfer-jax",
+                                            "max_model_len": self.stack.config.max_model_len}]}
+
+    def health(self) -> JSONResponse:
+        if not _loop_alive(self.stack):
+            return _error_response(503, "the serving loop is not running", "loop_down", "server_error")
+        return JSONResponse({"status": "ok"})
+
+    def metrics(self) -> Response:
+        return Response(self.stack.loop.metrics.prometheus_text(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _loop_alive(stack: ServingStack) -> bool:
+    return stack.loop.is_running
+
+
+def create_app(stack: ServingStack, limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI app. The caller owns the stack's loop (start it before serving)."""
+    routes = _OpenAIRoutes(stack, limits or ServerLimits())
+    app = FastAPI(title="agentinfer-jax", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.stack = stack
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: HttpRequest, e: StarletteHTTPException) -> JSONResponse:
+        return _error_response(e.status_code, str(e.detail), None, "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: HttpRequest, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error_response(500, f"internal error: {type(e).__name__}", "internal_error", "server_error")
+
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
+    return app
+
+
+def serve(stack: ServingStack, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
+          log_level: str = "info") -> None:
+    """Starts the serving loop and runs uvicorn until interrupted; shuts the loop down after."""
+    stack.start()
+    try:
+        uvicorn.run(create_app(stack, limits), host=host, port=port, log_level=log_level)
+    finally:
+        stack.shutdown()
+
+
+class BackgroundServer:
+    """uvicorn in a daemon thread on an already-bound socket (tests, demos, in-process agents).
+
+    Binding before starting means `port` is known and free (port=0 picks one) with no race.
+    """
+
+    def __init__(self, stack: ServingStack, host: str = "127.0.0.1", port: int = 0,
+                 limits: ServerLimits | None = None, log_level: str = "warning"):
+        self.stack = stack
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))
+        self.host, self.port = self._socket.getsockname()[:2]
+        config = uvicorn.Config(create_app(stack, limits), log_level=log_level, timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="http-server", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self.stack.start()
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._socket.close()
+        self.stack.shutdown()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

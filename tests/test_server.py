@@ -1,0 +1,240 @@
+"""The OpenAI-compatible server, driven live on loopback with the official `openai` client and httpx.
+
+Independent reference: `model.transformer.generate` (dense contiguous cache, no scheduler, no
+paging, no drafting) on the same prompt ids; the server runs the tiny model through the engine
+with the prefix cache and the prompt-lookup drafter on, and must emit the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from agentinfer_jax.model.transformer import generate
+from agentinfer_jax.serving.builder import ServerConfig, build_stack
+from agentinfer_jax.serving.server import BackgroundServer, ServerLimits, TextDeltas
+
+MAX_MODEL_LEN = 256
+MAX_TOKENS_LIMIT = 200
+
+
+@pytest.fixture(scope="module")
+def server():
+    stack = build_stack(ServerConfig(config="tiny", num_blocks=96, block_size=16, max_num_seqs=2,
+                                     max_tokens_per_step=32, min_token_bucket=32,
+                                     max_model_len=MAX_MODEL_LEN, drafter="ngram",
+                                     num_draft_tokens=4))
+    srv = BackgroundServer(stack, limits=ServerLimits(max_tokens_limit=MAX_TOKENS_LIMIT)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+CHAT = [{"role": "system", "content": "You answer with Thought, Action and Observation steps. " * 3},
+        {"role": "user", "content": "Which magazine was started first, Arthur's or First for Women?"}]
+_rng = random.Random(11)
+PROMPTS = [[_rng.randrange(5, 4096) for _ in range(n)] for n in (5, 23, 40)]  # ids >= 5: no special tokens
+REF_NEW = 20
+
+
+@pytest.fixture(scope="module")
+def references(server):
+    """Greedy continuations of PROMPTS and the CHAT prompt (one batched reference call: one compile)."""
+    chat_ids = server.stack.tokenizer.encode_chat(CHAT)
+    rows = generate(server.stack.model, [*PROMPTS, chat_ids], REF_NEW)  # each row stops after EOS
+    return rows[:-1], (chat_ids, rows[-1])
+
+
+def model_name(server):
+    return server.stack.model_name
+
+
+def random_prompt(rng, n, vocab=4096):
+    return [rng.randrange(5, vocab) for _ in range(n)]  # ids >= 5: no special tokens
+
+
+def wait_until(cond, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_concurrent_greedy_completions_equal_the_dense_reference(server, client, references):
+    prompts, max_new = PROMPTS, 12
+    reference = [row[:max_new] for row in references[0]]
+
+    def call(p):
+        return client.completions.create(model=model_name(server), prompt=p, max_tokens=max_new, temperature=0,
+                                         extra_body={"return_token_ids": True})
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(call, prompts))
+    tok = server.stack.tokenizer
+    for p, ref, res in zip(prompts, reference, results):
+        choice = res.choices[0]
+        assert choice.model_extra["token_ids"] == ref
+        assert choice.text == tok.decode(ref, skip_special_tokens=True)
+        assert choice.finish_reason == ("stop" if len(ref) < max_new else "length")
+        assert res.usage.prompt_tokens == len(p) and res.usage.completion_tokens == len(ref)
+
+
+def test_chat_stream_equals_non_stream_and_repeats_hit_the_prefix_cache(server, client, references):
+    ids, ref = references[1]
+    kw = dict(model=model_name(server), messages=CHAT, max_tokens=REF_NEW, temperature=0)
+    full = client.chat.completions.create(**kw)
+    assert full.choices[0].message.content == server.stack.tokenizer.decode(ref, skip_special_tokens=True)
+    assert full.usage.prompt_tokens == len(ids)
+
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [full.choices[0].finish_reason]
+    usage = chunks[-1].usage  # the include_usage chunk; the prompt was cached by the first call
+    assert usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens_details.cached_tokens >= 16 * ((len(ids) - 1) // 16) > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_cuts_the_text(server, client, stream):
+    rng = random.Random(5)
+    prompt = random_prompt(rng, 30)
+    kw = dict(model=model_name(server), prompt=prompt, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(**kw).choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    expected = text[:text.find(stop)]
+    if stream:
+        chunks = list(client.completions.create(stream=True, stop=stop, **kw))
+        got, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+        res = client.completions.create(stop=[stop], **kw)
+        got, reason = res.choices[0].text, res.choices[0].finish_reason
+    assert got == expected and reason == "stop"
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [model_name(server)]
+    with httpx.Client(base_url=server.base_url) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8, 9], "max_tokens": 2})
+        metrics = http.get("/metrics").text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['agentinfer_requests_total{reason="length"}'] >= 1
+    assert samples["agentinfer_prompt_tokens_total"] >= 3
+    assert samples["agentinfer_output_tokens_total"] >= 2
+
+
+def _bad_cases(name):
+    big = [5] * (MAX_MODEL_LEN + 3)
+    base = {"model": name, "max_tokens": 4}
+    return [
+        ("empty prompt", "/v1/completions", {**base, "prompt": ""}, 400),
+        ("empty id list", "/v1/completions", {**base, "prompt": []}, 400),
+        ("over context", "/v1/completions", {**base, "prompt": big}, 400),
+        ("id >= vocab", "/v1/completions", {**base, "prompt": [5, 4096]}, 400),
+        ("negative id", "/v1/completions", {**base, "prompt": [-1, 5]}, 400),
+        ("max_tokens 0", "/v1/completions", {**base, "prompt": "hi", "max_tokens": 0}, 400),
+        ("max_tokens < 0", "/v1/chat/completions",
+         {**base, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400),
+        ("max_tokens over limit", "/v1/completions", {**base, "prompt": "hi", "max_tokens": MAX_TOKENS_LIMIT + 1}, 400),
+        ("missing prompt", "/v1/completions", base, 400),
+        ("missing messages", "/v1/chat/completions", base, 400),
+        ("missing model", "/v1/completions", {"prompt": "hi"}, 400),
+        ("bad message", "/v1/chat/completions", {**base, "messages": [{"content": "no role"}]}, 400),
+        ("n=2", "/v1/completions", {**base, "prompt": "hi", "n": 2}, 400),
+        ("bad type", "/v1/completions", {**base, "prompt": "hi", "temperature": "hot"}, 400),
+        ("bad stop", "/v1/completions", {**base, "prompt": "hi", "stop": [""]}, 400),
+        ("bad top_p", "/v1/completions", {**base, "prompt": "hi", "top_p": 0}, 400),
+        ("unknown model", "/v1/completions", {**base, "model": "gpt-9", "prompt": "hi"}, 404),
+        ("malformed json", "/v1/completions", b'{"model": "tiny", "prompt": ', 400),
+        ("json not an object", "/v1/completions", b"[1, 2]", 400),
+        ("body over 1 MiB", "/v1/completions", {**base, "prompt": "x" * (1 << 20)}, 413),
+        ("unknown route", "/v1/engines", {}, 404),
+    ]
+
+
+def test_bad_inputs_get_openai_shaped_4xx(server):
+    failures = []
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        for label, path, body, status in _bad_cases(model_name(server)):
+            kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+            res = http.post(path, headers={"content-type": "application/json"}, **kw)
+            err = res.json().get("error", {}) if res.headers.get("content-type", "").startswith("application/json") \
+                else {}
+            if res.status_code != status or not err.get("message") or "type" not in err or "code" not in err:
+                failures.append((label, res.status_code, res.text[:200]))
+        # A chunked body (no Content-Length) over the limit is cut off while reading.
+        chunked = http.post("/v1/completions", content=iter([b'{"prompt": "'] + [b"x" * 65536] * 20 + [b'"}']))
+        assert chunked.status_code == 413
+    assert not failures, failures
+
+
+def test_stream_disconnect_cancels_and_frees_blocks_while_others_are_served(server):
+    stack = server.stack
+    rng = random.Random(3)
+    body = {"model": model_name(server), "prompt": random_prompt(rng, 40), "max_tokens": MAX_TOKENS_LIMIT,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    other: dict = {}
+
+    def other_request():
+        with httpx.Client(base_url=server.base_url, timeout=60) as http:
+            other["res"] = http.post("/v1/completions", json={"model": model_name(server), "max_tokens": 6,
+                                                              "prompt": random_prompt(rng, 20), "ignore_eos": True})
+
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as res:
+            assert res.status_code == 200
+            lines = res.iter_lines()
+            first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+            rid = first["id"]
+            assert stack.pool.num_used > len(stack.prefix_cache)  # the stream holds blocks of its own
+            worker = threading.Thread(target=other_request)
+            worker.start()
+            for _ in range(3):
+                next(lines)
+        # Leaving the block closes the connection mid-stream.
+    worker.join(timeout=60)
+    assert other["res"].status_code == 200 and other["res"].json()["usage"]["completion_tokens"] == 6
+
+    def aborted():
+        return any(m.request_id == rid and m.finish_reason == "abort" for m in stack.loop.metrics.finished)
+
+    assert wait_until(aborted), "the disconnected stream was not cancelled"
+    assert wait_until(lambda: not stack.scheduler.running and stack.pool.num_used == len(stack.prefix_cache))
+    finished = next(m for m in stack.loop.metrics.finished if m.request_id == rid)
+    assert finished.output_tokens < MAX_TOKENS_LIMIT
+
+
+def test_text_deltas_never_retract_and_concatenate_to_the_final_text():
+    rng = random.Random(0)
+    alphabet = "ab\ufffd "
+    for _ in range(300):
+        final = "".join(rng.choice(alphabet[:2] + " ") for _ in range(rng.randint(0, 30)))
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(0, 2)))
+        # The loop reports growing prefixes, sometimes with a transient incomplete-UTF-8 tail,
+        # and cuts the final text before the first stop string.
+        cut = min([final.find(s) for s in stops if s in final], default=len(final))
+        target = final[:cut]
+        deltas = TextDeltas(stops)
+        out = []
+        for n in range(len(target) + 1):
+            shown = final[:n] + ("\ufffd" if rng.random() < 0.3 else "")
+            if all(s not in shown.rstrip("\ufffd") for s in stops):
+                out.append(deltas.push(shown, final=False))
+        out.append(deltas.push(target, final=True))
+        assert "".join(out) == target
