@@ -31,6 +31,7 @@ def server():
                                      max_tokens_per_step=32, min_token_bucket=32,
                                      max_model_len=MAX_MODEL_LEN, drafter="ngram",
                                      num_draft_tokens=4))
+    stack.engine.warmup()  # compile before any client waits on a reply (order-independent tests)
     srv = BackgroundServer(stack, limits=ServerLimits(max_tokens_limit=MAX_TOKENS_LIMIT)).start()
     yield srv
     srv.stop()
@@ -38,7 +39,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 CHAT = [{"role": "system", "content": "You answer with Thought, Action and Observation steps. " * 3},
@@ -170,7 +171,7 @@ def _bad_cases(name):
 
 def test_bad_inputs_get_openai_shaped_4xx(server):
     failures = []
-    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+    with httpx.Client(base_url=server.base_url, timeout=120) as http:
         for label, path, body, status in _bad_cases(model_name(server)):
             kw = {"content": body} if isinstance(body, bytes) else {"json": body}
             res = http.post(path, headers={"content-type": "application/json"}, **kw)
@@ -192,11 +193,11 @@ def test_stream_disconnect_cancels_and_frees_blocks_while_others_are_served(serv
     other: dict = {}
 
     def other_request():
-        with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        with httpx.Client(base_url=server.base_url, timeout=120) as http:
             other["res"] = http.post("/v1/completions", json={"model": model_name(server), "max_tokens": 6,
                                                               "prompt": random_prompt(rng, 20), "ignore_eos": True})
 
-    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+    with httpx.Client(base_url=server.base_url, timeout=120) as http:
         with http.stream("POST", "/v1/completions", json=body) as res:
             assert res.status_code == 200
             lines = res.iter_lines()
@@ -208,7 +209,7 @@ def test_stream_disconnect_cancels_and_frees_blocks_while_others_are_served(serv
             for _ in range(3):
                 next(lines)
         # Leaving the block closes the connection mid-stream.
-    worker.join(timeout=60)
+    worker.join(timeout=120)
     assert other["res"].status_code == 200 and other["res"].json()["usage"]["completion_tokens"] == 6
 
     def aborted():

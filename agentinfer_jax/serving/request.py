@@ -99,6 +99,13 @@ class Request:
     def all_tokens(self) -> list[int]:
         return self.prompt_tokens + self.output_tokens
 
+    def tokens_from(self, start: int) -> list[int]:
+        """all_tokens[start:] without building all_tokens (the scheduler's per-step slice)."""
+        n = len(self.prompt_tokens)
+        if start >= n:
+            return self.output_tokens[start - n:]
+        return self.prompt_tokens[start:] + self.output_tokens
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_tokens) + len(self.output_tokens)

@@ -244,7 +244,10 @@ class Scheduler:
                     self.drafter.extend(req.request_id, toks)
             else:
                 reason = None
-            self._offer_to_cache(req)
+            # Cache blocks as prefill chunks complete and at the end; decode blocks wait for the
+            # finish (or a preemption), which saves a radix walk per filled decode block.
+            if len(seq.tokens) - seq.num_draft > 1 or reason is not None:
+                self._offer_to_cache(req)
             if reason is not None:
                 self._finish(req, reason, RequestState.FINISHED)
                 finished.append(req)
@@ -300,7 +303,7 @@ class Scheduler:
     def _plan_running(self, req: Request, budget: int) -> ScheduledSeq | None:
         """The request's next feed within `budget`, with blocks allocated; None if blocks ran out."""
         start = req.num_computed_tokens
-        pending = req.all_tokens[start:]
+        pending = req.tokens_from(start)
         drafts: list[int] = []
         if len(pending) == 1:
             k = min(self._draft_len(req), budget - 1)
@@ -380,6 +383,7 @@ class Scheduler:
 
     def _preempt(self, req: Request, now: float) -> None:
         self.running.remove(req)
+        self._offer_to_cache(req)  # its recompute then starts from a cache hit
         self._release_blocks(req)
         req.state = RequestState.WAITING
         req.waiting_since_s = now
