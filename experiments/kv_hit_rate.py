@@ -29,7 +29,7 @@ from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.serving.policies import make_policy
 from agentinfer_jax.serving.scheduler import Scheduler, SchedulerConfig, SessionRetention
 from agentinfer_jax.workloads.cost_model import StepCostModel, holdout_report
-from agentinfer_jax.workloads.sessions import (LLMCall, TokenizedCall, TokenizedSession, ToolLatency,
+from agentinfer_jax.workloads.sessions import (TokenizedCall, TokenizedSession, ToolLatency,
                                                poisson_arrivals, sessions_from_traces, tokenize_session)
 from agentinfer_jax.workloads.simulator import (SimulatedExecutor, TimedEngineExecutor, VirtualClock,
                                                 run_sessions)
@@ -107,6 +107,7 @@ class Runner:
         self.sessions = sessions
         self.vocab_size = vocab_size
         self.engine_model = None
+        self.engine = None
         self.engine_samples = []
         self.max_len = max(len(c.prompt_ids) + len(c.response_ids) for s in sessions for c in s.calls) + 1
         if FLAGS.executor == "sim":
@@ -141,15 +142,19 @@ class Runner:
         return res, arrivals
 
     def _engine(self, num_blocks):
+        """One engine (one set of compiled shapes) sized for the largest run; a run's BlockPool
+        decides how many of its pages the scheduler may use."""
         from agentinfer_jax.configs import tiny
         from agentinfer_jax.engine.engine import Engine, EngineConfig
         from agentinfer_jax.model.transformer import init_model
-        if self.engine_model is None:
-            self.engine_model = init_model(tiny.get_config(), seed=0)
-        ec = EngineConfig(num_blocks=num_blocks, block_size=FLAGS.block_size, max_num_seqs=FLAGS.max_num_seqs,
-                          max_tokens_per_step=FLAGS.max_tokens_per_step,
-                          max_model_len=(num_blocks - 1) * FLAGS.block_size, max_draft_tokens=0)
-        return Engine(self.engine_model, ec)
+        if self.engine is None or self.engine.config.num_blocks < num_blocks:
+            if self.engine_model is None:
+                self.engine_model = init_model(tiny.get_config(), seed=0)
+            ec = EngineConfig(num_blocks=num_blocks, block_size=FLAGS.block_size, max_num_seqs=FLAGS.max_num_seqs,
+                              max_tokens_per_step=FLAGS.max_tokens_per_step,
+                              max_model_len=self.max_len + 1, max_draft_tokens=0)
+            self.engine = Engine(self.engine_model, ec)
+        return self.engine
 
 
 def print_table(title, rows):
@@ -194,8 +199,7 @@ def stress(runner_vocab):
         plen = 32768 if long else 100
         prompt = rng.integers(5, runner_vocab, plen).tolist()
         sessions.append(TokenizedSession(f"{'long' if long else 'short'}{i}",
-                                         [TokenizedCall(LLMCall((), "", None, None), prompt,
-                                                        rng.integers(5, runner_vocab, 64).tolist())]))
+                                         [TokenizedCall(prompt, rng.integers(5, runner_vocab, 64).tolist())]))
     runner = Runner(sessions, runner_vocab)
     capacity = int(0.5 * sum(math.ceil(32800 / FLAGS.block_size) for s in sessions if s.session_id.startswith("l")))
     out = {}
@@ -234,7 +238,10 @@ def main(argv):
     with tqdm(total=total, desc="calls", file=sys.stderr, disable=None) as bar:
         for rate in rates:
             # Working set from an unconstrained FCFS run at this rate.
-            res, arrivals = runner.run(runner.policy("fcfs"), 10 ** 7 // FLAGS.block_size, rate)
+            # Unconstrained = room for every session's whole context at once (no eviction possible).
+            everything = sum(math.ceil((len(s.calls[-1].prompt_ids) + len(s.calls[-1].response_ids))
+                                       / FLAGS.block_size) for s in sessions)
+            res, arrivals = runner.run(runner.policy("fcfs"), everything, rate)
             ws = working_set_blocks(sessions, arrivals, res.session_latency_s, FLAGS.block_size)
             for frac in fracs:
                 for name in FLAGS.policies:

@@ -1,0 +1,341 @@
+"""An LLMClient backed by in-process ServingLoops: no HTTP, one loop per model role.
+
+`EngineClient.complete` renders the chat template, tokenizes, submits `n` Requests (session id,
+priority, speculative flag, stop strings and, for trace replay, `forced_output`) to the role's
+ServingLoop and awaits them: the loop's callbacks run on the serving thread and are bridged into
+asyncio with `call_soon_threadsafe`. `stream` yields the text deltas of one request.
+
+Invariants:
+- every submitted request is finished, aborted or cancelled before `complete`/`stream` returns or
+  raises (a cancelled awaiting task cancels its requests in the loop: no leaked KV blocks);
+- bad arguments raise ValueError before anything is submitted; a request the engine aborts
+  raises ClientError.
+
+Replay: `replay(call) -> texts | None` (a `ReplayOracle`) may force the n outputs of a call. The
+forward passes, KV writes, drafting and verification stay real; only the emitted tokens are the
+recorded ones (see `Request.forced_output`), so costs are those of generating the recording.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+
+from agentinfer_jax.agents.clients import ClientError, Completion, Message, RecordedCall, validate_request
+from agentinfer_jax.cache import BlockPool, PrefixCache
+from agentinfer_jax.engine.engine import Engine, EngineConfig
+from agentinfer_jax.serving.loop import ServingLoop, StreamEvent
+from agentinfer_jax.serving.policies import make_policy
+from agentinfer_jax.serving.request import FinishReason, Request, SamplingParams
+from agentinfer_jax.serving.scheduler import Scheduler, SessionRetention
+from agentinfer_jax.tokenizer import Tokenizer
+
+__all__ = ["EngineClient", "RoleEngine", "build_role_engine", "CallRecord", "EngineClientStats", "ReplayOracle"]
+
+ReplayOracle = Callable[[RecordedCall], Sequence[str] | None]
+
+
+@dataclasses.dataclass
+class RoleEngine:
+    """One model role's serving stack: engine, scheduler (pool, prefix cache, policy, drafter), loop."""
+
+    name: str
+    engine: Engine
+    scheduler: Scheduler
+    loop: ServingLoop
+    pool: BlockPool
+    prefix_cache: PrefixCache | None
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()
+
+
+def build_role_engine(
+    name: str,
+    model,
+    tokenizer: Tokenizer,
+    engine_config: EngineConfig,
+    *,
+    policy: str = "fcfs",
+    drafter=None,
+    num_draft_tokens: int = 0,
+    prefix_cache: bool = True,
+    retention_ttl_s: float = 0.0,
+) -> RoleEngine:
+    """Wires Engine + BlockPool + PrefixCache + Scheduler + ServingLoop for one model.
+
+    The scheduler stops on the model's EOS ids and the tokenizer's end-of-turn token (the chat
+    template ends turns with it), so a chat completion ends where its turn ends.
+    """
+    if (drafter is None) != (num_draft_tokens == 0):
+        raise ValueError("give a drafter together with num_draft_tokens > 0, or neither")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    engine = Engine(model, engine_config)
+    pool = BlockPool(engine_config.num_blocks)
+    cache = PrefixCache(engine_config.block_size, pool) if prefix_cache else None
+    sched_config = engine_config.scheduler_config(model.config, num_draft_tokens)
+    eos = tuple(dict.fromkeys((*sched_config.eos_token_ids, *tokenizer.eos_token_ids)))
+    sched_config = dataclasses.replace(sched_config, eos_token_ids=eos)
+    retention = SessionRetention(pool, retention_ttl_s) if retention_ttl_s > 0 else None
+    scheduler = Scheduler(sched_config, pool, cache, make_policy(policy), drafter=drafter, retention=retention)
+    vocab = tokenizer.vocab_size
+
+    def detokenize(ids: Sequence[int]) -> str:  # never raises on ids the tokenizer lacks
+        return tokenizer.decode([int(t) for t in ids if 0 <= int(t) < vocab], skip_special_tokens=True)
+
+    loop = ServingLoop(scheduler, engine, detokenize=detokenize)
+    return RoleEngine(name, engine, scheduler, loop, pool, cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallRecord:
+    """What one completed request produced (for lossless checks and accounting)."""
+
+    session_id: str | None
+    role: str
+    speculative: bool
+    prompt_tokens: int
+    output_tokens: tuple[int, ...]
+    text: str
+    cached_tokens: int
+    drafted: int
+    accepted: int
+    verify_steps: int
+    finish_reason: str | None
+
+
+@dataclasses.dataclass
+class EngineClientStats:
+    """Totals over completed requests, per role and overall."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    by_role: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, r: CallRecord) -> None:
+        self.requests += 1
+        self.prompt_tokens += r.prompt_tokens
+        self.cached_tokens += r.cached_tokens
+        self.output_tokens += len(r.output_tokens)
+        self.drafted += r.drafted
+        self.accepted += r.accepted
+        self.verify_steps += r.verify_steps
+        self.by_role[r.role] = self.by_role.get(r.role, 0) + 1
+
+    @property
+    def kv_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def tokens_per_verify_step(self) -> float:
+        """Tokens emitted per verification step (accepted drafts + the one verified token); 0 without drafting."""
+        return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
+
+
+class _PendingRequest:
+    """One submitted request: its output so far and a future resolved on the asyncio loop."""
+
+    def __init__(self, req: Request, aio: asyncio.AbstractEventLoop,
+                 on_event: Callable[[StreamEvent], None] | None = None) -> None:
+        self.req = req
+        self.tokens: list[int] = []
+        self.done: asyncio.Future[StreamEvent] = aio.create_future()
+        self._aio = aio
+        self._on_event = on_event
+
+    def callback(self, ev: StreamEvent) -> None:
+        """Runs on the serving thread; only hands the event over to the asyncio loop."""
+        self._aio.call_soon_threadsafe(self._deliver, ev)
+
+    def _deliver(self, ev: StreamEvent) -> None:
+        self.tokens.extend(ev.new_tokens)
+        if self._on_event is not None:
+            self._on_event(ev)
+        if ev.finished and not self.done.done():
+            self.done.set_result(ev)
+
+
+class EngineClient:
+    """LLMClient over in-process ServingLoops keyed by role ("large", "small"); see module docstring.
+
+    A role without its own loop falls back to `fallback_role` (default "large") when given;
+    speculative calls go to `speculative_role`'s loop when it has one.
+    The loops are not started or stopped here: their owner does that.
+    """
+
+    def __init__(
+        self,
+        loops: Mapping[str, ServingLoop],
+        tokenizer: Tokenizer,
+        *,
+        replay: ReplayOracle | None = None,
+        fallback_role: str | None = "large",
+        namespace: str = "",
+        keep_records: bool = True,
+        speculative_role: str | None = None,
+    ) -> None:
+        if not loops:
+            raise ValueError("EngineClient needs at least one ServingLoop")
+        if fallback_role is not None and fallback_role not in loops:
+            raise ValueError(f"fallback_role {fallback_role!r} has no loop (loops: {sorted(loops)})")
+        self.loops = dict(loops)
+        self.tokenizer = tokenizer
+        self.replay = replay
+        self.fallback_role = fallback_role
+        self.namespace = namespace
+        self.keep_records = keep_records
+        # SPAgent's guesses may go to a cheaper model's loop (the speculative-action runs guess with one).
+        self.speculative_role = speculative_role
+        self.records: list[CallRecord] = []
+        self.stats = EngineClientStats()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # records/stats may be read from other threads
+        self._prefix = f"ec{id(self):x}"
+
+    def loop_for(self, role: str) -> tuple[str, ServingLoop]:
+        if role in self.loops:
+            return role, self.loops[role]
+        if self.fallback_role is not None:
+            return self.fallback_role, self.loops[self.fallback_role]
+        raise ValueError(f"no serving loop for role {role!r} (loops: {sorted(self.loops)})")
+
+    # ---- request construction ------------------------------------------------------------------
+
+    def _requests(self, messages: list[Message], role: str, max_tokens: int, stop: list[str] | None,
+                  temperature: float, n: int, session_id: str | None, priority: int,
+                  speculative: bool) -> tuple[ServingLoop, list[Request], str]:
+        validate_request(messages, role, max_tokens, n, temperature)
+        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
+            raise ValueError("stop must be a list of non-empty strings")
+        use = self.speculative_role if speculative and self.speculative_role in self.loops else role
+        served_role, loop = self.loop_for(use)
+        prompt = self.tokenizer.encode_chat(messages)
+        forced: list[list[int] | None] = [None] * n
+        if self.replay is not None:
+            call = RecordedCall([dict(m) for m in messages], role, max_tokens, stop, temperature, n, session_id,
+                                priority, speculative)
+            texts = self.replay(call)
+            if texts is not None:
+                if len(texts) != n:
+                    raise ValueError(f"replay oracle gave {len(texts)} texts for n={n}")
+                end = list(self.tokenizer.eos_token_ids[:1])  # the turn ends as the template ends it
+                forced = [self.tokenizer.encode(t, add_bos=False) + end for t in texts]
+        base = f"{self._prefix}-{next(self._ids)}"
+        reqs = []
+        for i in range(n):
+            out = forced[i]
+            budget = max(max_tokens, len(out)) if out is not None else max_tokens
+            sampling = SamplingParams(max_tokens=budget, temperature=temperature, stop=tuple(stop or ()))
+            reqs.append(Request(f"{base}-{i}", list(prompt), sampling, session_id=session_id,
+                                namespace=self.namespace, priority=priority, speculative=speculative,
+                                forced_output=out))
+        return loop, reqs, served_role
+
+    def _record(self, pending: _PendingRequest, ev: StreamEvent, role: str) -> CallRecord:
+        req = pending.req
+        rec = CallRecord(req.session_id, role, req.speculative, len(req.prompt_tokens), tuple(pending.tokens),
+                         ev.text or "", req.num_cached_tokens, req.num_drafted, req.num_accepted,
+                         req.num_verify_steps, ev.finish_reason)
+        with self._lock:
+            self.stats.add(rec)
+            if self.keep_records:
+                self.records.append(rec)
+        return rec
+
+    @staticmethod
+    def _check(ev: StreamEvent, request_id: str) -> None:
+        if ev.error is not None:
+            raise ClientError(f"request {request_id}: {ev.error}")
+        if ev.finish_reason == FinishReason.ABORT.value:
+            raise ClientError(f"request {request_id} was aborted by the serving loop")
+
+    # ---- LLMClient -----------------------------------------------------------------------------
+
+    async def complete(
+        self,
+        messages: list[Message],
+        *,
+        role: str = "large",
+        max_tokens: int = 256,
+        stop: list[str] | None = None,
+        temperature: float = 0.0,
+        n: int = 1,
+        session_id: str | None = None,
+        priority: int = 0,
+        speculative: bool = False,
+    ) -> Completion:
+        loop, reqs, served_role = self._requests(messages, role, max_tokens, stop, temperature, n, session_id,
+                                                 priority, speculative)
+        aio = asyncio.get_running_loop()
+        pending = [_PendingRequest(r, aio) for r in reqs]
+        start = time.perf_counter()
+        submitted: list[_PendingRequest] = []
+        try:
+            for p in pending:
+                loop.submit(p.req, p.callback)  # raises InvalidRequestError (a ValueError) at once
+                submitted.append(p)
+            events = await asyncio.gather(*(p.done for p in pending))
+        except BaseException:
+            for p in submitted:
+                if not p.done.done():
+                    loop.cancel(p.req.request_id)
+            raise
+        latency = time.perf_counter() - start
+        for p, ev in zip(pending, events):
+            self._check(ev, p.req.request_id)
+        records = [self._record(p, ev, served_role) for p, ev in zip(pending, events)]
+        return Completion(
+            texts=[r.text for r in records],
+            prompt_tokens=records[0].prompt_tokens,
+            completion_tokens=sum(len(r.output_tokens) for r in records),
+            latency_s=latency,
+            cached_tokens=records[0].cached_tokens,
+            model=served_role,
+        )
+
+    async def stream(
+        self,
+        messages: list[Message],
+        *,
+        role: str = "large",
+        max_tokens: int = 256,
+        stop: list[str] | None = None,
+        temperature: float = 0.0,
+        session_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[str]:
+        """Yields text deltas of one request as the loop produces them. Closing the iterator early
+        (break, cancellation) cancels the request in the serving loop."""
+        loop, reqs, served_role = self._requests(messages, role, max_tokens, stop, temperature, 1, session_id,
+                                                 priority, False)
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        pending = _PendingRequest(reqs[0], asyncio.get_running_loop(), queue.put_nowait)
+        loop.submit(pending.req, pending.callback)
+        sent = ""
+        try:
+            while True:
+                ev = await queue.get()
+                if ev.error is None and ev.text is not None and ev.text.startswith(sent) and len(ev.text) > len(sent):
+                    yield ev.text[len(sent):]
+                    sent = ev.text
+                if ev.finished:
+                    self._check(ev, pending.req.request_id)
+                    self._record(pending, ev, served_role)
+                    return
+        finally:
+            if not pending.done.done():
+                loop.cancel(pending.req.request_id)

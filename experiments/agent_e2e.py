@@ -1,0 +1,596 @@
+"""End-to-end agent experiment: real trace sessions through the whole stack, in REPLAY mode.
+
+Every session of a real trace (default: the bundled FireAct sample) runs through ReActAgent ->
+EngineClient -> ServingLoop -> Engine (real forward passes over the paged KV cache, every emitted
+token forced to the recorded response with `Request.forced_output`); tools return the recorded
+observations after a seeded simulated latency; sessions arrive concurrently (Poisson). Configs:
+
+  baseline   FCFS, prefix cache, no drafting, large model only, no compression, no speculation
+  agentsched AgentSched admission + session KV retention over tool calls
+  sam        AgentSAM drafting with cross-session memory (pre-filled with other trace sessions)
+  collab     AgentCollab: a smaller random model runs the steps the controller gives it; the
+             PROGRESS signal comes from the trace (see TraceProgressController)
+  compress   AgentCompress: BM25 search-result filtering + extractive memory distillation
+  spagent    SPAgent verified phase: a guess of the next action (right with the real hit rate of
+             the bundled speculative-action data, per action type and step) runs through the
+             ActionServer in parallel with the reasoning call; a match is served from the ActionBuffer
+             (the guess call runs on the small model when one is loaded, i.e. in "all")
+  all        everything together
+
+Checks: final answers identical across configs; lossless configs (agentsched, sam, spagent)
+leave every output token of every reasoning call identical to the baseline.
+
+    python experiments/agent_e2e.py --quick          # the README demo (make demo)
+    python experiments/agent_e2e.py --num_sessions 16 --tool_latency_mean 1.5
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import random
+import re
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+from agentinfer_jax.agents.action_buffer import ActionBuffer
+from agentinfer_jax.agents.clients import RecordedCall
+from agentinfer_jax.agents.collab import CollabController
+from agentinfer_jax.agents.compress import MemoryDistiller, SearchResultFilter
+from agentinfer_jax.agents.engine_client import EngineClient, RoleEngine, build_role_engine
+from agentinfer_jax.agents.loop import AgentConfig, AgentFeatures, AgentResult, ReActAgent
+from agentinfer_jax.agents.react import DEFAULT_INSTRUCTION, Action, normalize_action_key, parse_step
+from agentinfer_jax.agents.spagent import CANDIDATE_INSTRUCTION, SpeculationConfig
+from agentinfer_jax.agents.tools import SearchResult, ToolLatency, ToolOutcome, ToolState
+from agentinfer_jax.engine.engine import EngineConfig
+from agentinfer_jax.model.transformer import init_model
+from agentinfer_jax.speculation import SAMDrafter, SessionMemory
+from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
+from agentinfer_jax.workloads.sessions import poisson_arrivals
+from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces
+
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "agentinfer_jax" / "assets" / "data"
+HIT_RATES_PATH = ASSETS / "speculative_action_hit_rates.json"
+CONFIG_NAMES = ("baseline", "agentsched", "sam", "collab", "compress", "spagent", "all")
+LOSSLESS = ("agentsched", "sam", "spagent")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "small run for the demo (few short sessions, tool latency mean 0.5 s)")
+flags.DEFINE_string("json_out", "experiments/results/agent_e2e.json", "where to write the JSON (plot beside it)")
+flags.DEFINE_string("traces", None, "trace file/dir (default: the bundled FireAct sample)")
+flags.DEFINE_integer("num_sessions", None, "sessions to replay (default 12; quick: 4)")
+flags.DEFINE_float("tool_latency_mean", None, "mean simulated tool latency in s (default 1.5; quick: 0.5)")
+flags.DEFINE_float("arrival_rate", 1.0, "Poisson session arrivals per second")
+flags.DEFINE_integer("max_turns", None, "only sessions with at most this many LLM calls (default 6; quick: 3)")
+flags.DEFINE_integer("num_draft_tokens", 8, "k drafted tokens per verify step (AgentSAM)")
+flags.DEFINE_integer("memory_sessions", 60, "other trace sessions pre-loaded into AgentSAM's cross-session memory")
+flags.DEFINE_list("configs", list(CONFIG_NAMES), "configs to run (baseline always runs)")
+flags.DEFINE_integer("seed", 0, "seed of arrivals, tool latencies and action guesses")
+flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/agentinfer_jax/jax"),
+                    "JAX persistent compilation cache dir ('' = off)")
+flags.DEFINE_string("derive_hit_rates_from", None,
+                    "speculative-action run_metrics dir: re-derive the bundled hit-rate JSON from it and exit")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real next-action guess hit rates
+
+
+_GUESS = re.compile(r"\b(Search|Lookup|Finish)\[([^\]\n]*)\]?", re.IGNORECASE)
+
+
+def derive_hit_rates(run_metrics: pathlib.Path) -> dict[str, Any]:
+    """Per (action type, step) hit counts of the top-1 guesses in speculative-action's logs.
+
+    A step hits when the normalised action of the NORMAL trajectory is among the actions the
+    guess model wrote in the SIMULATION trajectory of that step. Steps >= 4 are pooled as "4".
+    """
+    counts: dict[str, dict[str, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0]))
+    logs = sorted(run_metrics.glob("agent_*_top1/trajs_*/*/log.txt"))
+    for log in logs:
+        parts = re.split(r"\n\s*STEP: (\d+)\s*\n", log.read_text(errors="replace"))
+        for step, body in zip(parts[1::2], parts[2::2]):
+            if "SIMULATION TRAJECTORY" not in body or "NORMAL TRAJECTORY" not in body:
+                continue
+            normal, sim = body.split("SIMULATION TRAJECTORY", 1)
+            normal_lines = [ln for ln in normal.split("NORMAL TRAJECTORY", 1)[1].splitlines() if re.match(r"\s*Action \d+:", ln)]
+            sim_lines = [ln for ln in sim.splitlines() if re.match(r"\s*Action \d+:", ln)]
+            true = _GUESS.search(normal_lines[0]) if normal_lines else None
+            if true is None or not sim_lines:
+                continue
+            key = normalize_action_key(Action(true.group(1).lower(), true.group(2)))
+            guesses = {normalize_action_key(Action(g.group(1).lower(), g.group(2))) for ln in sim_lines for g in _GUESS.finditer(ln)}
+            c = counts[true.group(1).lower()][str(min(int(step), 4))]
+            c[0] += key in guesses
+            c[1] += 1
+    return {
+        "what": "next-action guess hit counts [hits, total] per action type and step (4 = step >= 4), top-1 guesses",
+        "source": "naimengye/speculative-action, hotpotqa/run_metrics/agent_*_top1/*/*/log.txt (via ../shared/data)",
+        "licence": "Apache-2.0, see LICENSE-speculative-action beside this file",
+        "num_logs": len(logs),
+        "counts": {kind: dict(sorted(v.items())) for kind, v in sorted(counts.items())},
+    }
+
+
+class HitRates:
+    """P(guess == true action) by action type and step; pooled over steps when a cell has < min_total samples."""
+
+    def __init__(self, table: dict[str, Any], min_total: int = 5) -> None:
+        self._counts = table["counts"]
+        self._min = min_total
+
+    @classmethod
+    def bundled(cls) -> HitRates:
+        return cls(json.loads(HIT_RATES_PATH.read_text()))
+
+    def probability(self, kind: str, step: int) -> float:
+        cells = self._counts.get(kind, {})
+        hits, total = cells.get(str(min(max(step, 1), 4)), (0, 0))
+        if total < self._min:
+            hits, total = (sum(c[i] for c in cells.values()) for i in (0, 1))
+        if total < self._min:
+            hits = sum(c[0] for cs in self._counts.values() for c in cs.values())
+            total = sum(c[1] for cs in self._counts.values() for c in cs.values())
+        return hits / total if total else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# One recorded session: responses, actions, observations, tool latencies, guesses
+
+
+_OBS_LABEL = re.compile(r"^\s*observation\s*\d*\s*:\s*", re.IGNORECASE)
+_SIMILAR = re.compile(r"Similar:\s*\[(.*)\]", re.DOTALL)
+_FAILURE = re.compile(r"could ?n[o']t find|cannot find|can't find|not find|unable to find|no (?:relevant )?information"
+                      r"|does not (?:provide|mention|say)|doesn't (?:provide|mention|say)|not found|no results", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedSession:
+    """A trajectory as the replay needs it. Invariant: len(actions) == len(responses)."""
+
+    session_id: str
+    question: str
+    responses: tuple[str, ...]
+    actions: tuple[Action | None, ...]
+    observations: tuple[str, ...]
+    tool_latencies: tuple[float, ...]
+    guess_hits: tuple[bool, ...]  # per step: does the speculative guess equal the true action?
+
+    @property
+    def answer(self) -> str | None:
+        last = self.actions[-1]
+        return last.arg if last is not None and last.kind == "finish" else None
+
+
+def record_session(traj: Trajectory, latency: ToolLatency, hit_rates: HitRates, rng: random.Random) -> RecordedSession | None:
+    """None for trajectories the agent loop cannot replay step for step (an unparsable turn)."""
+    turns = list(traj.assistant_turns())
+    if not turns or traj.messages[0]["role"] != "user":
+        return None
+    responses, actions, observations = [], [], []
+    msgs = traj.messages
+    assistant_at = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    for i in assistant_at:
+        step = parse_step(msgs[i]["content"])
+        if step.action is None:
+            return None
+        responses.append(msgs[i]["content"])
+        actions.append(step.action)
+        nxt = msgs[i + 1] if i + 1 < len(msgs) and msgs[i + 1]["role"] == "user" else None
+        observations.append(_OBS_LABEL.sub("", nxt["content"], count=1) if nxt else "")
+    if actions[-1].kind != "finish" or any(a.kind == "finish" for a in actions[:-1]):
+        return None  # the loop ends at the first Finish: only complete, single-answer sessions replay exactly
+    hits = tuple(rng.random() < hit_rates.probability(a.kind, n) for n, a in enumerate(actions, start=1))
+    question = re.sub(r"^\s*question\s*:\s*", "", msgs[0]["content"], flags=re.IGNORECASE).strip()
+    return RecordedSession(traj.id, question, tuple(responses), tuple(actions), tuple(observations),
+                           tuple(latency() for _ in actions), hits)
+
+
+class TraceTool:
+    """A session's recorded tool: the recorded observation of step i for its recorded action.
+
+    The step index travels in ToolState.cursor (one past the last executed step), so a
+    speculative execution and the real one of the same step agree, and Lookup keys differ per
+    step. A different action (a wrong guess) gets a "Could not find" observation. Every call
+    sleeps the step's recorded latency. Search misses carry their "Similar" titles as results
+    (for AgentCompress's filter).
+    """
+
+    def __init__(self, session: RecordedSession, corpus: dict[str, list[str]] | None = None) -> None:
+        self.session = session
+        self._corpus = corpus or {}
+        self.invocations = 0
+
+    async def run(self, action: Action, state: ToolState) -> ToolOutcome:
+        self.invocations += 1
+        s = self.session
+        step = min(state.cursor, len(s.actions) - 1)
+        delay = s.tool_latencies[step]
+        await asyncio.sleep(delay)
+        after = ToolState(page=f"step-{step + 1}", cursor=step + 1)
+        if action.kind == "finish":
+            return ToolOutcome("Episode finished.", state, done=True, answer=action.arg, latency_s=delay)
+        recorded = s.actions[step]
+        if recorded is None or normalize_action_key(action) != normalize_action_key(recorded):
+            return ToolOutcome(f"Could not find {action.arg}.", after, latency_s=delay)
+        observation = s.observations[step]
+        return ToolOutcome(observation, after, latency_s=delay, results=self._results(observation),
+                           query=action.arg)
+
+    def _results(self, observation: str) -> tuple[SearchResult, ...]:
+        m = _SIMILAR.search(observation)
+        if m is None:
+            return ()
+        titles = [t.strip().strip("'\"") for t in m.group(1).split(",") if t.strip().strip("'\"")]
+        return tuple(SearchResult(t, " ".join(self._corpus.get(t, []))[:200]) for t in titles)
+
+
+class TraceReplay:
+    """The ReplayOracle: which text each LLM call must emit.
+
+    - A reasoning call of session s at step i (i = assistant turns in its prompt) emits the
+      recorded response i.
+    - A speculative call emits the true next action when the step's guess hit (drawn once per
+      session from the real hit rates, so every config sees the same guesses), else a wrong one.
+    - Anything else (no recorded session) is generated freely.
+    """
+
+    def __init__(self, sessions: dict[str, RecordedSession]) -> None:
+        self.sessions = sessions
+
+    def __call__(self, call: RecordedCall) -> list[str] | None:
+        s = self.sessions.get(call.session_id or "")
+        if s is None:
+            return None
+        step = sum(m["role"] == "assistant" for m in call.messages)
+        if step >= len(s.responses):
+            return None
+        if not call.speculative:
+            return [s.responses[step]] * call.n
+        true = s.actions[step]
+        guess = true if s.guess_hits[step] and true is not None else Action("search", f"{s.question[:40]} (guess)")
+        return [f"Action: {guess}\nPlausibility: 4"] * call.n
+
+
+class TraceProgressController(CollabController):
+    """AgentCollab's controller with the PROGRESS signal derived from the trace (replay mode).
+
+    A random-weight model cannot judge progress, and the recorded responses carry no PROGRESS
+    block. The signal is FALSE when the step's action repeats an earlier action of the session
+    or its thought reports a failure of the previous step ("could not find", "no information",
+    ...), TRUE otherwise; it is written into the response as the block the model would write.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._seen: set[str] = set()
+
+    def observe(self, role: str, response: str, prompt_tokens: int = 0, completion_tokens: int = 0):
+        step = parse_step(response)
+        key = normalize_action_key(step.action) if step.action is not None else None
+        progress = key not in self._seen and not _FAILURE.search(step.thought)
+        if key is not None:
+            self._seen.add(key)
+        block = f"\n===PROGRESS===\n<reason>trace-derived</reason>\n<value>{str(progress).upper()}</value>\n===END_PROGRESS==="
+        return super().observe(role, response + block, prompt_tokens, completion_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stack and runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str
+    policy: str = "fcfs"
+    retention_ttl_s: float = 0.0
+    sam: bool = False
+    collab: bool = False
+    compress: bool = False
+    speculate: bool = False
+
+
+def run_configs(names: Sequence[str]) -> list[RunConfig]:
+    table = {
+        "baseline": RunConfig("baseline"),
+        "agentsched": RunConfig("agentsched", policy="agentsched", retention_ttl_s=30.0),
+        "sam": RunConfig("sam", sam=True),
+        "collab": RunConfig("collab", collab=True),
+        "compress": RunConfig("compress", compress=True),
+        "spagent": RunConfig("spagent", speculate=True),
+        "all": RunConfig("all", policy="agentsched", retention_ttl_s=30.0, sam=True, collab=True, compress=True,
+                         speculate=True),
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown configs {unknown}; choose from {list(table)}")
+    return [table["baseline"]] + [table[n] for n in names if n != "baseline"]
+
+
+def small_model_config(large):
+    """The "small" role: a quarter-width, one-layer model over the same tokenizer."""
+    return large.replace(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32)
+
+
+@dataclasses.dataclass
+class Setup:
+    tokenizer: Tokenizer
+    large: Any
+    small: Any
+    engine_config: EngineConfig
+    num_draft_tokens: int
+    memory_contexts: list[tuple[str, list[int]]]
+
+
+def build_roles(cfg: RunConfig, setup: Setup) -> dict[str, RoleEngine]:
+    def drafter():
+        if not cfg.sam:
+            return None
+        memory = SessionMemory(top_k=4)
+        for sid, tokens in setup.memory_contexts:
+            memory.add(sid, tokens)
+        return SAMDrafter(memory)
+
+    k = setup.num_draft_tokens if cfg.sam else 0
+    roles = {"large": build_role_engine("large", setup.large, setup.tokenizer, setup.engine_config, policy=cfg.policy,
+                                        drafter=drafter(), num_draft_tokens=k, retention_ttl_s=cfg.retention_ttl_s)}
+    if cfg.collab:
+        roles["small"] = build_role_engine("small", setup.small, setup.tokenizer, setup.engine_config,
+                                           policy=cfg.policy, drafter=drafter(), num_draft_tokens=k,
+                                           retention_ttl_s=cfg.retention_ttl_s)
+    return roles
+
+
+async def run_sessions(cfg: RunConfig, client: EngineClient, sessions: list[RecordedSession], arrivals: list[float],
+                       progress=None) -> list[AgentResult]:
+    features = AgentFeatures(collab=cfg.collab, filter_results=cfg.compress, distill_memory=cfg.compress,
+                             speculate=cfg.speculate)
+    buffer = ActionBuffer()
+    start = time.perf_counter()
+
+    async def one(s: RecordedSession, at: float) -> AgentResult:
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+        agent = ReActAgent(
+            client, TraceTool(s), features=features, buffer=buffer,
+            config=AgentConfig(max_steps=len(s.responses), max_tokens=256),
+            collab_factory=lambda: TraceProgressController(warmup_large_steps=1, escalation_steps=1),
+            result_filter=SearchResultFilter(top_n=3) if cfg.compress else None,
+            distiller_factory=lambda sid: MemoryDistiller(None, threshold_tokens=600, min_delay_rounds=1),
+            speculation=SpeculationConfig(k=1, aggressive=False, verified=True, temperature=0.0),
+            instruction=DEFAULT_INSTRUCTION,
+        )
+        try:
+            return await agent.run(s.question, session_id=s.session_id)
+        finally:
+            await agent.aclose()
+            if progress is not None:
+                progress.update(1)
+
+    return await asyncio.gather(*(one(s, t) for s, t in zip(sessions, arrivals)))
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    ys = sorted(xs)
+    if not ys:
+        return 0.0
+    return ys[min(len(ys) - 1, max(0, math.ceil(q / 100 * len(ys)) - 1))]
+
+
+def summarize(cfg: RunConfig, results: list[AgentResult], client: EngineClient, makespan_s: float) -> dict[str, Any]:
+    m = [r.metrics for r in results]
+    walls = [x.wall_s for x in m]
+    hits = sum(x.buffer_hits for x in m)
+    lookups = sum((x.speculation or {}).get("buffer_hits", 0) + (x.speculation or {}).get("buffer_misses", 0) for x in m)
+    st = client.stats
+    small_steps = sum((x.collab or {}).get("steps", {}).get("small", 0) for x in m)
+    return {
+        "mean_session_latency_s": sum(walls) / len(walls),
+        "p50_session_latency_s": percentile(walls, 50),
+        "p99_session_latency_s": percentile(walls, 99),
+        "makespan_s": makespan_s,
+        "mean_llm_time_s": sum(x.llm_time_s for x in m) / len(m),
+        "mean_tool_time_s": sum(x.tool_time_s for x in m) / len(m),
+        "llm_calls": st.requests,
+        "prompt_tokens": st.prompt_tokens,
+        "cached_tokens": st.cached_tokens,
+        "output_tokens": st.output_tokens,
+        "kv_hit_rate": st.kv_hit_rate,
+        "tokens_per_verify_step": st.tokens_per_verify_step,
+        "action_buffer_hit_rate": hits / lookups if lookups else 0.0,
+        "small_model_steps": small_steps,
+        "compress_tokens_saved": sum((x.compress or {}).get("tokens_saved", 0) for x in m),
+        "errors": [x.error for x in m if x.error],
+        "answers": {x.session_id: x.answer for x in m},
+    }
+
+
+def reasoning_outputs(client: EngineClient) -> dict[str, list[tuple[int, ...]]]:
+    """Per session, the output tokens of its non-speculative calls in order."""
+    out: dict[str, list[tuple[int, ...]]] = collections.defaultdict(list)
+    for r in client.records:
+        if not r.speculative and r.session_id is not None:
+            out[r.session_id].append(r.output_tokens)
+    return dict(out)
+
+
+def warm_up(setup: Setup, cfgs: list[RunConfig]) -> None:
+    """Compiles every step shape of each model once (the jit cache is shared by engines of equal shape)."""
+    from agentinfer_jax.serving.request import Request, SamplingParams
+
+    models = [setup.large] + ([setup.small] if any(c.collab for c in cfgs) else [])
+    for model in models:
+        eng = build_role_engine("warmup", model, setup.tokenizer, setup.engine_config)
+        eng.start()
+        try:
+            rng = random.Random(0)
+            for n in (8, 24, 56, 120, 250):  # one request per token bucket, run one after the other
+                finished = threading.Event()
+                req = Request(f"w{n}", [rng.randrange(5, 4000) for _ in range(n)], SamplingParams(max_tokens=2))
+                eng.loop.submit(req, lambda ev, done=finished: done.set() if ev.finished else None)
+                finished.wait()
+        finally:
+            eng.shutdown()
+
+
+def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: int, tool_latency_mean: float,
+               arrival_rate: float, max_turns: int, num_draft_tokens: int, memory_sessions: int, seed: int,
+               engine_config: EngineConfig | None = None, show_progress: bool = True) -> dict[str, Any]:
+    cfgs = run_configs(cfg_names)
+    trajs = load_traces(traces or default_trace_path())
+    hit_rates = HitRates.bundled()
+    rng = random.Random(seed)
+    latency = ToolLatency(tool_latency_mean, sigma=0.5, seed=seed)
+    recorded = [s for t in trajs if (s := record_session(t, latency, hit_rates, rng)) is not None]
+    chosen = [s for s in recorded if len(s.responses) <= max_turns][:num_sessions]
+    if not chosen:
+        raise ValueError(f"no replayable session with at most {max_turns} turns in {traces or default_trace_path()}")
+    chosen_ids = {s.session_id for s in chosen}
+    tokenizer = load_tokenizer()
+    from agentinfer_jax.configs.tiny import get_config
+    large_cfg = get_config()
+    setup = Setup(tokenizer, init_model(large_cfg, seed=seed), init_model(small_model_config(large_cfg), seed=seed + 1),
+                  engine_config or EngineConfig(num_blocks=512, block_size=16, max_num_seqs=8, max_tokens_per_step=256,
+                                                max_model_len=1536, max_draft_tokens=num_draft_tokens,
+                                                min_token_bucket=32),
+                  num_draft_tokens, [])
+    # Cross-session memory: past sessions of the same deployment (trace sessions not replayed here).
+    for s in recorded:
+        if s.session_id in chosen_ids or len(setup.memory_contexts) >= memory_sessions:
+            continue
+        msgs = [{"role": "user", "content": f"Question: {s.question}"}]
+        for resp, obs in zip(s.responses, s.observations):
+            msgs += [{"role": "assistant", "content": resp}, {"role": "user", "content": f"Observation: {obs}"}]
+        setup.memory_contexts.append((s.session_id, tokenizer.encode_chat(msgs)))
+    arrivals = [float(t) for t in poisson_arrivals(len(chosen), arrival_rate, seed=seed)]
+
+    t0 = time.perf_counter()
+    warm_up(setup, cfgs)
+    compile_s = time.perf_counter() - t0
+    by_id = {s.session_id: s for s in chosen}
+    report: dict[str, Any] = {"configs": {}}
+    outputs: dict[str, dict[str, list[tuple[int, ...]]]] = {}
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(cfgs) * len(chosen), desc="sessions", unit="session", file=sys.stderr)
+    for cfg in cfgs:
+        roles = build_roles(cfg, setup)
+        for r in roles.values():
+            r.start()
+        client = EngineClient({k: r.loop for k, r in roles.items()}, tokenizer, replay=TraceReplay(by_id),
+                              speculative_role="small")
+        try:
+            start = time.perf_counter()
+            results = asyncio.run(run_sessions(cfg, client, chosen, arrivals, bar))
+            makespan = time.perf_counter() - start
+        finally:
+            for r in roles.values():
+                r.shutdown()
+        report["configs"][cfg.name] = summarize(cfg, results, client, makespan)
+        outputs[cfg.name] = reasoning_outputs(client)
+    if bar is not None:
+        bar.close()
+
+    base = report["configs"]["baseline"]
+    recorded_answers = {s.session_id: s.answer for s in chosen}
+    checks = {
+        "answers_identical": all(c["answers"] == base["answers"] for c in report["configs"].values()),
+        "answers_equal_recorded": base["answers"] == recorded_answers,
+        "lossless_outputs_identical": {n: outputs[n] == outputs["baseline"] for n in outputs if n in LOSSLESS},
+        "no_errors": all(not c["errors"] for c in report["configs"].values()),
+    }
+    for name, c in report["configs"].items():
+        c["speedup_mean"] = base["mean_session_latency_s"] / c["mean_session_latency_s"]
+    report["speedup_all"] = report["configs"].get("all", base)["speedup_mean"]
+    report["checks"] = checks
+    report["setup"] = {
+        "traces": str(traces or default_trace_path()), "num_sessions": len(chosen), "max_turns": max_turns,
+        "tool_latency_mean_s": tool_latency_mean, "arrival_rate_per_s": arrival_rate, "seed": seed,
+        "num_draft_tokens": num_draft_tokens, "memory_sessions": len(setup.memory_contexts),
+        "engine": dataclasses.asdict(setup.engine_config), "compile_s": compile_s,
+        "large_params": "tiny config (random weights)", "small": "1 layer, width 64 (random weights)",
+        "mode": "replay: real forward passes, every token forced to the recorded response",
+    }
+    return report
+
+
+def print_table(report: dict[str, Any]) -> None:
+    cols = ("mean_session_latency_s", "p50_session_latency_s", "p99_session_latency_s", "mean_llm_time_s",
+            "mean_tool_time_s", "prompt_tokens", "kv_hit_rate", "tokens_per_verify_step", "action_buffer_hit_rate",
+            "speedup_mean")
+    short = ("mean_s", "p50_s", "p99_s", "llm_s", "tool_s", "prompt_tok", "kv_hit", "tok/verify", "buf_hit", "speedup")
+    print(f"{'config':<11}" + "".join(f"{c:>11}" for c in short))
+    for name, c in report["configs"].items():
+        cells = [f"{c[k]:>11.3f}" if isinstance(c[k], float) else f"{c[k]:>11}" for k in cols]
+        print(f"{name:<11}" + "".join(cells))
+    print(f"speed-up (all vs baseline, mean session latency): {report['speedup_all']:.2f}x")
+    print("checks:", json.dumps(report["checks"]))
+
+
+def plot(report: dict[str, Any], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["configs"])
+    llm = [report["configs"][n]["mean_llm_time_s"] for n in names]
+    tool = [report["configs"][n]["mean_tool_time_s"] for n in names]
+    mean = [report["configs"][n]["mean_session_latency_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(names, llm, label="LLM time (mean per session)")
+    ax.bar(names, tool, bottom=llm, label="tool time (mean per session)")
+    ax.scatter(names, mean, color="black", marker="_", s=400, label="mean session latency", zorder=3)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"Agent sessions in replay: all techniques {report['speedup_all']:.2f}x faster")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.derive_hit_rates_from:
+        table = derive_hit_rates(pathlib.Path(FLAGS.derive_hit_rates_from))
+        HIT_RATES_PATH.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {HIT_RATES_PATH} from {table['num_logs']} logs")
+        return
+    if FLAGS.compilation_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    quick = FLAGS.quick
+    report = experiment(
+        FLAGS.configs,
+        traces=FLAGS.traces,
+        num_sessions=FLAGS.num_sessions or (4 if quick else 12),
+        tool_latency_mean=FLAGS.tool_latency_mean if FLAGS.tool_latency_mean is not None else (0.5 if quick else 1.5),
+        arrival_rate=FLAGS.arrival_rate,
+        max_turns=FLAGS.max_turns or (3 if quick else 6),
+        num_draft_tokens=FLAGS.num_draft_tokens,
+        memory_sessions=FLAGS.memory_sessions,
+        seed=FLAGS.seed,
+    )
+    print_table(report)
+    out = pathlib.Path(FLAGS.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    app.run(main)
