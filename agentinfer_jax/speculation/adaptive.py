@@ -1,0 +1,155 @@
+"""Adaptive speculation switch: chooses the draft length k (0 = off) per request and step.
+
+Two hard thresholds (defaults are conservative starting points; the papers publish none):
+- `max_batch_size` (default 32): at larger batches a decode step is compute-bound and verifying
+  drafts steals throughput from other requests.
+- `max_context` (default 32768 tokens): very long contexts make each verified token's attention
+  expensive and automata large.
+
+Below them, a cost model. Each request keeps a running estimate of its per-token acceptance
+probability alpha (geometric model: every draft token is accepted with probability alpha given the
+earlier ones were), as exponentially weighted counts of accepted tokens and of trials:
+`S <- d*S + accepted`, `T <- d*T + accepted + [accepted < proposed]`, alpha = S / T. With k draft
+tokens a step yields E(k) = 1 + alpha + ... + alpha^k tokens for this request. The engine provides
+`step_cost(batch_size, tokens_fed) -> seconds` (measured). Feeding this request k more tokens
+slows the whole step from cost(B, n) to cost(B, n + k), so the step's throughput is
+(B - 1 + E(k)) / cost(B, n + k) tokens per second; the switch picks the k that maximises it
+(k = 0 when nothing beats plain decoding). A request switched off is re-probed with the smallest
+k every `probe_every` steps so its estimate can recover.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+StepCost = Callable[[int, int], float]
+
+
+class StepCostTable:
+    """Step cost (seconds) vs (batch size, tokens fed), linear interpolation between measurements.
+
+    Batch sizes snap to the nearest measured one at or above (or the largest); tokens interpolate
+    linearly and extrapolate with the last segment's slope.
+    """
+
+    def __init__(self, measurements: Mapping[int, Mapping[int, float]]) -> None:
+        if not measurements:
+            raise ValueError("StepCostTable needs at least one batch size")
+        self._batches = sorted(measurements)
+        self._curves: dict[int, tuple[list[int], list[float]]] = {}
+        for b, curve in measurements.items():
+            if not curve or any(t < 1 or c <= 0 for t, c in curve.items()):
+                raise ValueError(f"batch {b}: need (tokens >= 1 -> seconds > 0) measurements")
+            toks = sorted(curve)
+            self._curves[b] = (toks, [float(curve[t]) for t in toks])
+
+    def __call__(self, batch_size: int, tokens_fed: int) -> float:
+        i = min(bisect.bisect_left(self._batches, batch_size), len(self._batches) - 1)
+        toks, costs = self._curves[self._batches[i]]
+        if len(toks) == 1:
+            return costs[0] * max(tokens_fed, 1) / toks[0] if tokens_fed > toks[0] else costs[0]
+        j = min(max(bisect.bisect_left(toks, tokens_fed), 1), len(toks) - 1)
+        t0, t1, c0, c1 = toks[j - 1], toks[j], costs[j - 1], costs[j]
+        return max(c0 + (c1 - c0) * (tokens_fed - t0) / (t1 - t0), 1e-12)
+
+
+def linear_step_cost(fixed_s: float, per_token_s: float, flat_tokens: int = 0) -> StepCost:
+    """A roofline-like cost: `fixed_s` up to `flat_tokens` tokens (memory-bound), then linear."""
+    if fixed_s <= 0 or per_token_s < 0 or flat_tokens < 0:
+        raise ValueError("need fixed_s > 0, per_token_s >= 0, flat_tokens >= 0")
+    return lambda batch_size, tokens_fed: fixed_s + per_token_s * max(tokens_fed - flat_tokens, 0)
+
+
+@dataclasses.dataclass
+class _Estimate:
+    successes: float
+    trials: float
+    steps_off: int = 0
+    accepted_ema: float = 0.0
+
+
+class AdaptiveSpeculation:
+    """Per-request choice of k (see module docstring)."""
+
+    def __init__(self, step_cost: StepCost, *, k_choices: Sequence[int] = (1, 2, 4, 8),
+                 max_batch_size: int = 32, max_context: int = 32768, decay: float = 0.8,
+                 prior_alpha: float = 0.5, prior_weight: float = 2.0, probe_every: int = 16) -> None:
+        if not k_choices or any(k < 1 for k in k_choices):
+            raise ValueError(f"k_choices must be non-empty positive ints, got {k_choices}")
+        if not 0 < decay < 1 or not 0 < prior_alpha < 1 or prior_weight <= 0:
+            raise ValueError("need 0 < decay < 1, 0 < prior_alpha < 1, prior_weight > 0")
+        if max_batch_size < 1 or max_context < 1 or probe_every < 1:
+            raise ValueError("max_batch_size, max_context and probe_every must be >= 1")
+        self.step_cost = step_cost
+        self.k_choices = sorted(set(k_choices))
+        self.max_batch_size, self.max_context = max_batch_size, max_context
+        self.decay, self.probe_every = decay, probe_every
+        self._prior = (prior_alpha * prior_weight, prior_weight)
+        self._estimates: dict[str, _Estimate] = {}
+
+    def _get(self, request_id: str) -> _Estimate:
+        est = self._estimates.get(request_id)
+        if est is None:
+            est = self._estimates[request_id] = _Estimate(*self._prior)
+        return est
+
+    def alpha(self, request_id: str) -> float:
+        """Current per-token acceptance estimate of a request."""
+        est = self._get(request_id)
+        return est.successes / est.trials
+
+    def accepted_per_step(self, request_id: str) -> float:
+        """EMA of accepted draft tokens per verify step (for metrics)."""
+        return self._get(request_id).accepted_ema
+
+    def observe(self, request_id: str, proposed: int, accepted: int) -> None:
+        """Records a verify step: `proposed` draft tokens, of which the first `accepted` matched."""
+        if proposed < 0 or not 0 <= accepted <= proposed:
+            raise ValueError(f"need 0 <= accepted <= proposed, got accepted={accepted}, proposed={proposed}")
+        if proposed == 0:
+            return
+        est = self._get(request_id)
+        d = self.decay
+        est.successes = d * est.successes + accepted
+        est.trials = d * est.trials + accepted + (1 if accepted < proposed else 0)
+        est.accepted_ema = d * est.accepted_ema + (1 - d) * accepted
+
+    @staticmethod
+    def expected_tokens(alpha: float, k: int) -> float:
+        """E[tokens per step] = 1 + alpha + ... + alpha^k under the geometric acceptance model."""
+        return float(sum(alpha ** i for i in range(k + 1)))
+
+    def choose_k(self, request_id: str, batch_size: int, context_len: int, max_k: int | None = None,
+                 tokens_fed: int | None = None) -> int:
+        """Draft length for this request's next step (0 = do not draft).
+
+        `tokens_fed`: tokens the step feeds without this request's drafts (default: batch_size).
+        """
+        if batch_size < 1 or context_len < 0:
+            raise ValueError(f"need batch_size >= 1 and context_len >= 0, got {batch_size}, {context_len}")
+        if batch_size > self.max_batch_size or context_len > self.max_context:
+            return 0
+        choices = [k for k in self.k_choices if max_k is None or k <= max_k]
+        if not choices:
+            return 0
+        base = batch_size if tokens_fed is None else tokens_fed
+        alpha = self.alpha(request_id)
+        best_k, best = 0, batch_size / self.step_cost(batch_size, base)
+        for k in choices:
+            rate = (batch_size - 1 + self.expected_tokens(alpha, k)) / self.step_cost(batch_size, base + k)
+            if rate > best:
+                best_k, best = k, rate
+        est = self._get(request_id)
+        if best_k == 0:
+            est.steps_off += 1
+            if est.steps_off >= self.probe_every:
+                est.steps_off = 0
+                return choices[0]
+        else:
+            est.steps_off = 0
+        return best_k
+
+    def end(self, request_id: str) -> None:
+        self._estimates.pop(request_id, None)

@@ -1,0 +1,188 @@
+"""Cross-session memory for AgentSAM: finished sessions, BM25 retrieval, automata off the hot path.
+
+`SessionMemory` keeps the token contexts of finished sessions (bounded: at most `max_sessions`
+sessions and `max_tokens` tokens; the least recently added go first) and answers retrievals: the
+top-K sessions most similar to a query context by BM25 (`bm25s`), returned as ONE frozen suffix
+automaton over their concatenation (separated by distinct negative sentinel tokens, so no match
+spans two sessions). One merged automaton pools the continuation counts of all K sessions (a
+continuation that K similar sessions agree on is confident) and costs one match walk per token
+instead of K.
+
+BM25 runs over token ids as words (each id's decimal string), not decoded text: no detokenisation
+on the request path, the same units the drafter matches on, any tokenizer works, and byte-level BPE
+ids of a 4k-vocabulary are word pieces that BM25's IDF weights sensibly.
+
+Threading: every mutation of the store and the BM25 index, and every automaton build, runs on one
+worker thread (a single-thread executor), so they need no locks; callers get
+`concurrent.futures.Future`s. The automata handed out are frozen (read-only) and shared safely.
+A retrieval's future is "not ready yet" until the build finishes; the drafter meanwhile drafts from
+the request's own automaton.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+from collections.abc import Sequence
+
+from agentinfer_jax.speculation.suffix_automaton import SuffixAutomaton
+
+
+class _Bm25Index:
+    """A bm25s index over a fixed list of sessions (words = token id strings)."""
+
+    def __init__(self, session_ids: list[str], docs: list[list[str]]) -> None:
+        import bm25s  # slow to import (~3 s of CPU); only sessions with memory pay for it
+
+        self.session_ids = session_ids
+        self.index = bm25s.BM25()
+        self.index.index(docs, show_progress=False)
+
+    def search(self, query: list[str], k: int) -> list[tuple[str, float]]:
+        n = min(len(self.session_ids), k)
+        docs, scores = self.index.retrieve([query], k=n, show_progress=False, n_threads=1)
+        return [(self.session_ids[int(d)], float(sc)) for d, sc in zip(docs[0], scores[0]) if sc > 0]
+
+
+class SessionMemory:
+    """Bounded store of finished sessions with asynchronous BM25 retrieval (see module doc).
+
+    Indexing is log-structured so a retrieval never re-indexes the whole store: a main index is
+    rebuilt only when the sessions added since its build exceed `rebuild_fraction` of it; newer
+    sessions sit in a small delta index rebuilt when a retrieval finds it stale. Hits of both are
+    merged by score; hits of evicted sessions or of superseded versions are dropped.
+    """
+
+    def __init__(self, max_sessions: int = 512, max_tokens: int = 1 << 21, top_k: int = 16,
+                 query_tokens: int = 256, doc_tokens: int = 4096, rebuild_fraction: float = 0.1) -> None:
+        if min(max_sessions, max_tokens, top_k, query_tokens, doc_tokens) < 1 or rebuild_fraction <= 0:
+            raise ValueError("max_sessions, max_tokens, top_k, query_tokens, doc_tokens must be >= 1 "
+                             "and rebuild_fraction > 0")
+        self.max_sessions, self.max_tokens, self.top_k = max_sessions, max_tokens, top_k
+        self.query_tokens, self.doc_tokens, self.rebuild_fraction = query_tokens, doc_tokens, rebuild_fraction
+        # Worker-thread-only state. _store: session -> (version, tokens, words), oldest first.
+        self._store: collections.OrderedDict[str, tuple[int, list[int], list[str]]] = collections.OrderedDict()
+        self._version = 0
+        self._total_tokens = 0
+        self._main: _Bm25Index | None = None
+        self._main_versions: dict[str, int] = {}
+        self._delta: _Bm25Index | None = None
+        self._delta_ids: list[str] = []  # sessions (re)added since the main index was built
+        self._delta_stale = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-memory")
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.stats: collections.Counter[str] = collections.Counter()  # written on the worker only
+
+    # ---- public API (any thread) -------------------------------------------------------------
+
+    def add(self, session_id: str, tokens: Sequence[int]) -> concurrent.futures.Future:
+        """Stores (or replaces) a session's context; evicts the oldest sessions beyond the caps."""
+        if not isinstance(session_id, str):
+            raise ValueError(f"session_id must be a str, got {type(session_id).__name__}")
+        return self._submit(self._add, session_id, list(tokens))
+
+    def retrieve(self, query: Sequence[int], exclude: str | None = None,
+                 top_k: int | None = None) -> concurrent.futures.Future:
+        """Future of (merged frozen SuffixAutomaton or None, [session ids]) for the top-K sessions
+        most similar to the last `query_tokens` distinct tokens of `query` (BM25 query words are
+        deduplicated: repeats add little and cost search time), never including `exclude`."""
+        k = self.top_k if top_k is None else top_k
+        if k < 1:
+            raise ValueError(f"top_k must be >= 1, got {k}")
+        distinct = list(dict.fromkeys(reversed(list(query))))[:self.query_tokens]
+        return self._submit(self._retrieve, distinct, exclude, k)
+
+    def flush(self) -> None:
+        """Blocks until every task submitted so far has run (tests and deterministic replays)."""
+        self._submit(lambda: None).result()
+
+    def session_ids(self) -> list[str]:
+        """Stored session ids, oldest first (a consistent snapshot taken on the worker)."""
+        return self._submit(lambda: list(self._store)).result()
+
+    def total_tokens(self) -> int:
+        """Stored tokens (a consistent snapshot taken on the worker)."""
+        return self._submit(lambda: self._total_tokens).result()
+
+    def close(self) -> None:
+        """Stops the worker; pending tasks are cancelled. Idempotent."""
+        with self._close_lock:
+            self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> SessionMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- worker side -------------------------------------------------------------------------
+
+    def _submit(self, fn, *args) -> concurrent.futures.Future:
+        with self._close_lock:
+            if self._closed:
+                raise RuntimeError("SessionMemory is closed")
+            return self._executor.submit(fn, *args)
+
+    def _add(self, session_id: str, tokens: list[int]) -> None:
+        tokens = tokens[-self.doc_tokens:]
+        old = self._store.pop(session_id, None)
+        if old is not None:
+            self._total_tokens -= len(old[1])
+        self._version += 1
+        self._store[session_id] = (self._version, tokens, [str(t) for t in tokens])
+        self._total_tokens += len(tokens)
+        while len(self._store) > self.max_sessions or self._total_tokens > self.max_tokens:
+            _, (_, evicted, _) = self._store.popitem(last=False)
+            self._total_tokens -= len(evicted)
+            self.stats["evicted"] += 1
+        self._delta_ids.append(session_id)
+        self._delta_stale = True
+        self.stats["added"] += 1
+
+    def _refresh_indexes(self) -> None:
+        if len(self._delta_ids) > self.rebuild_fraction * max(len(self._main_versions), 16):
+            ids = list(self._store)
+            self._main = _Bm25Index(ids, [self._store[s][2] for s in ids]) if ids else None
+            self._main_versions = {s: self._store[s][0] for s in ids}
+            self._delta, self._delta_ids, self._delta_stale = None, [], False
+            self.stats["main_builds"] += 1
+        elif self._delta_stale:
+            ids = [s for s in dict.fromkeys(self._delta_ids) if s in self._store]
+            self._delta = _Bm25Index(ids, [self._store[s][2] for s in ids]) if ids else None
+            self._delta_stale = False
+            self.stats["delta_builds"] += 1
+
+    def _live(self, session_id: str, version: int | None) -> bool:
+        entry = self._store.get(session_id)
+        return entry is not None and (version is None or entry[0] == version)
+
+    def _retrieve(self, query: list[int], exclude: str | None,
+                  k: int) -> tuple[SuffixAutomaton | None, list[str]]:
+        self._refresh_indexes()
+        self.stats["retrievals"] += 1
+        if not query:
+            return None, []
+        words = [str(t) for t in query]
+        scores: dict[str, float] = {}
+        if self._main is not None:
+            for sid, sc in self._main.search(words, k + 1 + len(self._delta_ids)):
+                if self._live(sid, self._main_versions[sid]):
+                    scores[sid] = sc
+        if self._delta is not None:
+            for sid, sc in self._delta.search(words, k + 1):
+                if self._live(sid, None):
+                    scores[sid] = max(sc, scores.get(sid, 0.0))
+        scores.pop(exclude, None)
+        ids = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
+        if not ids:
+            return None, []
+        sam = SuffixAutomaton(count_depth=1)
+        # Oldest retrieved session first, so later text is the most recent one.
+        order = {s: i for i, s in enumerate(self._store)}
+        for i, sid in enumerate(sorted(ids, key=order.__getitem__)):
+            sam.extend_many(self._store[sid][1])
+            sam.extend(-1 - i)  # a sentinel no query token equals: no match crosses sessions
+        return sam.freeze(), ids

@@ -1,0 +1,241 @@
+"""Online suffix automaton (SAM) over token ids, with what drafting needs.
+
+State arrays (index = state id, 0 = root, the empty string):
+- `next[s]`: dict token -> state (transitions), `link[s]`: suffix link, `length[s]`: length of the
+  longest string in s. Built online (Blumer et al.): `extend(token)` is O(1) amortised, and the
+  automaton has at most 2n - 1 states and 3n - 4 transitions for n tokens (memory linear in n).
+- `first_end[s]`: end position of the first occurrence of s's strings (exact, set at creation).
+- `last_end[s]`: an end position of s's strings, the most recent one known (see below).
+- `count[s]`: occurrence count |endpos(s)| (see below).
+
+Every string in a state has the same end positions, so `last_end`/`count` are per state. Keeping
+them exact online would mean touching the whole suffix-link path of every new token (O(n) per token
+on repetitive text). Instead each new token credits its new occurrence to the first `count_depth`
+states of the path from the matched state (O(1) per token). Invariants either way:
+`last_end[s]` is a true end position of s, and `count[s] <= |endpos(s)|`; both are exact when the
+link path is shorter than `count_depth` (true for almost all states of natural text) or after
+`freeze()`, which recomputes them exactly in O(n) and makes the automaton read-only (safe to share
+between threads).
+
+Matching as the text grows: after each `extend` the state `link[last]` holds the longest suffix of
+the text that also occurs ending earlier (a standard SAM fact), so the self-match is O(1) per token.
+`Matcher` walks a *different* token stream against a (frozen) automaton: it keeps the longest
+suffix of that stream that is a substring of the automaton's text, O(1) amortised per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+ROOT = 0
+
+
+class FrozenAutomatonError(RuntimeError):
+    """An `extend` on an automaton after `freeze()`."""
+
+
+class SuffixAutomaton:
+    """Suffix automaton of `tokens`, extended one token at a time (see module docstring)."""
+
+    def __init__(self, tokens: Iterable[int] = (), *, count_depth: int | None = 8) -> None:
+        if count_depth is not None and count_depth < 1:
+            raise ValueError(f"count_depth must be >= 1 or None (exact), got {count_depth}")
+        self.count_depth = count_depth
+        self.tokens: list[int] = []
+        self.next: list[dict[int, int]] = [{}]
+        self.link: list[int] = [-1]
+        self.length: list[int] = [0]
+        self.first_end: list[int] = [-1]
+        self.last_end: list[int] = [-1]
+        self.count: list[int] = [0]
+        self.last = ROOT
+        # An end position (< len - 1) of the current self-match; -1 when there is no match.
+        self.match_end = -1
+        self.frozen = False
+        for t in tokens:
+            self.extend(t)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_states(self) -> int:
+        return len(self.length)
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def _new_state(self, length: int, link: int, first_end: int, last_end: int, count: int,
+                   nxt: dict[int, int]) -> int:
+        self.next.append(nxt)
+        self.link.append(link)
+        self.length.append(length)
+        self.first_end.append(first_end)
+        self.last_end.append(last_end)
+        self.count.append(count)
+        return len(self.length) - 1
+
+    def extend(self, token: int) -> None:
+        """Appends one token (O(1) amortised)."""
+        if self.frozen:
+            raise FrozenAutomatonError("cannot extend a frozen suffix automaton")
+        pos = len(self.tokens)
+        self.tokens.append(token)
+        nxt, link, length = self.next, self.link, self.length
+        cur = self._new_state(length[self.last] + 1, ROOT, pos, pos, 1, {})
+        p = self.last
+        while p != -1 and token not in nxt[p]:
+            nxt[p][token] = cur
+            p = link[p]
+        if p != -1:
+            q = nxt[p][token]
+            if length[p] + 1 == length[q]:
+                link[cur] = q
+            else:
+                clone = self._new_state(length[p] + 1, link[q], self.first_end[q], self.last_end[q],
+                                        self.count[q], dict(nxt[q]))
+                while p != -1 and nxt[p].get(token) == q:
+                    nxt[p][token] = clone
+                    p = link[p]
+                link[q] = clone
+                link[cur] = clone
+        self.last = cur
+        match = link[cur]
+        self.match_end = self.last_end[match] if match != ROOT else -1
+        self._credit_occurrence(match, pos)
+
+    def _credit_occurrence(self, state: int, pos: int) -> None:
+        """Adds end position `pos` to `state` and its suffix-link ancestors (up to count_depth)."""
+        depth = self.count_depth if self.count_depth is not None else len(self.length)
+        count, last_end, link = self.count, self.last_end, self.link
+        while state > ROOT and depth > 0:
+            count[state] += 1
+            last_end[state] = pos
+            state = link[state]
+            depth -= 1
+
+    def extend_many(self, tokens: Iterable[int]) -> None:
+        for t in tokens:
+            self.extend(t)
+
+    def freeze(self) -> SuffixAutomaton:
+        """Makes counts and last_end exact (O(n)) and the automaton read-only; returns self."""
+        if self.frozen:
+            return self
+        n = self.num_states
+        # Own occurrences: 1 for states created as `cur` (first_end's position is their own end),
+        # 0 for clones. Then sum up the suffix-link tree in order of decreasing length.
+        count = [0] * n
+        last_end = list(self.first_end)
+        for s in range(1, n):
+            # A state is a clone iff a longer-or-equal state shares its first_end... simpler test:
+            # non-clones are exactly the states whose length equals first_end + 1.
+            if self.length[s] == self.first_end[s] + 1:
+                count[s] = 1
+        by_len: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]
+        for s in range(1, n):
+            by_len[self.length[s]].append(s)
+        for states in reversed(by_len):
+            for s in states:
+                parent = self.link[s]
+                if parent > ROOT:
+                    count[parent] += count[s]
+                    if last_end[s] > last_end[parent]:
+                        last_end[parent] = last_end[s]
+        count[ROOT] = len(self.tokens) + 1
+        self.count, self.last_end = count, last_end
+        self.frozen = True
+        return self
+
+    # ---- queries ------------------------------------------------------------------------------
+
+    def walk(self, tokens: Sequence[int]) -> int:
+        """The state reached by reading `tokens` from the root, or -1 if not a substring."""
+        s = ROOT
+        for t in tokens:
+            s = self.next[s].get(t, -1)
+            if s < 0:
+                return -1
+        return s
+
+    def contains(self, tokens: Sequence[int]) -> bool:
+        """True iff `tokens` is a (possibly empty) substring of the text."""
+        return self.walk(tokens) >= 0
+
+    @property
+    def match_length(self) -> int:
+        """Length of the longest suffix of the text that also ends at an earlier position."""
+        return self.length[self.link[self.last]] if self.last != ROOT else 0
+
+    @property
+    def match_state(self) -> int:
+        return self.link[self.last] if self.last != ROOT else ROOT
+
+    def copy_continuation(self, end: int, k: int) -> list[int]:
+        """Up to k tokens that followed the occurrence ending at `end`."""
+        return self.tokens[end + 1:end + 1 + k] if end >= 0 else []
+
+    def frequent_continuation(self, state: int, k: int, min_prob: float,
+                              smoothing: float = 0.0) -> tuple[list[int], list[float]]:
+        """Follows the most frequent next token from `state` while its probability >= min_prob.
+
+        Probability of token a after the strings of s = count[next[s][a]] / (sum of count over s's
+        transitions + smoothing); smoothing > 0 discounts continuations seen only a few times.
+        Returns the tokens and the conditional probability of each. Cost O(k * out-degree).
+        """
+        out: list[int] = []
+        probs: list[float] = []
+        nxt, count = self.next, self.count
+        while len(out) < k and state >= 0:
+            edges = nxt[state]
+            if not edges:
+                break
+            if len(edges) == 1:
+                (tok, child), = edges.items()
+                n = count[child]
+                p = n / (n + smoothing) if n > 0 else 0.0
+            else:
+                total = 0
+                tok, child, best = -1, -1, -1
+                for a, c in edges.items():
+                    n = count[c]
+                    total += n
+                    if n > best:
+                        tok, child, best = a, c, n
+                p = best / (total + smoothing) if total > 0 else 0.0
+            if p < min_prob:
+                break
+            out.append(tok)
+            probs.append(p)
+            state = child
+        return out, probs
+
+
+class Matcher:
+    """Longest suffix of a token stream that is a substring of an automaton's text.
+
+    Invariant after each `feed`: the last `length` tokens fed spell a string of `state`, and no
+    longer suffix of the stream is a substring of the automaton's text.
+    """
+
+    __slots__ = ("sam", "state", "length")
+
+    def __init__(self, sam: SuffixAutomaton) -> None:
+        self.sam = sam
+        self.state = ROOT
+        self.length = 0
+
+    def feed(self, token: int) -> None:
+        nxt, link, length = self.sam.next, self.sam.link, self.sam.length
+        s, n = self.state, self.length
+        while s != ROOT and token not in nxt[s]:
+            s = link[s]
+            n = length[s]
+        child = nxt[s].get(token)
+        if child is None:
+            self.state, self.length = ROOT, 0
+        else:
+            self.state, self.length = child, n + 1
+
+    def feed_many(self, tokens: Iterable[int]) -> None:
+        for t in tokens:
+            self.feed(t)

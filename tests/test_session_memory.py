@@ -1,0 +1,109 @@
+"""SessionMemory: BM25 retrieval against a brute-force BM25, bounds, thread-safety."""
+
+import math
+import random
+import threading
+from collections import Counter
+
+import pytest
+
+from agentinfer_jax.speculation import SessionMemory
+
+
+def brute_bm25_top(docs: dict[str, list[int]], query: list[int], k: int, k1=1.5, b=0.75) -> list[str]:
+    """Lucene BM25 in float64 over token ids as words; query words deduplicated (as documented)."""
+    n = len(docs)
+    avg = sum(len(d) for d in docs.values()) / n
+    df = Counter(t for d in docs.values() for t in set(d))
+    scores = {}
+    for sid, d in docs.items():
+        tf = Counter(d)
+        s = 0.0
+        for t in set(query):
+            if tf[t]:
+                idf = math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5))
+                s += idf * tf[t] * (k1 + 1) / (tf[t] + k1 * (1 - b + b * len(d) / avg))
+        scores[sid] = s
+    return sorted((s for s in scores if scores[s] > 0), key=lambda s: -scores[s])[:k]
+
+
+def make_docs(rng, n):
+    # each session draws from its own topic vocabulary plus shared tokens, so scores are well separated
+    return {f"s{i}": [rng.choice([rng.randrange(10 * i + 100, 10 * i + 110), rng.randrange(5)])
+                      for _ in range(rng.randrange(20, 60))] for i in range(n)}
+
+
+def test_retrieval_matches_brute_force_bm25_and_excludes_the_caller():
+    rng = random.Random(0)
+    docs = make_docs(rng, 12)
+    with SessionMemory(top_k=3, rebuild_fraction=0.5) as mem:
+        for sid, toks in docs.items():
+            mem.add(sid, toks)
+        for trial in range(5):
+            target = f"s{rng.randrange(12)}"
+            query = rng.sample(docs[target], 8)
+            sam, ids = mem.retrieve(query).result()
+            assert set(ids) == set(brute_bm25_top(docs, query, 3))
+            _, ids_ex = mem.retrieve(query, exclude=target).result()
+            assert target not in ids_ex
+            # the merged automaton holds every retrieved session's text, and no cross-session string
+            for sid in ids:
+                assert sam.contains(docs[sid])
+            assert sam is not None and sam.frozen
+
+
+def test_bounded_with_oldest_evicted_and_replacement():
+    with SessionMemory(max_sessions=3, max_tokens=100) as mem:
+        for i in range(5):
+            mem.add(f"s{i}", [i] * 10)
+        assert mem.session_ids() == ["s2", "s3", "s4"]
+        mem.add("s2", [2] * 90)  # replaced, becomes newest; token cap evicts the oldest ones
+        assert mem.session_ids() == ["s4", "s2"] and mem.total_tokens() == 100
+        _, ids = mem.retrieve([3, 3]).result()
+        assert ids == []  # s3 was evicted: never returned from a stale index
+
+
+def test_concurrent_adds_and_retrievals_are_consistent():
+    rng = random.Random(1)
+    docs = make_docs(rng, 40)
+    errors = []
+    with SessionMemory(max_sessions=25, top_k=4, rebuild_fraction=0.2) as mem:
+        def writer(items):
+            for sid, toks in items:
+                mem.add(sid, toks)
+
+        def reader(seed):
+            r = random.Random(seed)
+            for _ in range(10):
+                q = r.sample(docs[f"s{r.randrange(40)}"], 5)
+                sam, ids = mem.retrieve(q).result()
+                if len(set(ids)) != len(ids) or len(ids) > 4 or (ids and sam is None):
+                    errors.append(ids)
+
+        items = list(docs.items())
+        threads = [threading.Thread(target=writer, args=(items[i::2],)) for i in range(2)]
+        threads += [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert len(mem.session_ids()) == 25
+        stored = set(mem.session_ids())
+        q = docs[sorted(stored)[0]][:6]
+        _, ids = mem.retrieve(q).result()
+        assert set(ids) <= stored
+
+
+def test_bad_arguments_and_closed_memory():
+    with pytest.raises(ValueError):
+        SessionMemory(top_k=0)
+    mem = SessionMemory()
+    with pytest.raises(ValueError):
+        mem.add(3, [1])
+    with pytest.raises(ValueError):
+        mem.retrieve([1], top_k=0)
+    mem.close()
+    mem.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        mem.add("s", [1])
