@@ -42,6 +42,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from absl import app, flags
 
 from agentinfer_jax.agents.action_buffer import ActionBuffer
@@ -76,6 +77,7 @@ flags.DEFINE_integer("max_turns", None, "only sessions with at most this many LL
 flags.DEFINE_integer("num_draft_tokens", 8, "k drafted tokens per verify step (AgentSAM)")
 flags.DEFINE_integer("memory_sessions", 60, "other trace sessions pre-loaded into AgentSAM's cross-session memory")
 flags.DEFINE_list("configs", list(CONFIG_NAMES), "configs to run (baseline always runs)")
+flags.DEFINE_integer("repeats", 1, "rounds per config, in alternating order; fields are medians over rounds")
 flags.DEFINE_integer("seed", 0, "seed of arrivals, tool latencies and action guesses")
 flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/agentinfer_jax/jax"),
                     "JAX persistent compilation cache dir ('' = off)")
@@ -445,7 +447,8 @@ def warm_up(setup: Setup, cfgs: list[RunConfig]) -> None:
 
 def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: int, tool_latency_mean: float,
                arrival_rate: float, max_turns: int, num_draft_tokens: int, memory_sessions: int, seed: int,
-               engine_config: EngineConfig | None = None, show_progress: bool = True) -> dict[str, Any]:
+               engine_config: EngineConfig | None = None, show_progress: bool = True,
+               repeats: int = 1) -> dict[str, Any]:
     cfgs = run_configs(cfg_names)
     trajs = load_traces(traces or default_trace_path())
     hit_rates = HitRates.bundled()
@@ -481,26 +484,39 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
     report: dict[str, Any] = {"configs": {}}
     outputs: dict[str, dict[str, list[tuple[int, ...]]]] = {}
     bar = None
+    rounds = max(1, repeats)
     if show_progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(cfgs) * len(chosen), desc="sessions", unit="session", file=sys.stderr)
-    for cfg in cfgs:
-        roles = build_roles(cfg, setup)
-        for r in roles.values():
-            r.start()
-        client = EngineClient({k: r.loop for k, r in roles.items()}, tokenizer, replay=TraceReplay(by_id),
-                              speculative_role="small")
-        try:
-            start = time.perf_counter()
-            results = asyncio.run(run_sessions(cfg, client, chosen, arrivals, bar))
-            makespan = time.perf_counter() - start
-        finally:
+        bar = tqdm(total=rounds * len(cfgs) * len(chosen), desc="sessions", unit="session", file=sys.stderr)
+    per_round: dict[str, list[dict[str, Any]]] = {cfg.name: [] for cfg in cfgs}
+    # Rounds alternate the config order (ABC, CBA, ...) so slow drift of the machine's load does
+    # not land on one config; every numeric field is then the median over rounds.
+    for rnd in range(rounds):
+        for cfg in (cfgs if rnd % 2 == 0 else list(reversed(cfgs))):
+            roles = build_roles(cfg, setup)
             for r in roles.values():
-                r.shutdown()
-        report["configs"][cfg.name] = summarize(cfg, results, client, makespan)
-        outputs[cfg.name] = reasoning_outputs(client)
+                r.start()
+            client = EngineClient({k: r.loop for k, r in roles.items()}, tokenizer, replay=TraceReplay(by_id),
+                                  speculative_role="small")
+            try:
+                start = time.perf_counter()
+                results = asyncio.run(run_sessions(cfg, client, chosen, arrivals, bar))
+                makespan = time.perf_counter() - start
+            finally:
+                for r in roles.values():
+                    r.shutdown()
+            per_round[cfg.name].append(summarize(cfg, results, client, makespan))
+            outputs[cfg.name] = reasoning_outputs(client)
     if bar is not None:
         bar.close()
+    for cfg in cfgs:
+        runs = per_round[cfg.name]
+        merged = dict(runs[0])
+        for key, value in runs[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                merged[key] = float(np.median([run[key] for run in runs]))
+        merged["rounds"] = len(runs)
+        report["configs"][cfg.name] = merged
 
     base = report["configs"]["baseline"]
     recorded_answers = {s.session_id: s.answer for s in chosen}
@@ -581,6 +597,7 @@ def main(argv: list[str]) -> None:
         arrival_rate=FLAGS.arrival_rate,
         max_turns=FLAGS.max_turns or (3 if quick else 6),
         num_draft_tokens=FLAGS.num_draft_tokens,
+        repeats=FLAGS.repeats,
         memory_sessions=FLAGS.memory_sessions,
         seed=FLAGS.seed,
     )
