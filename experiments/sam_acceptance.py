@@ -39,7 +39,8 @@ ASSETS = pathlib.Path(__file__).resolve().parents[1] / "agentinfer_jax" / "asset
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("traces", None, "Trace files/dirs (repeat or comma-separate); default: bundled sample.")
 flags.DEFINE_bool("all_shared", False, "Use all 5 shared trace sources under --shared.")
-flags.DEFINE_string("shared", "/work/shared", "Shared checkout for --all_shared.")
+flags.DEFINE_string("shared", str(pathlib.Path(__file__).resolve().parents[2] / "shared"),
+                    "Shared data checkout (the ../shared beside the repository) for --all_shared.")
 flags.DEFINE_string("tokenizer", str(ASSETS / "tokenizer.json"), "tokenizer.json to use.")
 flags.DEFINE_list("k", ["8"], "Draft length(s) k.")
 flags.DEFINE_bool("quick", False, "First 25 trajectories per trace, k = 8 only.")
