@@ -26,7 +26,7 @@ from flax import nnx
 from agentinfer_jax.engine.paged import PagedAttention, PagedMeta
 from agentinfer_jax.engine.sampling import SamplingArrays, verify
 from agentinfer_jax.model.config import ModelConfig
-from agentinfer_jax.serving.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOutput
+from agentinfer_jax.serving.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOutput, replay_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,18 +194,10 @@ class Engine:
 
     @staticmethod
     def _emitted(seq: ScheduledSeq, row: np.ndarray) -> list[int]:
-        req = seq.request
-        if req.forced_output is None:
+        if seq.request.forced_output is None:
             return row[1:1 + row[0]].tolist()
-        forced = list(req.forced_output)
-        n0 = len(req.output_tokens)
-        d = seq.tokens[len(seq.tokens) - seq.num_draft:]
-        acc = 0
-        while acc < len(d) and n0 + acc < len(forced) and d[acc] == forced[n0 + acc]:
-            acc += 1
-        new = forced[n0:n0 + acc + 1]
         # Past the record (max_tokens larger than the trace): fall back to the model's own token.
-        return new if new else row[1:2].tolist()
+        return replay_tokens(seq) or row[1:2].tolist()
 
     @staticmethod
     def _record(seqs: list[ScheduledSeq], t_pad: int, seconds: float) -> StepRecord:

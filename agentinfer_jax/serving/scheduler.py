@@ -25,7 +25,7 @@ from agentinfer_jax.serving.policies import FCFS, AdmissionPolicy, CacheView, Ca
 from agentinfer_jax.serving.request import (FinishReason, InvalidRequestError, Request, RequestState,
                                             SamplingParams)
 
-__all__ = ["SchedulerConfig", "ScheduledSeq", "SchedulerOutput", "Scheduler", "SessionRetention",
+__all__ = ["SchedulerConfig", "ScheduledSeq", "SchedulerOutput", "Scheduler", "SessionRetention", "replay_tokens",
            "InvalidRequestError", "SamplingParams"]
 
 
@@ -62,6 +62,21 @@ class ScheduledSeq:
     def samples(self) -> bool:
         """True when the step ends at the request's newest token, so it yields new tokens."""
         return self.start_pos + len(self.tokens) - self.num_draft == self.request.num_tokens
+
+
+def replay_tokens(seq: ScheduledSeq) -> list[int]:
+    """Trace replay: the recorded tokens this step emits for a sampling seq with `forced_output`.
+
+    Drafts count as accepted exactly where they match the record; then one more recorded token
+    follows. Empty once the record is exhausted (the executor then emits the model's own token).
+    """
+    forced = seq.request.forced_output or ()
+    n0 = len(seq.request.output_tokens)
+    drafts = seq.tokens[len(seq.tokens) - seq.num_draft:]
+    acc = 0
+    while acc < len(drafts) and n0 + acc < len(forced) and drafts[acc] == forced[n0 + acc]:
+        acc += 1
+    return list(forced[n0:n0 + acc + 1])
 
 
 @dataclasses.dataclass

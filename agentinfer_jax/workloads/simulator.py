@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from agentinfer_jax.serving.request import Request, SamplingParams
-from agentinfer_jax.serving.scheduler import Scheduler, SchedulerOutput
+from agentinfer_jax.serving.scheduler import Scheduler, SchedulerOutput, replay_tokens
 from agentinfer_jax.workloads.cost_model import StepCostModel, StepFeatures
 from agentinfer_jax.workloads.sessions import TokenizedSession
 
@@ -39,20 +39,8 @@ class VirtualClock:
 
 
 def forced_tokens(out: SchedulerOutput) -> dict[str, list[int]]:
-    """The recorded continuation for every sampling sequence; drafts count where they match it."""
-    result = {}
-    for seq in out.seqs:
-        if not seq.samples:
-            continue
-        req = seq.request
-        forced = list(req.forced_output or ())
-        n0 = len(req.output_tokens)
-        drafts = seq.tokens[len(seq.tokens) - seq.num_draft:]
-        acc = 0
-        while acc < len(drafts) and n0 + acc < len(forced) and drafts[acc] == forced[n0 + acc]:
-            acc += 1
-        result[req.request_id] = forced[n0:n0 + acc + 1] or [0]
-    return result
+    """The recorded continuation for every sampling sequence (drafts count where they match it)."""
+    return {s.request.request_id: replay_tokens(s) or [0] for s in out.seqs if s.samples}
 
 
 class SimulatedExecutor:
