@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 # The main job on the built-in default (tiny model, bundled traces), a few minutes on 2 CPU cores.
 demo: $(STAMP)
-	$(PY) experiments/agent_e2e.py --quick
+	$(PY) experiments/agent_e2e.py --quick --repeats=2
 
 # The whole test suite on CPU (Pallas kernels in interpret mode, 8 fake devices for sharding).
 test: $(STAMP)
