@@ -209,6 +209,6 @@ class Engine:
     def warmup(self) -> None:
         """Compiles the smallest step (used before timing)."""
         from agentinfer_jax.serving.request import Request
-        req = Request("warmup", [0], )
+        req = Request("warmup", [0])
         seq = ScheduledSeq(req, 0, [0], 0, [1])
         self.execute(SchedulerOutput([seq], [], 0))

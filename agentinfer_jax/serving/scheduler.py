@@ -12,6 +12,8 @@ Invariants:
   token lacks KV; a step feeds `all_tokens[num_computed_tokens:]` (capped by the budget) plus drafts.
 - Running requests are served before waiting ones (decode latency first); when blocks run out the
   newest running request is preempted (its blocks released, recomputed later from its tokens).
+- Full blocks are offered to the prefix cache after a prefill chunk, at finish and at preemption;
+  decode blocks are cached at the end, so a running request's decode blocks are not yet shareable.
 """
 
 from __future__ import annotations
