@@ -1,11 +1,14 @@
-"""Engine throughput: tokens/s and step time against batch size and context length, with and without
-prompt-lookup drafting, on agent-like prompts from the bundled FireAct traces.
+"""Engine throughput: tokens/s and step time against batch size and context length, without drafting,
+with prompt-lookup drafting and with AgentSAM (fixed k, and with the adaptive switch choosing k from
+measured step times), on agent-like prompts from the bundled FireAct traces.
 
 Each request's prompt is the last `context_len` tokens of a recorded ReAct context (chat template,
 built-in tokenizer) and its output is forced to the recorded assistant turn (trace replay: the
 forward passes, KV writes and verification are real, the emitted tokens are the record's), so draft
 acceptance reflects real agent text even with random weights. Every point runs once untimed to
-compile its shape buckets, then once timed. The prefix cache is off so the timed run recomputes.
+compile its shape buckets, then once timed. The prefix cache is off so the timed run recomputes, and
+AgentSAM's cross-session memory is emptied before the timed run (it would otherwise hold the warmup's
+copies of the very same turns).
 
   python experiments/engine_throughput.py --quick --json_out=/tmp/engine_throughput.json
   python experiments/engine_throughput.py --config=llama3_2_1b --batch_sizes=1,4,16,64 --context_lens=512,2048
@@ -26,6 +29,7 @@ from absl import app, flags
 
 from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack
 from agentinfer_jax.serving.request import Request, SamplingParams
+from agentinfer_jax.speculation import SAMDrafter, SessionMemory
 from agentinfer_jax.tokenizer import load_tokenizer
 from agentinfer_jax.workloads.traces import default_trace_path, load_traces
 
@@ -34,7 +38,9 @@ flags.DEFINE_string("config", "tiny", "configs/<name>.py (random weights).")
 flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Concurrent requests.")
 flags.DEFINE_list("context_lens", ["128", "512"], "Prompt tokens per request.")
 flags.DEFINE_integer("gen_len", 64, "Output tokens per request.")
-flags.DEFINE_integer("num_draft_tokens", 4, "k of the prompt-lookup drafter.")
+flags.DEFINE_integer("num_draft_tokens", 4, "k of the drafters (at most k with the adaptive switch).")
+flags.DEFINE_list("drafters", ["none", "ngram", "sam", "sam_adaptive"],
+                  "none, ngram (prompt lookup), sam (AgentSAM, fixed k), sam_adaptive (AgentSAM, adaptive k).")
 flags.DEFINE_integer("block_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("max_tokens_per_step", 512, "Token budget per step.")
 flags.DEFINE_string("dtype", "", "Activation dtype override (default: the config's).")
@@ -80,7 +86,10 @@ def run_once(stack: ServingStack, work: Workload, gen_len: int, tag: str) -> dic
     t0 = time.perf_counter()
     while sched.has_unfinished:
         out = sched.schedule()
-        sched.update(out, engine.execute(out))
+        t1 = time.perf_counter()
+        new = engine.execute(out)
+        sched.observe_step(out, time.perf_counter() - t1)  # the adaptive switch's cost model
+        sched.update(out, new)
     wall = time.perf_counter() - t0
     for r in reqs:
         sched.forget(r.request_id)
@@ -113,29 +122,38 @@ def main(argv):
     pages = math.ceil(max_len / bs)
     results = []
     turns = trace_turns()
-    for drafter in ("none", "ngram"):
+    for drafter in FLAGS.drafters:
+        if drafter not in ("none", "ngram", "sam", "sam_adaptive"):
+            raise app.UsageError(f"unknown drafter {drafter!r}")
         config = ServerConfig(config=FLAGS.config, dtype=FLAGS.dtype or None, num_blocks=max(batches) * pages + 1,
                               block_size=bs, max_num_seqs=max(batches), max_model_len=max_len,
                               max_tokens_per_step=max(FLAGS.max_tokens_per_step, max(batches) * (k + 1)),
-                              drafter=drafter, num_draft_tokens=k, prefix_cache=False)
+                              drafter=drafter.removesuffix("_adaptive"), num_draft_tokens=k, prefix_cache=False,
+                              adaptive_draft=drafter.endswith("_adaptive"))
         stack = build_stack(config)
         stack.engine.record_steps = True
         for ctx in contexts:
             for b in batches:
                 work = agent_workload(turns, b, ctx, gen_len)
                 run_once(stack, work, gen_len, "warmup")  # compiles this point's shape buckets
+                if stack.session_memory is not None:  # forget the warmup's copies of these turns
+                    stack.session_memory.close()
+                    stack.session_memory = SessionMemory()
+                    stack.scheduler.drafter = SAMDrafter(stack.session_memory)
                 row = {"drafter": drafter, "k": k if drafter != "none" else 0, "batch": b, "context": ctx,
                        **run_once(stack, work, gen_len, "timed")}
                 results.append(row)
-                print(f"{drafter:6s} ctx={ctx:5d} batch={b:3d}  {row['tokens_per_s']:9.1f} tok/s  "
+                print(f"{drafter:12s} ctx={ctx:5d} batch={b:3d}  {row['tokens_per_s']:9.1f} tok/s  "
                       f"decode {row['decode_tokens_per_s']:9.1f} tok/s  step {row['mean_decode_step_ms']:7.2f} ms",
                       flush=True)
+        if stack.session_memory is not None:
+            stack.session_memory.close()
 
-    header = (f"{'drafter':8s}{'ctx':>6s}{'batch':>6s}{'tok/s':>10s}{'dec tok/s':>11s}{'dec step ms':>12s}"
+    header = (f"{'drafter':14s}{'ctx':>6s}{'batch':>6s}{'tok/s':>10s}{'dec tok/s':>11s}{'dec step ms':>12s}"
               f"{'step ms':>9s}{'accept':>8s}{'tok/verify':>11s}")
     print(f"\nengine throughput: config={FLAGS.config} backend={jax.default_backend()} gen_len={gen_len}\n{header}")
     for r in results:
-        print(f"{r['drafter']:8s}{r['context']:6d}{r['batch']:6d}{r['tokens_per_s']:10.1f}"
+        print(f"{r['drafter']:14s}{r['context']:6d}{r['batch']:6d}{r['tokens_per_s']:10.1f}"
               f"{r['decode_tokens_per_s']:11.1f}{r['mean_decode_step_ms']:12.2f}{r['mean_step_ms']:9.2f}"
               f"{r['acceptance']:8.2f}{r['tokens_per_verify_step']:11.2f}")
     if FLAGS.json_out:

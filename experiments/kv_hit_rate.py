@@ -38,6 +38,11 @@ from agentinfer_jax.workloads.traces import default_trace_path, load_traces
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("executor", "sim", ["sim", "engine"], "Who runs the steps.")
 flags.DEFINE_list("traces", [], "Trace files/dirs (default: the bundled FireAct sample).")
+flags.DEFINE_enum("instruction", "fewshot", ["fewshot", "none"],
+                  "Prompt of traces recorded without one (FireAct): 'fewshot' prepends the bundled ReAct "
+                  "instruction + two examples (what an un-tuned model needs; one large block shared by every "
+                  "session); 'none' replays them as recorded (FireAct's fine-tuned agents run zero-shot: "
+                  "question + history only).")
 flags.DEFINE_bool("quick", False, "Small sweep (CI / demo scale).")
 flags.DEFINE_string("json_out", "", "Write results here.")
 flags.DEFINE_string("plot_out", "", "PNG of hit rate vs capacity and lambda over time (default: beside json_out).")
@@ -53,22 +58,23 @@ flags.DEFINE_integer("max_tokens_per_step", 2048, "Token budget per step.")
 flags.DEFINE_string("model_config", "llama3_1_8b", "configs/<name>.py whose shape the roofline uses (sim).")
 flags.DEFINE_string("device", "h100", "Roofline device for the sim cost model.")
 flags.DEFINE_string("cost_model", "", "A fitted StepCostModel JSON (overrides the roofline).")
-flags.DEFINE_float("as_a", 0.5, "AgentSched a (hit reward).")
+flags.DEFINE_float("as_a", 8.0, "AgentSched a (hit reward per cached block).")
 flags.DEFINE_float("as_b", 1.0, "AgentSched b (base block price).")
 flags.DEFINE_float("as_c", 4.0, "AgentSched c (waiting-time reward per second).")
 flags.DEFINE_float("as_k", 8.0, "AgentSched k (sigmoid steepness).")
 flags.DEFINE_float("as_lambda_max", 8.0, "AgentSched lambda_max.")
+flags.DEFINE_bool("as_include_evictable", True, "AgentSched: count evictable cached blocks as free capacity N.")
 flags.DEFINE_bool("sweep_agentsched", False, "Also sweep AgentSched's (c, lambda_max) at the headline point.")
 flags.DEFINE_bool("stress", False, "Run the 100-token / 32K-token stress mix instead.")
 flags.DEFINE_integer("seed", 0, "Seed for arrivals and tool latency.")
 
 
-def load_sessions(paths, n, tokenizer) -> list[TokenizedSession]:
+def load_sessions(paths, n, tokenizer, instruction="fewshot") -> list[TokenizedSession]:
     trajs = []
     for p in paths or [str(default_trace_path())]:
         trajs.extend(load_traces(p))
     out = []
-    for s in sessions_from_traces(trajs):
+    for s in sessions_from_traces(trajs, add_instruction=instruction == "fewshot"):
         if len(out) >= n:
             break
         try:
@@ -115,7 +121,8 @@ class Runner:
 
     def policy(self, name, **over):
         if name == "agentsched":
-            kw = dict(a=FLAGS.as_a, b=FLAGS.as_b, c=FLAGS.as_c, k=FLAGS.as_k, lambda_max=FLAGS.as_lambda_max)
+            kw = dict(a=FLAGS.as_a, b=FLAGS.as_b, c=FLAGS.as_c, k=FLAGS.as_k, lambda_max=FLAGS.as_lambda_max,
+                      include_evictable=FLAGS.as_include_evictable)
             kw.update(over)
             return make_policy(name, **kw)
         return make_policy(name)
@@ -160,30 +167,40 @@ class Runner:
 def print_table(title, rows):
     print(f"\n{title}")
     cols = ["policy", "kv_hit_rate", "mean_call_latency_s", "p99_call_latency_s", "mean_session_latency_s",
-            "throughput_tok_s", "preemptions"]
+            "mean_session_llm_s", "throughput_tok_s", "mean_batch", "preemptions"]
     print("  ".join(f"{c:>22}" for c in cols))
     for name, s in rows.items():
         print("  ".join([f"{name:>22}"] + [f"{s[c]:>22.4f}" for c in cols[1:]]))
 
 
-def plot(path, sweep, lambda_trace, policies):
+def plot(path, sweep, lambda_trace, policies, rate, z_trace=()):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(15, 4))
     for p in policies:
-        pts = sorted((r["capacity_frac"], r["summary"]["kv_hit_rate"]) for r in sweep if r["policy"] == p)
-        ax1.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+        pts = sorted((r["capacity_frac"], r["summary"]["kv_hit_rate"], r["summary"]["mean_session_latency_s"])
+                     for r in sweep if r["policy"] == p and r["rate"] == rate)
+        ax1.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", label=p)
+        ax3.plot([x for x, _, _ in pts], [z for _, _, z in pts], marker="o", label=p)
     ax1.set_xlabel("KV capacity / working set")
     ax1.set_ylabel("KV hit rate")
-    ax1.set_title("Hit rate vs capacity")
+    ax1.set_title(f"Hit rate vs capacity ({rate:g} sessions/s)")
     ax1.legend()
+    ax3.set_xlabel("KV capacity / working set")
+    ax3.set_ylabel("mean session latency (s)")
+    ax3.set_title(f"Session latency vs capacity ({rate:g} sessions/s)")
     if lambda_trace:
         t, lam = zip(*lambda_trace)
-        ax2.plot(t, lam, lw=0.8)
+        ax2.plot(t, lam, lw=0.8, label="lambda")
+    if z_trace:
+        t, z = zip(*z_trace)
+        twin = ax2.twinx()
+        twin.plot(t, [min(v, 10.0) for v in z], lw=0.5, color="tab:red", alpha=0.6)
+        twin.set_ylabel("z = D / U (capped at 10)", color="tab:red")
     ax2.set_xlabel("time (s)")
     ax2.set_ylabel("shadow price lambda")
-    ax2.set_title("AgentSched lambda at the headline point")
+    ax2.set_title("AgentSched lambda and z at the headline point")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
@@ -229,7 +246,7 @@ def main(argv):
     if FLAGS.quick:
         fracs = fracs[1:4] if len(fracs) > 3 else fracs
         rates = rates[:1]
-    sessions = load_sessions(FLAGS.traces, n, tok)
+    sessions = load_sessions(FLAGS.traces, n, tok, FLAGS.instruction)
     print(f"{len(sessions)} sessions, {sum(len(s.calls) for s in sessions)} LLM calls, executor={FLAGS.executor}")
     runner = Runner(sessions, tok.vocab_size)
 
@@ -248,10 +265,12 @@ def main(argv):
                     r, _ = runner.run(runner.policy(name), max(1, int(frac * ws)), rate, progress=bar.update)
                     sweep.append({"policy": name, "rate": rate, "capacity_frac": frac,
                                   "capacity_blocks": int(frac * ws), "working_set_blocks": ws,
-                                  "summary": r.summary(), "lambda_trace": r.lambda_trace})
+                                  "summary": r.summary(), "lambda_trace": r.lambda_trace, "z_trace": r.z_trace})
 
-    # Headline: the capacity where FCFS's hit rate is nearest 60%.
-    fcfs = [r for r in sweep if r["policy"] == "fcfs" and r["rate"] == rates[0]]
+    # Headline: at the highest rate swept (where admission order matters most), the capacity where
+    # FCFS's hit rate is nearest 60%.
+    ref_policy = "fcfs" if "fcfs" in FLAGS.policies else FLAGS.policies[0]
+    fcfs = [r for r in sweep if r["policy"] == ref_policy and r["rate"] == max(rates)]
     head = min(fcfs, key=lambda r: abs(r["summary"]["kv_hit_rate"] - 0.6))
     point = [r for r in sweep if r["rate"] == head["rate"] and r["capacity_frac"] == head["capacity_frac"]]
     rows = {r["policy"]: r["summary"] for r in point}
@@ -270,31 +289,42 @@ def main(argv):
               "headline": {"rate": head["rate"], "capacity_frac": head["capacity_frac"],
                            "capacity_blocks": head["capacity_blocks"]},
               "policies": rows,
-              "sweep": [{k: v for k, v in r.items() if k != "lambda_trace"} for r in sweep]}
+              "sweep": [{k: v for k, v in r.items() if k not in ("lambda_trace", "z_trace")} for r in sweep]}
 
     if FLAGS.sweep_agentsched and "agentsched" in FLAGS.policies:
         grid = {}
-        for c in (0.5, 4.0, 16.0):
-            for lm in (2.0, 8.0, 32.0):
-                r, _ = runner.run(runner.policy("agentsched", c=c, lambda_max=lm), head["capacity_blocks"], head["rate"])
-                grid[f"c={c},lambda_max={lm}"] = r.summary()
+        points = [dict(a=a, c=c) for a in (0.5, 2.0, 8.0, 32.0) for c in (0.5, 4.0, 16.0)]
+        points += [dict(lambda_max=lm) for lm in (2.0, 32.0)] + [dict(k=k) for k in (2.0, 32.0)]
+        points += [dict(include_evictable=False)]
+        for over in points:
+            r, _ = runner.run(runner.policy("agentsched", **over), head["capacity_blocks"], head["rate"])
+            grid[",".join(f"{k}={v}" for k, v in over.items())] = r.summary()
         result["agentsched_sweep"] = grid
-        print("\nAgentSched constants sweep (hit rate, mean session latency):")
+        print("\nAgentSched constants sweep at the headline point (others at their flags' values; "
+              "hit rate, mean session latency):")
         for k, s in grid.items():
             print(f"  {k:>24}: {s['kv_hit_rate']:.3f}  {s['mean_session_latency_s']:.3f}s")
 
     if FLAGS.executor == "engine" and len(runner.engine_samples) >= 20:
-        _, err = holdout_report(runner.engine_samples, holdout_frac=0.25, seed=0)
+        fitted, err = holdout_report(runner.engine_samples, holdout_frac=0.25, seed=0)
         result["cost_model_holdout"] = err
-        print(f"\ncost model fitted on engine steps, held-out relative error: {err}")
+        print(f"\ncost model fitted on 75% of the engine steps, relative error on the other 25%: "
+              f"mean {err['mean_rel_err']:.3f}, median {err['median_rel_err']:.3f}, p90 {err['p90_rel_err']:.3f}")
+        if FLAGS.json_out:
+            # The simulator can replay the same sweep on this engine's clock: --cost_model=<this file>.
+            cm_path = pathlib.Path(FLAGS.json_out).with_suffix(".cost_model.json")
+            fitted.save(cm_path)
+            result["cost_model"] = str(cm_path)
+            print(f"fitted cost model: {cm_path}")
 
     if FLAGS.json_out:
         path = pathlib.Path(FLAGS.json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         print(f"json: {path}")
-        head_lams = next((r["lambda_trace"] for r in point if r["policy"] == "agentsched"), [])
-        plot(FLAGS.plot_out or str(path.with_suffix(".png")), sweep, head_lams, FLAGS.policies)
+        head_as = next((r for r in point if r["policy"] == "agentsched"), {})
+        plot(FLAGS.plot_out or str(path.with_suffix(".png")), sweep, head_as.get("lambda_trace", []), FLAGS.policies,
+             head["rate"], head_as.get("z_trace", []))
 
 
 if __name__ == "__main__":

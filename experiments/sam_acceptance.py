@@ -7,11 +7,14 @@ proposes k tokens, the accepted count is the longest prefix agreeing with the re
 context advances by accepted + 1 tokens. Messages are tokenized one by one, so the next turn's
 prompt extends the previous turn's context token for token (as in a serving engine).
 
-Drafters: prompt-lookup n-gram, SuffixDecoding-style suffix tree, AgentSAM on the session only,
-AgentSAM with cross-session memory (each finished session is added to memory).
+Drafters: prompt-lookup n-gram; SuffixDecoding-style suffix tree at its reference draft-length
+factor (1) and at AgentSAM's (8); AgentSAM on the session only; AgentSAM with cross-session memory
+(BM25-retrieved similar sessions + the global automaton of past responses; each finished session is
+added to memory); optionally `sam_retrieval_only`, the memory without the global automaton.
 
   python experiments/sam_acceptance.py --quick
   python experiments/sam_acceptance.py --all_shared --k 4,8,16 --json_out /tmp/sam.json
+  python experiments/sam_acceptance.py --traces a.json --drafters suffix_tree_f8,sam_memory,sam_retrieval_only
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ flags.DEFINE_list("k", ["8"], "Draft length(s) k.")
 flags.DEFINE_bool("quick", False, "First 25 trajectories per trace, k = 8 only.")
 flags.DEFINE_integer("limit", None, "At most this many trajectories per trace.")
 flags.DEFINE_string("json_out", None, "Write results JSON here.")
+flags.DEFINE_list("drafters", None, "Drafters to replay (default: all but the sam_retrieval_only ablation).")
 
 
 class ChatTokenizer:
@@ -137,24 +141,28 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
 def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], None] | None, SessionMemory | None]]]:
     """Factories, so only one drafter (and its global state) is alive at a time."""
 
-    def sam_memory():
+    def sam_memory(global_memory=True):
         memory = SessionMemory()
-        drafter = SAMDrafter(memory)
+        drafter = SAMDrafter(memory, global_memory=global_memory)
         return drafter, drafter.wait_for_memory, memory
 
     return {"prompt_lookup": lambda: (PromptLookupDrafter(), None, None),
             "suffix_tree": lambda: (SuffixTreeDrafter(), None, None),
             "suffix_tree_f8": lambda: (SuffixTreeDrafter(factor=8.0), None, None),
             "sam_session": lambda: (SAMDrafter(), None, None),
-            "sam_memory": sam_memory}
+            "sam_memory": sam_memory,
+            "sam_retrieval_only": lambda: sam_memory(global_memory=False)}
+
+
+DEFAULT_DRAFTERS = ["prompt_lookup", "suffix_tree", "suffix_tree_f8", "sam_session", "sam_memory"]
 
 
 def print_table(rows: list[tuple[str, int, str, dict]]) -> None:
-    head = f"{'trace':42s} {'k':>3s} {'drafter':14s} {'tok/step':>8s} {'acc_rate':>8s} {'us_p50':>7s} {'us_p99':>7s} {'ext_us':>6s}"
+    head = f"{'trace':42s} {'k':>3s} {'drafter':18s} {'tok/step':>8s} {'acc_rate':>8s} {'us_p50':>7s} {'us_p99':>7s} {'ext_us':>6s}"
     print(head)
     print("-" * len(head))
     for trace, k, name, s in rows:
-        print(f"{trace[:42]:42s} {k:3d} {name:14s} {s['tokens_per_step']:8.3f} {s['accept_rate']:8.3f} "
+        print(f"{trace[:42]:42s} {k:3d} {name:18s} {s['tokens_per_step']:8.3f} {s['accept_rate']:8.3f} "
               f"{s['draft_us_p50']:7.1f} {s['draft_us_p99']:7.1f} {s['extend_us_p50']:6.1f}")
 
 
@@ -181,11 +189,17 @@ def main(argv: Sequence[str]) -> None:
     total_turns = sum(sum(1 for _ in t.assistant_turns()) for ts in loaded.values() for t in ts)
     rows, detail = [], {}
     merged: dict[int, dict[str, Stats]] = {}
-    with tqdm(total=total_turns * len(ks) * 5, desc="replay", unit="turn") as bar:
+    factories = make_drafters()
+    names = FLAGS.drafters or DEFAULT_DRAFTERS
+    unknown = [n for n in names if n not in factories]
+    if unknown:
+        raise app.UsageError(f"unknown drafters {unknown}; choose from {sorted(factories)}")
+    with tqdm(total=total_turns * len(ks) * len(names), desc="replay", unit="turn") as bar:
         for path, trajs in loaded.items():
             name = pathlib.Path(path).name
             for k in ks:
-                for dname, factory in make_drafters().items():
+                for dname in names:
+                    factory = factories[dname]
                     drafter, wait, memory = factory()
                     stats = Stats()
                     replay(drafter, trajs, chat, k, stats, bar, wait)

@@ -4,7 +4,11 @@ import random
 
 import pytest
 
-from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, StepCostTable, linear_step_cost
+from agentinfer_jax.cache import BlockPool, PrefixCache
+from agentinfer_jax.serving.request import Request, SamplingParams
+from agentinfer_jax.serving.scheduler import Scheduler, SchedulerConfig
+from agentinfer_jax.speculation.adaptive import (AdaptiveSpeculation, MeasuredStepCost, StepCostTable,
+                                                 linear_step_cost)
 
 
 def test_choose_k_maximises_brute_force_throughput():
@@ -61,3 +65,71 @@ def test_step_cost_table_interpolates_measurements():
         StepCostTable({})
     with pytest.raises(ValueError):
         AdaptiveSpeculation(table).observe("r", 2, 3)
+
+
+def test_measured_step_cost_buckets_ema_and_interpolation():
+    cost = MeasuredStepCost(decay=0.5, default_s=0.123)
+    assert cost(4, 100) == 0.123  # nothing measured yet
+    cost.record(3, 20, 0.010)  # batch bucket 4, token bucket 32
+    cost.record(4, 30, 0.020)  # same cell: EMA 0.5 * 0.010 + 0.5 * 0.020
+    assert cost(4, 17) == pytest.approx(0.015)  # flat inside a padded bucket
+    cost.record(4, 128, 0.055)
+    assert cost(4, 64) == pytest.approx(0.015 + (0.055 - 0.015) * (64 - 32) / (128 - 32))
+    assert cost(4, 1000) == pytest.approx(0.055) and cost(4, 1) == pytest.approx(0.015 / 32)
+    assert cost(64, 32) == pytest.approx(0.015)  # unmeasured batch size: the nearest one
+    cost.record(4, 0, 1.0)  # empty and untimed steps are ignored
+    cost.record(4, 20, -1.0)
+    assert cost(4, 20) == pytest.approx(0.015)
+    with pytest.raises(ValueError):
+        MeasuredStepCost(decay=1.0)
+
+
+class ConstantDrafter:
+    """Always drafts `token`; the test's target always emits 2."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def begin(self, rid, prompt, session_id=None):
+        pass
+
+    def extend(self, rid, toks):
+        pass
+
+    def propose(self, rid, k):
+        return [self.token] * k
+
+    def end(self, rid):
+        pass
+
+
+@pytest.mark.parametrize("draft_token, expect_drafting", [(2, True), (1, False)])
+def test_scheduler_uses_the_adaptive_switch(draft_token, expect_drafting):
+    """Verification tokens cost as much as a decode step here. Drafts the target confirms pay for
+    themselves, so the switch keeps the full k; rejected ones drive alpha down and it turns drafting
+    off (bar its periodic probes). Step times reach the cost model through observe_step, as the
+    serving loop reports them."""
+    cost = MeasuredStepCost()
+    adaptive = AdaptiveSpeculation(cost, k_choices=(1, 2, 4), probe_every=8)
+    cfg = SchedulerConfig(block_size=4, max_num_seqs=2, max_tokens_per_step=64, max_model_len=512,
+                          vocab_size=64, num_draft_tokens=4)
+    pool = BlockPool(200)
+    sched = Scheduler(cfg, pool, PrefixCache(4, pool), drafter=ConstantDrafter(draft_token), adaptive=adaptive)
+    sched.add_request(Request("r", [5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True)))
+    drafted = []
+    while sched.has_unfinished:
+        out = sched.schedule()
+        sched.observe_step(out, 0.01 * (1 + out.num_tokens))
+        drafted += [s.num_draft for s in out.seqs]
+        new = {}
+        for s in out.seqs:
+            if s.samples:  # the target emits 2: drafted 2s are accepted, then one more 2
+                acc = next((i for i, t in enumerate(s.tokens[len(s.tokens) - s.num_draft:]) if t != 2), s.num_draft)
+                new[s.request.request_id] = [2] * (acc + 1)
+        sched.update(out, new)
+    late = drafted[-40:]
+    if expect_drafting:
+        assert all(k == 4 for k in late[:-1])  # (the last step has no room left to draft)
+    else:
+        assert sum(k > 0 for k in late) <= len(late) // 8 + 1
+    assert "r" not in adaptive._estimates  # ended with the request

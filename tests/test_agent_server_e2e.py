@@ -36,7 +36,8 @@ class RecordingClient:
 
 def test_react_agent_against_our_server_on_loopback():
     stack = build_stack(ServerConfig(config="tiny", num_blocks=160, block_size=16, max_num_seqs=4,
-                                     max_tokens_per_step=64, min_token_bucket=64, max_model_len=2048))
+                                     max_tokens_per_step=64, min_token_bucket=64, max_model_len=2048,
+                                     drafter="sam", num_draft_tokens=4))
     stack.engine.warmup()
     with BackgroundServer(stack) as srv:
         assert srv.base_url.startswith("http://127.0.0.1:")

@@ -45,6 +45,26 @@ def test_checkpoint_stack_generates_the_reference_tokens(tmp_path):
     assert stack.pool.num_used == len(stack.prefix_cache)  # finished requests hold no blocks
 
 
+def test_sam_stack_with_adaptive_switch_is_lossless_and_closes_its_memory():
+    """drafter="sam": AgentSAM with cross-session memory and the adaptive switch; greedy tokens equal
+    the dense reference; later calls of a session draft from it; shutdown stops the memory's worker."""
+    stack = build_stack(ServerConfig(config="tiny", drafter="sam", num_draft_tokens=4, **{**SMALL, "max_num_seqs": 2}))
+    assert stack.session_memory is not None and stack.scheduler.adaptive is not None
+    rng = random.Random(3)
+    base = [rng.randrange(5, stack.model_config.vocab_size) for _ in range(20)]
+    prompts = [base, base + base[:6]]  # the second call repeats the first's text: drafts get proposed
+    reference = generate(stack.model, prompts, 12)
+    out = {}
+    for i, p in enumerate(prompts):
+        stack.loop.submit(Request(f"r{i}", p, SamplingParams(max_tokens=12), session_id="s"),
+                          lambda ev: out.setdefault(ev.request_id, []).extend(ev.new_tokens))
+        stack.loop.run_until_idle()
+    assert [out["r0"], out["r1"]] == reference
+    stack.shutdown()
+    with pytest.raises(RuntimeError, match="closed"):
+        stack.session_memory.add("x", [1])
+
+
 def test_detokenizer_drops_ids_the_tokenizer_lacks():
     tok = load_tokenizer()
     rng = random.Random(4)

@@ -1,8 +1,11 @@
 """Drafters (prompt lookup, suffix tree, AgentSAM) against brute-force references."""
 
+import math
 import random
 
 import pytest
+
+from test_suffix_automaton import brute_continuations
 
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
                                         SuffixTreeDrafter, UnknownRequestError)
@@ -39,10 +42,13 @@ def test_prompt_lookup_matches_brute_force():
 
 
 @pytest.mark.parametrize("factor", [1.0, 8.0])
-def test_sam_session_draft_continues_an_earlier_occurrence_of_the_longest_match(factor):
+def test_sam_session_draft_follows_the_most_frequent_continuation_of_an_earlier_match(factor):
+    """Own context only, exact counts: the draft continues some suffix w of the context (|w| >=
+    min_match, w occurred earlier) with, token by token, a most frequent continuation of w + draft
+    so far; it is empty iff nothing of length >= min_match matched; its length obeys the caps."""
     rng = random.Random(2)
-    d = SAMDrafter(min_match=2, factor=factor, min_prob=0.0)
-    for trial in range(30):
+    d = SAMDrafter(min_match=2, factor=factor, count_depth=None)
+    for trial in range(60):
         ctx = [rng.randrange(3) for _ in range(rng.randrange(2, 40))]
         d.begin(f"r{trial}", ctx)
         k = rng.randrange(1, 9)
@@ -51,23 +57,106 @@ def test_sam_session_draft_continues_an_earlier_occurrence_of_the_longest_match(
         if L < 2:
             assert draft == []
         else:
-            assert 1 <= len(draft) <= min(k, int(factor * L + 0.999))
-            # the draft follows automaton transitions: matched suffix + draft is a substring of ctx
-            pattern = ctx[len(ctx) - L:] + draft
-            assert any(ctx[j:j + len(pattern)] == pattern for j in range(len(ctx) - len(pattern) + 1))
+            assert 1 <= len(draft) <= min(k, math.ceil(factor * L))
+
+            def explains(w_len):
+                w = ctx[len(ctx) - w_len:]
+                for j, t in enumerate(draft):
+                    cont = brute_continuations(ctx, w + draft[:j])
+                    if not cont or cont.get(t, 0) != max(cont.values()):
+                        return False
+                return True
+
+            assert any(explains(n) for n in range(2, L + 1)), (ctx, draft)
         d.end(f"r{trial}")
 
 
-def test_sam_prefers_most_frequent_continuation_and_stops_when_ambiguous():
-    d = SAMDrafter(min_match=1, factor=8.0, min_prob=0.4)
-    a, b, c = 10, 11, 12
-    ctx = [a, b, 1, a, b, 1, a, b, 2, a, b]  # after [a, b]: 1 twice, 2 once
-    d.begin("r", ctx)
-    assert d.propose("r", 1) == [1]
-    d.end("r")
-    d.begin("q", [a, c, 5, a, c, 6, a, c, 7, a, c])  # three-way tie after [a, c]: below 0.4
-    assert d.propose("q", 4) == []
-    d.end("q")
+def exhaustive_choice(d, rid):
+    """SAMDrafter's selection rule evaluated without pruning, from its public pieces: the draft of
+    the candidate with the most expected accepted tokens, cut where the path probability < min_prob."""
+    state = d._requests[rid]
+    cursors = d._cursors(state)
+    if not cursors:
+        return [], 0.0
+    cal, last = d.calibrator, state.sam.tokens[-1]
+    limit = min(8, math.ceil(d.factor * max(c[3] for c in cursors)))
+    best, best_score = [], 0.0
+    for src, sam, st, length in cursors:
+        toks, probs = [], []
+        while len(toks) < limit and sam.top_next(st) is not None:
+            tok, st, n, total = sam.top_next(st)
+            q = cal.prob(cal.cell(src, length + len(toks), n, total), n, total)
+            probs.append(q * probs[-1] if probs else cal.first_prob(src, last, tok, q))
+            toks.append(tok)
+        keep = next((i for i, p in enumerate(probs) if p < d.min_prob), len(probs))
+        score = sum(probs[:keep])
+        if score > best_score + 1e-12:
+            best, best_score = toks[:keep], score
+    return best, best_score
+
+
+@pytest.mark.parametrize("min_prob", [0.0, 0.2])
+def test_sam_pruned_selection_equals_exhaustive_evaluation(min_prob):
+    """The lazily pruned search returns the exhaustive rule's draft, across sources (own, memory,
+    global) and a calibrator that has learned from earlier verify steps."""
+    rng = random.Random(5)
+    with SessionMemory(top_k=2, global_min_rebuild=1) as memory:
+        d = SAMDrafter(memory, min_prob=min_prob)
+        checked = 0
+        for trial in range(40):
+            ctx = [rng.randrange(6) for _ in range(rng.randrange(3, 30))]
+            rid = f"r{trial}"
+            d.begin(rid, ctx, session_id=f"s{trial}")
+            d.wait_for_memory(rid)
+            for _ in range(rng.randrange(1, 6)):
+                expect, score = exhaustive_choice(d, rid)
+                assert d.propose(rid, 8) == expect
+                assert d.expected_accepted(rid) == pytest.approx(score)
+                checked += bool(expect)
+                d.extend(rid, [rng.randrange(6) for _ in range(rng.randrange(1, 4))])
+            d.end(rid)
+        assert checked > 20
+
+
+def test_sam_learns_which_source_to_trust():
+    """Own context and memory propose different continuations of the same match; verification keeps
+    confirming memory's, so the calibrator moves the drafter from the own text to memory's."""
+    own_tail, mem_tail = [50, 51, 52, 53], [60, 61, 62, 63]
+    with SessionMemory(top_k=1) as memory:
+        d = SAMDrafter(memory)
+        d.begin("m", [1, 2, 3] + mem_tail + [9], session_id="M")
+        d.end("m")
+        memory.flush()
+        choices = []
+        for i in range(40):
+            rid = f"q{i}"
+            # the own text continues [1, 2, 3] with own_tail; the target always emits mem_tail
+            d.begin(rid, [1, 2, 3] + own_tail + [8, 1, 2, 3], session_id=f"Q{i}")
+            d.wait_for_memory(rid)
+            choices.append(d.propose(rid, 4))
+            d.extend(rid, mem_tail)
+            d.end(rid)
+        assert choices[0] == own_tail  # a fresh calibrator trusts counts; own's match is longer
+        assert choices[-1] == mem_tail
+
+
+def test_global_memory_drafts_a_response_no_retrieved_session_shares():
+    resp = [50, 51, 52, 53, 54, 55]
+    with SessionMemory(top_k=1, global_min_rebuild=1) as memory:
+        d = SAMDrafter(memory)
+        for i in range(3):
+            d.begin(f"r{i}", [300 + i, 301 + i], session_id=f"s{i}")
+            d.extend(f"r{i}", resp)
+            d.end(f"r{i}")
+        memory.flush()
+        d.begin("new", [9, 9, 50, 51], session_id="new")
+        d.wait_for_memory("new")
+        assert d.propose("new", 4) == [52, 53, 54, 55]
+        d.end("new")
+        no_global = SAMDrafter(memory, global_memory=False)
+        no_global.begin("new", [9, 9, 50, 51], session_id="other")
+        no_global.wait_for_memory("new")
+        assert no_global.propose("new", 4) != [52, 53, 54, 55]
 
 
 def test_sam_session_reuse_extends_incrementally():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from agentinfer_jax.model.config import ModelConfig
 from agentinfer_jax.model.transformer import generate, init_model
 from agentinfer_jax.serving.request import Request, SamplingParams
 from agentinfer_jax.serving.scheduler import Scheduler
+from agentinfer_jax.speculation import SAMDrafter, SessionMemory
+from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, MeasuredStepCost
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512)
@@ -88,26 +91,30 @@ EC = EngineConfig(num_blocks=64, block_size=8, max_num_seqs=32, max_tokens_per_s
                   max_draft_tokens=4)
 
 
-def drive(model, reqs, *, cache=True, budget=128, blocks=64, drafter=None, k=0, seqs=32):
+def drive(model, reqs, *, cache=True, budget=128, blocks=64, drafter=None, k=0, seqs=32, adaptive=None):
     """Runs requests to completion; a smaller BlockPool than the engine's page pool forces preemption."""
     engine = Engine(model, EC)
     pool = BlockPool(blocks)
     cfg = dataclasses.replace(EC.scheduler_config(CFG, k), max_tokens_per_step=budget, max_num_seqs=seqs)
-    sched = Scheduler(cfg, pool, PrefixCache(8, pool) if cache else None, drafter=drafter)
+    sched = Scheduler(cfg, pool, PrefixCache(8, pool) if cache else None, drafter=drafter, adaptive=adaptive)
     for r in reqs:
         sched.add_request(r)
     while sched.has_unfinished:
         out = sched.schedule()
-        sched.update(out, engine.execute(out))
+        t0 = time.perf_counter()
+        new = engine.execute(out)
+        sched.observe_step(out, time.perf_counter() - t0)
+        sched.update(out, new)
     if sched.prefix_cache:
         sched.prefix_cache.evict(pool.num_used)
     assert pool.num_used == 0
     return sched, engine
 
 
-def run(model, requests, subset=None, **kw):
+def run(model, requests, subset=None, sessions=False, **kw):
     idx = subset if subset is not None else range(len(requests))
-    reqs = [Request(f"r{i}", requests[i][0], SamplingParams(max_tokens=requests[i][1])) for i in idx]
+    reqs = [Request(f"r{i}", requests[i][0], SamplingParams(max_tokens=requests[i][1]),
+                    session_id=f"s{i % 3}" if sessions else None) for i in idx]
     sched, engine = drive(model, reqs, **kw)
     return [r.output_tokens for r in reqs], sched, engine
 
@@ -121,15 +128,26 @@ def test_batch_with_prefix_cache_matches_reference(model, requests, reference):
     assert engine.num_compilations <= len(engine.token_buckets) * len(engine.seq_buckets)
 
 
-@pytest.mark.parametrize("variant", ["no_cache", "chunked", "preemption", "adversarial_drafter", "echo_drafter"])
+@pytest.mark.parametrize("variant", ["no_cache", "chunked", "preemption", "adversarial_drafter", "echo_drafter",
+                                     "sam_drafter", "sam_adaptive"])
 def test_variants_match_reference(model, requests, reference, variant):
+    memory = SessionMemory(top_k=2, global_min_rebuild=8) if variant.startswith("sam") else None
     kw = {"no_cache": dict(cache=False), "chunked": dict(budget=16, seqs=8),
           "preemption": dict(blocks=24, budget=64),
           "adversarial_drafter": dict(drafter=AdversarialDrafter(1), k=4),
-          "echo_drafter": dict(drafter=EchoDrafter(reference), k=4)}[variant]
+          "echo_drafter": dict(drafter=EchoDrafter(reference), k=4),
+          # AgentSAM with cross-session memory, requests grouped in sessions; then with the
+          # adaptive switch choosing k from measured step times.
+          "sam_drafter": dict(drafter=SAMDrafter(memory), k=4, sessions=True),
+          "sam_adaptive": dict(drafter=SAMDrafter(memory), k=4, sessions=True,
+                               adaptive=AdaptiveSpeculation(MeasuredStepCost(), k_choices=(1, 2, 4)))}[variant]
     subset = list(range(12))
     out, sched, _ = run(model, requests, subset=subset, **kw)
+    if memory is not None:
+        memory.close()
     assert out == [reference[i] for i in subset]
+    if variant.startswith("sam"):
+        assert sum(r.num_verify_steps for r in sched.requests.values()) > 0
     if variant == "preemption":
         assert sched.num_preemptions > 0
     if variant == "echo_drafter":

@@ -142,8 +142,10 @@ def test_agentsched_loose_capacity_is_sjf():
 
 
 def test_agentsched_pressure_rewards_cache_hits():
+    """The shadow price's mechanism, shown at a small hit reward (a = 0.5) so that both sides of
+    the switch are visible: SJF under loose capacity, cache hits under pressure."""
     rng = random.Random(7)
-    pol = AgentSched()
+    pol = AgentSched(a=0.5)
     for _ in range(50):
         # Long prompt, mostly cached; a shorter prompt with nothing cached but more new blocks.
         long_blocks = rng.randint(40, 200)
@@ -159,6 +161,22 @@ def test_agentsched_pressure_rewards_cache_hits():
         assert pol.last_lambda > 0.99 * pol.lambda_max
         loose = CacheView(hit + 1000 * demand, 0, BS)
         assert [c.request_id for c in pol.order(w, loose, 0.0)] == ["short", "cached"]  # SJF side
+
+
+def test_agentsched_defaults_put_returning_agent_calls_before_new_sessions():
+    """With the default hit reward a returning call (long prompt, its context cached but for the
+    new observation) outranks a new session's short first call at any capacity; among requests
+    without hits the order stays SJF's (test above)."""
+    rng = random.Random(10)
+    pol = AgentSched()
+    for _ in range(50):
+        ctx = rng.randint(8, 120)  # cached blocks of the session's context
+        obs = rng.randint(1, 6)  # new blocks: the tool's observation
+        returning = Candidate("returning", (ctx + obs) * BS, ctx, obs, 0.0, 0.0)
+        new = Candidate("new", rng.randint(1, 4 * BS), 0, rng.randint(1, 4), 0.0, 1.0)
+        for free in (0, ctx + obs, 1000 * (ctx + obs)):
+            view = CacheView(free, rng.randint(0, ctx), BS)
+            assert [c.request_id for c in pol.order([new, returning], view, 0.0)] == ["returning", "new"]
 
 
 def test_agentsched_wait_term_bounds_starvation():

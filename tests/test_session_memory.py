@@ -107,3 +107,35 @@ def test_bad_arguments_and_closed_memory():
     mem.close()
     with pytest.raises(RuntimeError, match="closed"):
         mem.add("s", [1])
+
+
+def test_global_automaton_over_recent_responses_is_bounded_and_rebuilt_by_growth():
+    with SessionMemory(global_tokens=50, global_min_rebuild=20, rebuild_fraction=0.5) as mem:
+        assert mem.global_automaton() == (0, None)
+        mem.add_response(list(range(100, 110)))
+        mem.flush()
+        assert mem.global_automaton() == (0, None)  # 10 new tokens < global_min_rebuild
+        mem.add_response(list(range(200, 215)))
+        mem.flush()
+        version, sam = mem.global_automaton()
+        assert version == 1 and sam.frozen
+        assert sam.contains(list(range(100, 110))) and sam.contains(list(range(200, 215)))
+        assert not sam.contains([109, 200])  # a sentinel separates responses: no match spans two
+        for i in range(4):  # 60 more tokens: the oldest responses leave the 50-token window
+            mem.add_response(list(range(300 + 20 * i, 315 + 20 * i)))
+        mem.flush()
+        version, sam = mem.global_automaton()
+        assert version >= 2
+        assert not sam.contains([100, 101]) and sam.contains(list(range(360, 375)))
+        assert len([t for t in sam.tokens if t >= 0]) <= 50
+
+
+def test_global_memory_off_and_bad_arguments():
+    with SessionMemory(global_tokens=0) as mem:
+        mem.add_response([1, 2, 3] * 400)
+        mem.flush()
+        assert mem.global_automaton() == (0, None)
+    with pytest.raises(ValueError):
+        SessionMemory(global_tokens=-1)
+    with pytest.raises(ValueError):
+        SessionMemory(global_min_rebuild=0)

@@ -75,6 +75,22 @@ def test_instruction_flag_and_traces_with_their_own(sample):
     assert session_from_trajectory(with_system).calls[0].messages[0]["content"] == "sys"
 
 
+def test_without_instruction_sessions_share_no_prompt_block(sample, tokenizer):
+    """kv_hit_rate.py --instruction: 'fewshot' puts one long block in front of every session (hot in any
+    prefix cache); 'none' (FireAct's fine-tuned, zero-shot deployment) leaves only the template header."""
+    def common_prefix(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    for add, lo, hi in ((True, 500, None), (False, 0, 16)):
+        firsts = [tokenize_session(s, tokenizer).calls[0].prompt_ids
+                  for s in sessions_from_traces(sample[:6], add_instruction=add)]
+        shared = min(common_prefix(firsts[0], f) for f in firsts[1:])
+        assert shared >= lo and (hi is None or shared < hi), (add, shared)
+
+
 def test_parse_action():
     assert parse_action("Thought: a\nAction: search[Paris]") == "search[Paris]"
     assert parse_action("Thought 3: a\nAction 3:  Finish[yes] ") == "Finish[yes]"

@@ -87,21 +87,35 @@ def test_counts_and_last_end_exact_after_freeze_and_with_unbounded_depth(seq):
         assert approx.first_end[s] == min(ends)
 
 
-def test_frequent_continuation_follows_majority_and_stops_at_low_probability():
-    rng = random.Random(0)
-    seq = []
-    for _ in range(30):  # after [7, 8]: 9 three times out of four, else 5
-        seq += [7, 8, 9 if rng.random() < 0.75 else 5, rng.randrange(20, 40)]
-    sam = SuffixAutomaton(seq).freeze()
-    state = sam.walk([7, 8])
-    toks, probs = sam.frequent_continuation(state, 3, min_prob=0.0)
-    nines = sum(1 for i in range(len(seq) - 2) if seq[i:i + 3] == [7, 8, 9])
-    fives = sum(1 for i in range(len(seq) - 2) if seq[i:i + 3] == [7, 8, 5])
-    assert toks[0] == (9 if nines >= fives else 5)
-    assert probs[0] == pytest.approx(max(nines, fives) / (nines + fives))
-    # the token after [7, 8, 9] is random among 20 values: a 0.5 floor stops there
-    toks, _ = sam.frequent_continuation(state, 3, min_prob=0.5)
-    assert len(toks) == 1
+def brute_continuations(seq, pattern):
+    """Token -> occurrences of pattern + token in seq (negative tokens included)."""
+    m = len(pattern)
+    out = {}
+    for i in range(len(seq) - m):
+        if seq[i:i + m] == pattern:
+            out[seq[i + m]] = out.get(seq[i + m], 0) + 1
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(-2, 3), min_size=1, max_size=30))
+def test_top_next_is_the_most_frequent_continuation_online_and_frozen(seq):
+    """top_next(state of w) = an argmax over tokens >= 0 of count(w + token), with the total over
+    all continuations (sentinels < 0 included); exact with unbounded count depth and once frozen."""
+    online = SuffixAutomaton(seq, count_depth=None)
+    frozen = SuffixAutomaton(seq, count_depth=1).freeze()
+    for sub in substrings(seq) - {()}:
+        cont = brute_continuations(seq, list(sub))
+        real = {t: n for t, n in cont.items() if t >= 0}
+        for sam in (online, frozen):
+            top = sam.top_next(sam.walk(list(sub)))
+            if not real:
+                assert top is None
+                continue
+            tok, child, n, total = top
+            assert n == real[tok] == max(real.values())
+            assert total == sum(cont.values())
+            assert child == sam.walk(list(sub) + [tok])
 
 
 def test_frozen_rejects_extend_and_bad_depth():

@@ -25,12 +25,13 @@ from agentinfer_jax.serving.loop import ServingLoop
 from agentinfer_jax.serving.metrics import ServingMetrics
 from agentinfer_jax.serving.policies import make_policy
 from agentinfer_jax.serving.scheduler import Scheduler, SessionRetention
-from agentinfer_jax.speculation import PromptLookupDrafter
+from agentinfer_jax.speculation import PromptLookupDrafter, SAMDrafter, SessionMemory
+from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, MeasuredStepCost
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["ServerConfig", "ServingStack", "build_stack", "load_model_config", "SafeDetokenizer", "DRAFTERS"]
 
-DRAFTERS = ("none", "ngram")
+DRAFTERS = ("none", "ngram", "sam")
 _CONFIG_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -50,8 +51,9 @@ class ServerConfig:
     max_tokens_per_step: int = 256  # token budget per step
     max_model_len: int = 2048  # prompt + output tokens per request
     min_token_bucket: int = 16  # smallest padded step size (fewer buckets = fewer compilations)
-    drafter: str = "none"  # "none" or "ngram" (prompt lookup)
-    num_draft_tokens: int = 4  # k, when a drafter is on
+    drafter: str = "none"  # "none", "ngram" (prompt lookup) or "sam" (AgentSAM with cross-session memory)
+    num_draft_tokens: int = 4  # k at most, when a drafter is on
+    adaptive_draft: bool = True  # per-request k from measured step costs and acceptance (0 = off)
     policy: str = "fcfs"  # admission policy (fcfs, sjf, lpm, agentsched)
     prefix_cache: bool = True
     retention_ttl_s: float = 0.0  # keep a finished session's blocks this long (0 = off)
@@ -93,12 +95,15 @@ class ServingStack:
     prefix_cache: PrefixCache | None
     scheduler: Scheduler
     loop: ServingLoop
+    session_memory: SessionMemory | None = None  # AgentSAM's cross-session memory (drafter "sam")
 
     def start(self) -> None:
         self.loop.start()
 
     def shutdown(self) -> None:
         self.loop.shutdown()
+        if self.session_memory is not None:
+            self.session_memory.close()
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return SafeDetokenizer(self.tokenizer)(ids)
@@ -173,10 +178,16 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None) 
     # The chat template ends turns with the tokenizer's EOS; stop on it even if config.json omits it.
     eos = tuple(dict.fromkeys((*sched_config.eos_token_ids, *tokenizer.eos_token_ids)))
     sched_config = dataclasses.replace(sched_config, eos_token_ids=eos)
-    drafter = PromptLookupDrafter() if config.drafter == "ngram" else None
+    memory = SessionMemory() if config.drafter == "sam" else None
+    drafter = {"none": None, "ngram": PromptLookupDrafter(), "sam": SAMDrafter(memory) if memory else None}[
+        config.drafter]
+    # k in powers of two up to num_draft_tokens; the engine's step time is measured by the loop.
+    k_choices = sorted({min(1 << i, config.num_draft_tokens) for i in range(config.num_draft_tokens.bit_length())})
+    adaptive = AdaptiveSpeculation(MeasuredStepCost(), k_choices=k_choices, max_batch_size=config.max_num_seqs) \
+        if drafter is not None and config.adaptive_draft else None
     retention = SessionRetention(pool, config.retention_ttl_s) if config.retention_ttl_s > 0 else None
     scheduler = Scheduler(sched_config, pool, prefix_cache, policy, drafter=drafter,
-                          retention=retention)
+                          retention=retention, adaptive=adaptive)
     loop = ServingLoop(scheduler, engine, detokenize=SafeDetokenizer(tokenizer), metrics=metrics)
     return ServingStack(config, config.model_name or default_name, model_config, model, tokenizer, engine, pool,
-                        prefix_cache, scheduler, loop)
+                        prefix_cache, scheduler, loop, memory)

@@ -1,7 +1,7 @@
 """`agentinfer-serve`: the OpenAI-compatible server from the command line.
 
   agentinfer-serve --config tiny --port 8000
-  agentinfer-serve --checkpoint /models/Llama-3.2-1B-Instruct --max-model-len 8192 --drafter ngram
+  agentinfer-serve --checkpoint /models/Llama-3.2-1B-Instruct --max-model-len 8192 --drafter sam
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens-per-step", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--drafter", choices=DRAFTERS, default="none")
-    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="draft length k at most")
+    p.add_argument("--no-adaptive-draft", action="store_true",
+                   help="always draft k tokens (default: k per request from measured step cost and acceptance)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="fcfs")
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--retention-ttl", type=float, default=0.0, help="session KV retention seconds (0 = off)")
@@ -51,7 +53,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_tokens_per_step=args.max_tokens_per_step, max_model_len=args.max_model_len, drafter=args.drafter,
         num_draft_tokens=args.num_draft_tokens, policy=args.policy, prefix_cache=not args.no_prefix_cache,
-        retention_ttl_s=args.retention_ttl)
+        retention_ttl_s=args.retention_ttl, adaptive_draft=not args.no_adaptive_draft)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

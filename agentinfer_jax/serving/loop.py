@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -114,7 +115,9 @@ class ServingLoop:
             return bool(self.scheduler.has_unfinished)
         before = {s.request.request_id: (len(s.request.output_tokens), s.request.last_token_s) for s in out.seqs}
         try:
+            t0 = time.perf_counter()
             new_tokens = self.executor.execute(out)
+            self.scheduler.observe_step(out, time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - one bad request must not take the loop or its batch down
             log.exception("step failed; re-running its %d sequences one by one", len(out.seqs))
             out, new_tokens = self._isolate_failure(out)

@@ -145,7 +145,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, pool, prefix_cache=None, policy: AdmissionPolicy | None = None,
                  drafter=None, retention: SessionRetention | None = None,
-                 clock: Callable[[], float] = time.monotonic, draft_len_fn: Callable[[Request], int] | None = None):
+                 clock: Callable[[], float] = time.monotonic, adaptive=None):
         self.config = config
         self.pool = pool
         self.prefix_cache = prefix_cache
@@ -153,8 +153,9 @@ class Scheduler:
         self.drafter = drafter
         self.retention = retention
         self.clock = clock
-        # Per-request draft length (the adaptive switch); defaults to config.num_draft_tokens.
-        self.draft_len_fn = draft_len_fn
+        # The adaptive switch (speculation.adaptive.AdaptiveSpeculation): per-request draft length,
+        # at most config.num_draft_tokens; None drafts config.num_draft_tokens whenever it can.
+        self.adaptive = adaptive
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -255,6 +256,8 @@ class Scheduler:
                 req.num_drafted += seq.num_draft
                 req.num_accepted += num_acc
                 req.num_verify_steps += 1
+                if self.adaptive is not None:
+                    self.adaptive.observe(req.request_id, seq.num_draft, num_acc)
             if toks:
                 reason = self._append(req, toks, now)
                 if self.drafter is not None:
@@ -269,6 +272,12 @@ class Scheduler:
                 self._finish(req, reason, RequestState.FINISHED)
                 finished.append(req)
         return finished
+
+    def observe_step(self, output: SchedulerOutput, seconds: float) -> None:
+        """The executor's measured time for `output` (the adaptive switch's cost model learns it)."""
+        cost = getattr(self.adaptive, "step_cost", None)
+        if hasattr(cost, "record"):
+            cost.record(len(output.seqs), output.num_tokens, seconds)
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -312,10 +321,12 @@ class Scheduler:
     def _draft_len(self, req: Request) -> int:
         if self.drafter is None:
             return 0
-        k = self.draft_len_fn(req) if self.draft_len_fn else self.config.num_draft_tokens
         room = min(req.sampling.max_tokens - len(req.output_tokens),
                    self.config.max_model_len - req.num_tokens) - 1
-        return max(0, min(k, room))
+        k = min(self.config.num_draft_tokens, room)
+        if k > 0 and self.adaptive is not None:
+            k = self.adaptive.choose_k(req.request_id, len(self.running), req.num_tokens, max_k=k)
+        return max(0, k)
 
     def _plan_running(self, req: Request, budget: int) -> ScheduledSeq | None:
         """The request's next feed within `budget`, with blocks allocated; None if blocks ran out."""
@@ -423,3 +434,5 @@ class Scheduler:
         if self.drafter is not None and req.drafter_started:
             self.drafter.end(req.request_id)
             req.drafter_started = False
+        if self.adaptive is not None:
+            self.adaptive.end(req.request_id)

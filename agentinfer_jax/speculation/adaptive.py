@@ -55,6 +55,59 @@ class StepCostTable:
         return max(c0 + (c1 - c0) * (tokens_fed - t0) / (t1 - t0), 1e-12)
 
 
+class MeasuredStepCost:
+    """Step cost learned online from the serving loop's timed steps (`record`).
+
+    The engine pads each step to one of a few token buckets, so a step's cost is flat inside a
+    bucket and jumps between them: verifying k more tokens is free when it stays in the bucket.
+    Cells are (batch-size bucket, token bucket), both powers of two, each an exponential moving
+    average of measured seconds (weight `decay` on the past). A query reads its cell, else
+    interpolates linearly in tokens between the nearest measured cells of its batch bucket (below
+    them proportionally, above them flat: each unmeasured side looks worth a try, so it gets
+    measured), else uses the nearest batch bucket; with no measurement at all every cost is
+    `default_s`, so drafting starts on and the measurements decide.
+    """
+
+    def __init__(self, decay: float = 0.9, default_s: float = 1e-3) -> None:
+        if not 0 <= decay < 1 or default_s <= 0:
+            raise ValueError("need 0 <= decay < 1 and default_s > 0")
+        self.decay, self.default_s = decay, default_s
+        self._cells: dict[int, dict[int, float]] = {}  # batch bucket -> token bucket -> seconds
+
+    @staticmethod
+    def _bucket(n: int) -> int:
+        return 1 << max(0, int(n) - 1).bit_length()
+
+    def record(self, batch_size: int, tokens_fed: int, seconds: float) -> None:
+        if batch_size < 1 or tokens_fed < 1 or not seconds > 0:
+            return  # empty or untimed steps carry no information
+        row = self._cells.setdefault(self._bucket(batch_size), {})
+        t = self._bucket(tokens_fed)
+        old = row.get(t)
+        row[t] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def __call__(self, batch_size: int, tokens_fed: int) -> float:
+        if not self._cells:
+            return self.default_s
+        b = self._bucket(batch_size)
+        if b not in self._cells:
+            b = min(self._cells, key=lambda x: (abs(x.bit_length() - b.bit_length()), x))
+        row = self._cells[b]
+        t = self._bucket(tokens_fed)
+        if t in row:
+            return row[t]
+        toks = sorted(row)
+        j = bisect.bisect_left(toks, t)
+        if j == 0:
+            # Fewer tokens than ever measured: proportional (pessimistic for drafting, so the
+            # switch runs a step without drafts and measures it).
+            return row[toks[0]] * t / toks[0]
+        if j == len(toks):
+            return row[toks[-1]]  # more: flat (optimistic, so a larger k gets tried and measured)
+        t0, t1 = toks[j - 1], toks[j]
+        return row[t0] + (row[t1] - row[t0]) * (t - t0) / (t1 - t0)
+
+
 def linear_step_cost(fixed_s: float, per_token_s: float, flat_tokens: int = 0) -> StepCost:
     """A roofline-like cost: `fixed_s` up to `flat_tokens` tokens (memory-bound), then linear."""
     if fixed_s <= 0 or per_token_s < 0 or flat_tokens < 0:

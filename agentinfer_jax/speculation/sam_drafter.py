@@ -1,29 +1,34 @@
-"""AgentSAM drafter: a suffix automaton per session plus cross-session memory.
+"""AgentSAM drafter: suffix automata over the session, similar past sessions and past responses,
+choosing between them with acceptance rates learned from verification.
 
-Per session (requests sharing a `session_id`), one online `SuffixAutomaton` over the context. A new
-request whose prompt extends the session's last context only extends the automaton with the new
-suffix; otherwise the session's automaton is rebuilt from the prompt.
+Sources, each a suffix automaton with a cursor (the longest suffix of the context it contains):
+- OWN: one online `SuffixAutomaton` per session over its context (prompt + generated tokens). A new
+  request whose prompt extends the session's last context only extends it; otherwise it is
+  rebuilt. Its cursor is the automaton's self-match (longest suffix that occurred earlier, O(1)).
+- MEMORY: a frozen automaton over the top-K BM25-similar finished sessions (`SessionMemory`),
+  retrieved on a worker thread at the request's start and when the context has grown
+  `refresh_growth` times; until it is ready the request drafts without it.
+- GLOBAL: the memory's frozen automaton over recent responses of all finished requests (agents
+  reuse their own formats and phrasings across tasks), picked up whenever the worker rebuilds it.
+Each source also offers `backoff` shorter contexts (suffix-link parents of its cursor): a shorter
+match has seen more continuations, so its statistics are firmer.
 
-Drafting, per step (O(k * out-degree)):
-- Own context: the automaton's self-match (longest suffix of the context that occurred earlier,
-  O(1) online) and the most frequent continuation from that state, token by token (occurrence
-  counts, approximate online, see SuffixAutomaton). Frequency beats copying the most recent
-  occurrence on the FireAct traces (measured: +5% accepted tokens when the two disagree), since
-  agent text repeats its formats (Thought/Action lines) more often than its latest wording.
-- Memory: a frozen automaton over the top-K BM25-similar finished sessions (`SessionMemory`),
-  matched as tokens arrive (`Matcher`), with exact counts pooled over the K sessions.
-- The memory's draft is used only when its match is strictly longer than the own match (a longer
-  match is a more specific context; on ties the own context knows this request's entities, and
-  measured on FireAct it is right ~4x as often as memory on ties).
-- Both stop where recorded continuations disagree: at a token whose probability is below
-  `min_prob` (memory: smoothed as count / (total + 1), so a single earlier occurrence is a weak vote).
-- Draft length: nothing below `min_match` matched tokens; at most min(k, ceil(factor * match_len)).
-  Verification is one batched forward pass, so a longer speculative tail is cheap; the adaptive
-  switch (adaptive.py) trims k where verification cost matters.
+Drafting: from every cursor the drafter follows the most frequent continuation (occurrence counts;
+exact in frozen automata, approximate online, see SuffixAutomaton). An `AcceptanceCalibrator` gives
+each drafted token a probability of acceptance from its evidence, and a candidate's value is its
+expected accepted tokens, sum_j prod_{i<=j} p_i. The candidate with the highest value is drafted,
+cut where its path probability falls below `min_prob` and at min(k, ceil(factor * longest match))
+tokens, so drafts grow with the match length and stop where recorded continuations disagree.
+Candidates are evaluated lazily and abandoned as soon as they cannot beat the best so far (their
+path probability only falls), which keeps a step at tens of microseconds in Python.
 
-Retrieval runs at each request's start and again when the context has grown by
-`refresh_growth` times since the last retrieval; until the worker has built the automaton the
-request drafts from its own automaton only.
+Why learned rates instead of "the longest match wins" or raw counts: the counts are badly
+calibrated and differ per source. On FireAct a session's own unique continuation after a one-token
+match is accepted about half the time while its count says 1.0, and a phrase that sixteen retrieved
+sessions share wins after a '.' that the session's own text continues differently. The calibrator
+learns these rates online from the tokens the engine reports back through `extend`: up to the
+first rejection the true next tokens are known, so every candidate's tokens there (drafted or not)
+are scored, and the rates are not biased by which candidate won.
 """
 
 from __future__ import annotations
@@ -37,11 +42,82 @@ from agentinfer_jax.speculation.base import UnknownRequestError, check_k, check_
 from agentinfer_jax.speculation.session_memory import SessionMemory
 from agentinfer_jax.speculation.suffix_automaton import Matcher, SuffixAutomaton
 
+OWN, MEMORY, GLOBAL = 0, 1, 2
+SOURCE_NAMES = ("own", "memory", "global")
+
+
+class AcceptanceCalibrator:
+    """P(a drafted token is accepted), by the evidence behind it, learned online.
+
+    Two levels, each a table of (accepted, trials):
+    - cells: (source, log2 match length, log2 occurrences of the matched context, the token's
+      empirical share of those occurrences in 5 bins), estimated as (accepted + w * prior) /
+      (trials + w) with prior = the smoothed count ratio n / (total + 1), w = `prior_weight`;
+    - first tokens: (source, last context token, proposed token), shrunk towards the cell's
+      estimate with the same weight. Which token ends the context says a lot that counts cannot
+      (after a '.' agents start a new line of a known format, after a name they copy the rest).
+    A fresh calibrator therefore behaves like a count-based drafter and sharpens as it observes.
+    """
+
+    NUM_CELLS = 3 * 8 * 8 * 5
+
+    def __init__(self, prior_weight: float = 4.0, max_first_tokens: int = 1 << 18) -> None:
+        if not prior_weight > 0 or max_first_tokens < 0:
+            raise ValueError("need prior_weight > 0 and max_first_tokens >= 0")
+        self.prior_weight = prior_weight
+        self.max_first_tokens = max_first_tokens
+        self.accepted = [0.0] * self.NUM_CELLS
+        self.trials = [0.0] * self.NUM_CELLS
+        self.first: dict[tuple[int, int, int], list[float]] = {}
+
+    @staticmethod
+    def cell(source: int, match_len: int, n: int, total: int) -> int:
+        lb, tb = match_len.bit_length(), total.bit_length()
+        share = 4 if n == total else 4 * n // total
+        return (((source << 3) + (lb if lb < 7 else 7)) * 8 + (tb if tb < 7 else 7)) * 5 + share
+
+    def prob(self, cell: int, n: int, total: int) -> float:
+        w = self.prior_weight
+        return (self.accepted[cell] + w * n / (total + 1)) / (self.trials[cell] + w)
+
+    def first_prob(self, source: int, last: int, token: int, cell_prob: float) -> float:
+        stats = self.first.get((source, last, token))
+        if stats is None:
+            return cell_prob
+        return (stats[0] + self.prior_weight * cell_prob) / (stats[1] + self.prior_weight)
+
+    def update(self, cell: int, accepted: bool) -> None:
+        self.accepted[cell] += accepted
+        self.trials[cell] += 1.0
+
+    def update_first(self, source: int, last: int, token: int, accepted: bool) -> None:
+        stats = self.first.get((source, last, token))
+        if stats is None:
+            if len(self.first) >= self.max_first_tokens:
+                return  # bounded: a full table keeps what it has learned
+            stats = self.first[(source, last, token)] = [0.0, 0.0]
+        stats[0] += accepted
+        stats[1] += 1.0
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """Observed cells by readable name (for logs and the experiment's JSON)."""
+        out = {}
+        for c, n in enumerate(self.trials):
+            if n:
+                rest, share = divmod(c, 5)
+                rest, occ = divmod(rest, 8)
+                src, length = divmod(rest, 8)
+                out[f"{SOURCE_NAMES[src]}/len<2^{length}/occ<2^{occ}/share{share}"] = {
+                    "accepted": self.accepted[c], "trials": n, "rate": round(self.accepted[c] / n, 4)}
+        return out
+
 
 class _SessionState:
-    """One session's automaton, its memory retrieval and the matcher against that memory."""
+    """One session's automaton, its memory retrieval and the matchers of the active request."""
 
-    __slots__ = ("session_id", "sam", "pending", "memory_matcher", "retrieved_at", "active_request")
+    __slots__ = ("session_id", "sam", "pending", "memory_matcher", "retrieved_at", "active_request",
+                 "global_matcher", "global_version", "response_start", "last_candidates", "last_token",
+                 "last_expected")
 
     def __init__(self, session_id: str, prompt: list[int], count_depth: int) -> None:
         self.session_id = session_id
@@ -50,20 +126,40 @@ class _SessionState:
         self.memory_matcher: Matcher | None = None
         self.retrieved_at = 0
         self.active_request: str | None = None
+        self.global_matcher: Matcher | None = None
+        self.global_version = 0
+        self.response_start = len(prompt)
+        # The latest proposal's candidates (source, tokens, cells), scored when the verified
+        # tokens arrive through extend(); the context's last token when they were proposed.
+        self.last_candidates: list[tuple[int, list[int], list[int]]] = []
+        self.last_token = -1
+        self.last_expected = 0.0
 
 
 class SAMDrafter:
-    """Drafter over suffix automata with optional cross-session memory (see module docstring)."""
+    """Drafter over suffix automata with optional cross-session memory (see module docstring).
+
+    `min_prob`: floor on a draft's calibrated path probability (0 drafts up to the length cap and
+    leaves trimming to the adaptive switch); `factor`: drafts at most ceil(factor * longest match)
+    tokens; `backoff`: shorter contexts tried per source; `global_memory=False`: no GLOBAL source;
+    `warmup_tokens`: context tokens matched when a memory automaton is installed.
+    """
 
     def __init__(self, memory: SessionMemory | None = None, *, min_match: int = 1, factor: float = 8.0,
-                 min_prob: float = 0.1, refresh_growth: float = 2.0, warmup_tokens: int = 64,
-                 max_live_sessions: int = 1024, count_depth: int = 8) -> None:
-        if min_match < 1 or factor <= 0 or not 0 <= min_prob <= 1 or refresh_growth <= 1:
-            raise ValueError("need min_match >= 1, factor > 0, 0 <= min_prob <= 1, refresh_growth > 1")
+                 min_prob: float = 0.0, backoff: int = 1, refresh_growth: float = 2.0, warmup_tokens: int = 64,
+                 max_live_sessions: int = 1024, count_depth: int = 8, global_memory: bool = True,
+                 calibrator: AcceptanceCalibrator | None = None) -> None:
+        if min_match < 1 or factor <= 0 or not 0 <= min_prob <= 1 or refresh_growth <= 1 or backoff < 0:
+            raise ValueError("need min_match >= 1, factor > 0, 0 <= min_prob <= 1, refresh_growth > 1, "
+                             "backoff >= 0")
+        if warmup_tokens < 1 or max_live_sessions < 1:
+            raise ValueError("warmup_tokens and max_live_sessions must be >= 1")
         self.memory = memory
-        self.min_match, self.factor, self.min_prob = min_match, factor, min_prob
+        self.min_match, self.factor, self.min_prob, self.backoff = min_match, factor, min_prob, backoff
         self.refresh_growth, self.warmup_tokens = refresh_growth, warmup_tokens
         self.max_live_sessions, self.count_depth = max_live_sessions, count_depth
+        self.global_memory = global_memory
+        self.calibrator = calibrator or AcceptanceCalibrator()
         self._sessions: OrderedDict[str, _SessionState] = OrderedDict()
         self._requests: dict[str, _SessionState] = {}
 
@@ -76,10 +172,7 @@ class SAMDrafter:
         key = session_id if session_id is not None else f"request:{request_id}"
         state = self._sessions.get(key)
         if state is not None and state.active_request is None and _extends(prompt, state.sam.tokens):
-            new = prompt[len(state.sam.tokens):]
-            state.sam.extend_many(new)
-            if state.memory_matcher is not None:
-                state.memory_matcher.feed_many(new)
+            state.sam.extend_many(prompt[len(state.sam.tokens):])
             self._sessions.move_to_end(key)
         elif state is not None and state.active_request is not None:
             # A concurrent request of a busy session: a private, unshared state.
@@ -94,49 +187,104 @@ class SAMDrafter:
                     break
                 del self._sessions[old_key]
         state.active_request = request_id
+        state.response_start = len(state.sam.tokens)
+        state.last_candidates = []
         self._requests[request_id] = state
         self._maybe_retrieve(state)
 
     def extend(self, request_id: str, tokens: Sequence[int]) -> None:
         state = self._get(request_id)
         toks = check_tokens(tokens)
+        if state.last_candidates and toks:
+            self._score_last_proposal(state, toks)
         state.sam.extend_many(toks)
-        if state.memory_matcher is not None:
-            state.memory_matcher.feed_many(toks)
+        for matcher in (state.memory_matcher, state.global_matcher):
+            if matcher is not None:
+                matcher.feed_many(toks)
         self._maybe_retrieve(state)
 
     def propose(self, request_id: str, k: int) -> list[int]:
         check_k(k)
         state = self._get(request_id)
+        state.last_candidates, state.last_expected = [], 0.0
         if k == 0:
             return []
         self._poll_memory(state)
-        sam = state.sam
-        own_len = sam.match_length
-        matcher = state.memory_matcher
-        if matcher is not None and matcher.length > own_len and matcher.length >= self.min_match:
-            limit = min(k, math.ceil(self.factor * matcher.length))
-            mem, _ = _confident_continuation(matcher.sam, matcher.state, limit, self.min_prob)
-            if mem:
-                return mem
-        if own_len < self.min_match:
+        cursors = self._cursors(state)
+        if not cursors:
             return []
-        limit = min(k, math.ceil(self.factor * own_len))
-        own, _ = sam.frequent_continuation(sam.match_state, limit, self.min_prob)
-        return own
+        limit = min(k, math.ceil(self.factor * max(c[3] for c in cursors)))
+        cal, cell_of, min_prob = self.calibrator, AcceptanceCalibrator.cell, self.min_prob
+        accepted, trials, w, first = cal.accepted, cal.trials, cal.prior_weight, cal.first
+        last = state.sam.tokens[-1] if state.sam.tokens else -1
+        state.last_token = last
+        # First tokens of all candidates, then best-first extension: once a candidate's first-token
+        # probability times the length cap cannot beat the best draft, neither can any later one.
+        heads = []
+        for src, sam, st, length in cursors:
+            top = sam.top_next(st)
+            if top is None:
+                continue
+            tok, st, n, total = top
+            c = cell_of(src, length, n, total)
+            q = (accepted[c] + w * n / (total + 1)) / (trials[c] + w)
+            stats = first.get((src, last, tok))
+            if stats is not None:
+                q = (stats[0] + w * q) / (stats[1] + w)
+            heads.append((q, src, sam, st, length + 1, tok, c))
+        heads.sort(key=lambda h: -h[0])
+        candidates = []
+        best_score, best_toks = 0.0, []
+        for p, src, sam, st, length, tok, c in heads:
+            toks, cells = [tok], [c]
+            candidates.append((src, toks, cells))
+            if p < min_prob or p * limit <= best_score:
+                continue  # scored from its first token only (the rest would not be drafted)
+            score, keep = p, 1  # keep: leading tokens whose path probability is >= min_prob
+            top_next, src8 = sam.top_next, src << 3
+            while len(toks) < limit and score + p * (limit - len(toks)) > best_score:
+                top = top_next(st)
+                if top is None:
+                    break
+                tok, st, n, total = top
+                # AcceptanceCalibrator.cell, inlined: this loop is the drafter's hot path.
+                lb, tb = length.bit_length(), total.bit_length()
+                c = (((src8 + (lb if lb < 7 else 7)) * 8 + (tb if tb < 7 else 7)) * 5
+                     + (4 if n == total else 4 * n // total))
+                p *= (accepted[c] + w * n / (total + 1)) / (trials[c] + w)
+                length += 1
+                toks.append(tok)
+                cells.append(c)
+                if p < min_prob:
+                    break
+                score += p
+                keep += 1
+            if score > best_score:
+                best_score, best_toks = score, toks[:keep]
+        state.last_candidates, state.last_expected = candidates, best_score
+        return list(best_toks)
+
+    def expected_accepted(self, request_id: str) -> float:
+        """Calibrated expected accepted tokens of the request's latest proposal (sum of path
+        probabilities); an adaptive switch can weigh it against the cost of verifying."""
+        return self._get(request_id).last_expected
 
     def end(self, request_id: str) -> None:
         state = self._get(request_id)
         del self._requests[request_id]
         if state.active_request == request_id:
             state.active_request = None
+        state.last_candidates = []
         # Only active requests hold a retrieved automaton (bounded memory); the session's next
         # request retrieves afresh (memory will have grown by then anyway).
         if state.pending is not None:
             state.pending.cancel()
         state.pending, state.memory_matcher, state.retrieved_at = None, None, 0
+        state.global_matcher, state.global_version = None, 0
         if self.memory is not None:
             self.memory.add(state.session_id, state.sam.tokens)
+            if self.global_memory:
+                self.memory.add_response(state.sam.tokens[state.response_start:])
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -145,6 +293,37 @@ class SAMDrafter:
             return self._requests[request_id]
         except KeyError:
             raise UnknownRequestError(f"unknown request {request_id!r}") from None
+
+    def _cursors(self, state: _SessionState) -> list[tuple[int, SuffixAutomaton, int, int]]:
+        """(source, automaton, state, match length) per source with a long enough match, longest
+        contexts first, then each source's `backoff` shorter ones."""
+        sam, min_match = state.sam, self.min_match
+        out = []
+        if sam.match_length >= min_match:
+            out.append((OWN, sam, sam.match_state, sam.match_length))
+        for src, m in ((MEMORY, state.memory_matcher), (GLOBAL, state.global_matcher)):
+            if m is not None and m.length >= min_match:
+                out.append((src, m.sam, m.state, m.length))
+        for src, a, st, _ in out[:]:
+            for _ in range(self.backoff):
+                st = a.link[st]
+                if st <= 0 or a.length[st] < min_match:
+                    break
+                out.append((src, a, st, a.length[st]))
+        return out
+
+    def _score_last_proposal(self, state: _SessionState, toks: list[int]) -> None:
+        """Scores every candidate's tokens up to its first mismatch with the verified `toks` (past
+        that, the true context is no longer the candidate's)."""
+        cal = self.calibrator
+        for src, path, cells in state.last_candidates:
+            if path:
+                cal.update_first(src, state.last_token, path[0], path[0] == toks[0])
+            for c, tok, true in zip(cells, path, toks):
+                cal.update(c, tok == true)
+                if tok != true:
+                    break
+        state.last_candidates = []
 
     def _maybe_retrieve(self, state: _SessionState) -> None:
         if self.memory is None or state.pending is not None:
@@ -155,37 +334,38 @@ class SAMDrafter:
             state.pending = self.memory.retrieve(state.sam.tokens, exclude=state.session_id)
 
     def _poll_memory(self, state: _SessionState) -> None:
-        """Installs a finished retrieval: a matcher warmed up on the context's last tokens."""
+        """Installs a finished retrieval and the newest global automaton, each as a matcher warmed
+        up on the context's last tokens."""
+        if self.memory is None:
+            return
+        if self.global_memory:
+            version, gsam = self.memory.global_automaton()
+            if gsam is not None and version != state.global_version:
+                state.global_matcher = self._warm_matcher(gsam, state)
+                state.global_version = version
         fut = state.pending
         if fut is None or not fut.done():
             return
         state.pending = None
         if fut.cancelled() or fut.exception() is not None:
-            return  # memory is best effort: keep drafting from the own automaton
+            return  # memory is best effort: keep drafting from the other sources
         sam, _ = fut.result()
-        if sam is None:
-            return
+        if sam is not None:
+            state.memory_matcher = self._warm_matcher(sam, state)
+
+    def _warm_matcher(self, sam: SuffixAutomaton, state: _SessionState) -> Matcher:
         matcher = Matcher(sam)
         matcher.feed_many(state.sam.tokens[-self.warmup_tokens:])
-        state.memory_matcher = matcher
+        return matcher
 
     def wait_for_memory(self, request_id: str) -> None:
-        """Blocks until the request's pending retrieval is installed (deterministic replays)."""
+        """Blocks until the request's pending retrieval is installed (deterministic replays; the
+        worker runs tasks in order, so every earlier global rebuild is visible too)."""
         state = self._get(request_id)
         if state.pending is not None:
             concurrent.futures.wait([state.pending])
-            self._poll_memory(state)
+        self._poll_memory(state)
 
 
 def _extends(prompt: list[int], context: list[int]) -> bool:
     return len(prompt) >= len(context) and prompt[:len(context)] == context
-
-
-def _confident_continuation(sam: SuffixAutomaton, state: int, k: int,
-                            min_prob: float) -> tuple[list[int], list[float]]:
-    """Most frequent continuation with smoothed probabilities, cut at a session sentinel (< 0)."""
-    tokens, probs = sam.frequent_continuation(state, k, min_prob, smoothing=1.0)
-    for i, t in enumerate(tokens):
-        if t < 0:
-            return tokens[:i], probs[:i]
-    return tokens, probs

@@ -12,6 +12,11 @@ BM25 runs over token ids as words (each id's decimal string), not decoded text: 
 on the request path, the same units the drafter matches on, any tokenizer works, and byte-level BPE
 ids of a 4k-vocabulary are word pieces that BM25's IDF weights sensibly.
 
+Global memory: the generated tokens of finished requests (responses only: agents repeat their own
+formats and phrasings across tasks, while prompts carry task-specific observations) also feed one
+frozen automaton over all recent responses, rebuilt on the worker as they accumulate, so a session
+can draft a continuation that no retrieved session holds but many earlier responses share.
+
 Threading: every mutation of the store and the BM25 index, and every automaton build, runs on one
 worker thread (a single-thread executor), so they need no locks; callers get
 `concurrent.futures.Future`s. The automata handed out are frozen (read-only) and shared safely.
@@ -55,12 +60,22 @@ class SessionMemory:
     """
 
     def __init__(self, max_sessions: int = 512, max_tokens: int = 1 << 21, top_k: int = 16,
-                 query_tokens: int = 256, doc_tokens: int = 4096, rebuild_fraction: float = 0.1) -> None:
+                 query_tokens: int = 256, doc_tokens: int = 4096, rebuild_fraction: float = 0.1,
+                 global_tokens: int = 1 << 19, global_min_rebuild: int = 512) -> None:
         if min(max_sessions, max_tokens, top_k, query_tokens, doc_tokens) < 1 or rebuild_fraction <= 0:
             raise ValueError("max_sessions, max_tokens, top_k, query_tokens, doc_tokens must be >= 1 "
                              "and rebuild_fraction > 0")
+        if global_tokens < 0 or global_min_rebuild < 1:
+            raise ValueError("global_tokens must be >= 0 (0 = off) and global_min_rebuild >= 1")
         self.max_sessions, self.max_tokens, self.top_k = max_sessions, max_tokens, top_k
         self.query_tokens, self.doc_tokens, self.rebuild_fraction = query_tokens, doc_tokens, rebuild_fraction
+        self.global_tokens, self.global_min_rebuild = global_tokens, global_min_rebuild
+        # Responses of finished requests, newest last (worker only), and the latest frozen automaton
+        # over them: (version, automaton), replaced whole so any thread may read it without a lock.
+        self._responses: collections.deque[list[int]] = collections.deque()
+        self._response_tokens = 0
+        self._unbuilt_tokens = 0
+        self._global: tuple[int, SuffixAutomaton | None] = (0, None)
         # Worker-thread-only state. _store: session -> (version, tokens, words), oldest first.
         self._store: collections.OrderedDict[str, tuple[int, list[int], list[str]]] = collections.OrderedDict()
         self._version = 0
@@ -93,6 +108,17 @@ class SessionMemory:
             raise ValueError(f"top_k must be >= 1, got {k}")
         distinct = list(dict.fromkeys(reversed(list(query))))[:self.query_tokens]
         return self._submit(self._retrieve, distinct, exclude, k)
+
+    def add_response(self, tokens: Sequence[int]) -> concurrent.futures.Future:
+        """Stores one finished request's generated tokens for the global automaton (bounded by
+        `global_tokens`, oldest dropped first). The automaton is rebuilt on the worker once the
+        tokens added since its build exceed max(global_min_rebuild, rebuild_fraction x its size)."""
+        return self._submit(self._add_response, list(tokens))
+
+    def global_automaton(self) -> tuple[int, SuffixAutomaton | None]:
+        """(version, frozen automaton over the stored responses, or None); callable from any thread.
+        The version changes with every rebuild, so a reader knows when to re-match."""
+        return self._global
 
     def flush(self) -> None:
         """Blocks until every task submitted so far has run (tests and deterministic replays)."""
@@ -141,6 +167,26 @@ class SessionMemory:
         self._delta_ids.append(session_id)
         self._delta_stale = True
         self.stats["added"] += 1
+
+    def _add_response(self, tokens: list[int]) -> None:
+        if not self.global_tokens or not tokens:
+            return
+        tokens = tokens[-self.global_tokens:]
+        self._responses.append(tokens)
+        self._response_tokens += len(tokens)
+        self._unbuilt_tokens += len(tokens)
+        while self._response_tokens > self.global_tokens:
+            self._response_tokens -= len(self._responses.popleft())
+        built = self._global[1]
+        size = len(built) if built is not None else 0
+        if self._unbuilt_tokens >= max(self.global_min_rebuild, self.rebuild_fraction * size):
+            sam = SuffixAutomaton(count_depth=1)
+            for i, resp in enumerate(self._responses):
+                sam.extend_many(resp)
+                sam.extend(-1 - i)  # sentinel: no match crosses two responses
+            self._global = (self._global[0] + 1, sam.freeze())
+            self._unbuilt_tokens = 0
+            self.stats["global_builds"] += 1
 
     def _refresh_indexes(self) -> None:
         if len(self._delta_ids) > self.rebuild_fraction * max(len(self._main_versions), 16):

@@ -52,6 +52,8 @@ class SuffixAutomaton:
         # An end position (< len - 1) of the current self-match; -1 when there is no match.
         self.match_end = -1
         self.frozen = False
+        # Per-state top continuation, built by freeze() so a frozen automaton answers in O(1).
+        self._top: list[tuple[int, int, int, int] | None] = []
         for t in tokens:
             self.extend(t)
 
@@ -143,6 +145,9 @@ class SuffixAutomaton:
                         last_end[parent] = last_end[s]
         count[ROOT] = len(self.tokens) + 1
         self.count, self.last_end = count, last_end
+        # Most frequent continuation of every state, so drafting never scans a wide state's edges
+        # on the request path (O(transitions) once, here, on whichever thread freezes).
+        self._top = [self._scan_top(s) for s in range(n)]
         self.frozen = True
         return self
 
@@ -170,44 +175,38 @@ class SuffixAutomaton:
     def match_state(self) -> int:
         return self.link[self.last] if self.last != ROOT else ROOT
 
-    def copy_continuation(self, end: int, k: int) -> list[int]:
-        """Up to k tokens that followed the occurrence ending at `end`."""
-        return self.tokens[end + 1:end + 1 + k] if end >= 0 else []
+    def top_next(self, state: int) -> tuple[int, int, int, int] | None:
+        """(token, child, count of child, total count over state's transitions) of the most frequent
+        next token after `state`'s strings, or None if nothing follows. Negative tokens (session
+        sentinels) count in the total but are never returned. O(out-degree); O(1) once frozen
+        (precomputed by `freeze`)."""
+        if self.frozen:
+            return self._top[state]
+        return self._scan_top(state)
 
-    def frequent_continuation(self, state: int, k: int, min_prob: float,
-                              smoothing: float = 0.0) -> tuple[list[int], list[float]]:
-        """Follows the most frequent next token from `state` while its probability >= min_prob.
+    def _scan_top(self, state: int) -> tuple[int, int, int, int] | None:
+        count = self.count
+        best_tok, best_child, best, total = -1, -1, 0, 0
+        for tok, child in self.next[state].items():
+            n = count[child]
+            total += n
+            if tok >= 0 and n > best:
+                best_tok, best_child, best = tok, child, n
+        return (best_tok, best_child, best, total) if best_child >= 0 else None
 
-        Probability of token a after the strings of s = count[next[s][a]] / (sum of count over s's
-        transitions + smoothing); smoothing > 0 discounts continuations seen only a few times.
-        Returns the tokens and the conditional probability of each. Cost O(k * out-degree).
-        """
-        out: list[int] = []
-        probs: list[float] = []
-        nxt, count = self.next, self.count
-        while len(out) < k and state >= 0:
-            edges = nxt[state]
-            if not edges:
-                break
-            if len(edges) == 1:
-                (tok, child), = edges.items()
-                n = count[child]
-                p = n / (n + smoothing) if n > 0 else 0.0
-            else:
-                total = 0
-                tok, child, best = -1, -1, -1
-                for a, c in edges.items():
-                    n = count[c]
-                    total += n
-                    if n > best:
-                        tok, child, best = a, c, n
-                p = best / (total + smoothing) if total > 0 else 0.0
-            if p < min_prob:
-                break
-            out.append(tok)
-            probs.append(p)
-            state = child
-        return out, probs
+
+def advance(sam: SuffixAutomaton, state: int, length: int, token: int) -> tuple[int, int]:
+    """(state, length) of the longest suffix of (matched string + token) in `sam`'s text.
+
+    `state`, `length` must describe a matched suffix (the last `length` tokens of a stream spell a
+    string of `state`); O(1) amortised along a stream. Unknown tokens reset to (ROOT, 0).
+    """
+    nxt, link, lengths = sam.next, sam.link, sam.length
+    while state != ROOT and token not in nxt[state]:
+        state = link[state]
+        length = lengths[state]
+    child = nxt[state].get(token)
+    return (ROOT, 0) if child is None else (child, length + 1)
 
 
 class Matcher:
@@ -225,16 +224,7 @@ class Matcher:
         self.length = 0
 
     def feed(self, token: int) -> None:
-        nxt, link, length = self.sam.next, self.sam.link, self.sam.length
-        s, n = self.state, self.length
-        while s != ROOT and token not in nxt[s]:
-            s = link[s]
-            n = length[s]
-        child = nxt[s].get(token)
-        if child is None:
-            self.state, self.length = ROOT, 0
-        else:
-            self.state, self.length = child, n + 1
+        self.state, self.length = advance(self.sam, self.state, self.length, token)
 
     def feed_many(self, tokens: Iterable[int]) -> None:
         for t in tokens:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -98,6 +99,8 @@ class WorkloadResult:
     busy_s: float
     preemptions: int
     lambda_trace: list[tuple[float, float]]  # (time, shadow price) where the policy exposes one
+    z_trace: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # (time, z = D / U), likewise
+    mean_batch: float = 0.0  # sequences per step, weighted by step time (how loaded the engine was)
 
     def summary(self) -> dict[str, float]:
         lat = np.array([c.latency_s for c in self.calls]) if self.calls else np.zeros(1)
@@ -105,13 +108,19 @@ class WorkloadResult:
         prompt = sum(c.prompt_tokens for c in self.calls)
         out_tokens = sum(c.output_tokens for c in self.calls)
         sess = np.array(list(self.session_latency_s.values())) if self.session_latency_s else np.zeros(1)
+        # The model's share of a session (queueing + prefill + decode of its calls); the rest is tool time.
+        llm: dict[str, float] = {}
+        for c in self.calls:
+            llm[c.session_id] = llm.get(c.session_id, 0.0) + c.latency_s
         return {
             "kv_hit_rate": sum(c.cached_tokens for c in self.calls) / prompt if prompt else 0.0,
             "mean_call_latency_s": float(lat.mean()), "p99_call_latency_s": float(np.percentile(lat, 99)),
             "mean_session_latency_s": float(sess.mean()), "p99_session_latency_s": float(np.percentile(sess, 99)),
+            "mean_session_llm_s": float(np.mean(list(llm.values()))) if llm else 0.0,
             "mean_wait_s": float(wait.mean()), "p99_wait_s": float(np.percentile(wait, 99)),
             "throughput_tok_s": (prompt + out_tokens) / self.makespan_s if self.makespan_s else 0.0,
             "preemptions": float(self.preemptions), "calls": float(len(self.calls)),
+            "mean_batch": self.mean_batch,
         }
 
 
@@ -127,7 +136,9 @@ def run_sessions(sessions: Sequence[TokenizedSession], arrivals: Sequence[float]
     calls: list[CallResult] = []
     session_end: dict[str, float] = {}
     lambdas: list[tuple[float, float]] = []
+    zs: list[tuple[float, float]] = []
     steps = 0
+    seq_seconds = 0.0
     while ready or scheduler.has_unfinished:
         while ready and ready[0][0] <= clock.now:
             t, si, ci = heapq.heappop(ready)
@@ -148,7 +159,10 @@ def run_sessions(sessions: Sequence[TokenizedSession], arrivals: Sequence[float]
         lam = getattr(scheduler.policy, "last_lambda", None)
         if lam is not None:
             lambdas.append((clock.now, float(lam)))
+            zs.append((clock.now, float(getattr(scheduler.policy, "last_z", math.nan))))
+        t_step = clock.now
         finished = scheduler.update(out, executor.execute(out))
+        seq_seconds += len(out.seqs) * (clock.now - t_step)
         for req in finished:
             si, ci, t = pending.pop(req.request_id)
             sess = sessions[si]
@@ -165,5 +179,6 @@ def run_sessions(sessions: Sequence[TokenizedSession], arrivals: Sequence[float]
         steps += 1
         if steps > max_steps:
             raise RuntimeError("workload did not finish within max_steps")
-    return WorkloadResult(calls, session_end, clock.now, getattr(executor, "busy_s", 0.0),
-                          scheduler.num_preemptions, lambdas)
+    busy = getattr(executor, "busy_s", 0.0)
+    return WorkloadResult(calls, session_end, clock.now, busy, scheduler.num_preemptions, lambdas, zs,
+                          seq_seconds / busy if busy else 0.0)
