@@ -10,7 +10,7 @@ plots hit rate against capacity and the shadow price over time; writes JSON with
 (the capacity where FCFS's hit rate is nearest 60%, inside 40-80% when the sweep has one).
 
   python experiments/kv_hit_rate.py --executor=sim --traces=../shared/data/traces/fireact/hotpotqa_dev_gpt-3.5-turbo-ft.json
-  python experiments/kv_hit_rate.py --executor=engine --quick
+  python experiments/kv_hit_rate.py --executor=engine --quick --instruction=none --tool_latency_mean=0.3 --rates=1
   python experiments/kv_hit_rate.py --stress   # 100-token and 32K-token prompts mixed
 """
 
@@ -64,6 +64,9 @@ flags.DEFINE_float("as_c", 4.0, "AgentSched c (waiting-time reward per second)."
 flags.DEFINE_float("as_k", 8.0, "AgentSched k (sigmoid steepness).")
 flags.DEFINE_float("as_lambda_max", 8.0, "AgentSched lambda_max.")
 flags.DEFINE_bool("as_include_evictable", True, "AgentSched: count evictable cached blocks as free capacity N.")
+flags.DEFINE_integer("working_set_blocks", 0,
+                     "Working set the capacity fractions refer to (0 = measure it from an unconstrained FCFS run); "
+                     "pin it to another run's value to compare executors at the same capacities.")
 flags.DEFINE_bool("sweep_agentsched", False, "Also sweep AgentSched's (c, lambda_max) at the headline point.")
 flags.DEFINE_bool("stress", False, "Run the 100-token / 32K-token stress mix instead.")
 flags.DEFINE_integer("seed", 0, "Seed for arrivals and tool latency.")
@@ -240,7 +243,13 @@ def main(argv):
         if FLAGS.json_out:
             pathlib.Path(FLAGS.json_out).write_text(json.dumps(result, indent=1))
         return
-    n = FLAGS.num_sessions if not FLAGS.quick else min(FLAGS.num_sessions, 24 if FLAGS.executor == "engine" else 60)
+    n = FLAGS.num_sessions if not FLAGS.quick else min(FLAGS.num_sessions, 12 if FLAGS.executor == "engine" else 60)
+    if FLAGS.quick and FLAGS.executor == "engine":
+        # CPU scale: the reference attention gathers every slot's pages each step, so fewer slots
+        # and a smaller token budget cut the step's fixed cost ~6x (12 sessions never need more).
+        for name, value in (("max_num_seqs", 8), ("max_tokens_per_step", 512)):
+            if not FLAGS[name].present:
+                FLAGS[name].value = value
     fracs = [float(x) for x in FLAGS.capacity_fracs]
     rates = [float(x) for x in FLAGS.rates]
     if FLAGS.quick:
@@ -258,8 +267,11 @@ def main(argv):
             # Unconstrained = room for every session's whole context at once (no eviction possible).
             everything = sum(math.ceil((len(s.calls[-1].prompt_ids) + len(s.calls[-1].response_ids))
                                        / FLAGS.block_size) for s in sessions)
-            res, arrivals = runner.run(runner.policy("fcfs"), everything, rate)
-            ws = working_set_blocks(sessions, arrivals, res.session_latency_s, FLAGS.block_size)
+            if FLAGS.working_set_blocks > 0:
+                ws = FLAGS.working_set_blocks
+            else:
+                res, arrivals = runner.run(runner.policy("fcfs"), everything, rate)
+                ws = working_set_blocks(sessions, arrivals, res.session_latency_s, FLAGS.block_size)
             for frac in fracs:
                 for name in FLAGS.policies:
                     r, _ = runner.run(runner.policy(name), max(1, int(frac * ws)), rate, progress=bar.update)

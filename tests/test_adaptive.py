@@ -56,6 +56,26 @@ def test_alpha_ema_tracks_the_acceptance_probability():
     assert ad.alpha("r") == pytest.approx(true_alpha, abs=0.08)
 
 
+@pytest.mark.parametrize("true_alpha", [0.05, 0.9])
+def test_new_requests_start_from_the_workloads_pooled_acceptance(true_alpha):
+    """After many requests, a fresh one starts near the pooled alpha: when drafts have not paid,
+    it does not draft on its first step (the fixed 0.5 prior would), and when they have, it does."""
+    rng = random.Random(2)
+    # A 4-token verify costs 1.8x a decode step: worth it only if E(4) > 1.8, i.e. alpha > ~0.45.
+    ad = AdaptiveSpeculation(linear_step_cost(0.01, 0.0025), k_choices=(4,), probe_every=10**6)
+    assert ad.choose_k("first", 1, 10) == 4  # nothing observed yet: the 0.5 prior drafts
+    for r in range(200):
+        for _ in range(5):
+            acc = 0
+            while acc < 4 and rng.random() < true_alpha:
+                acc += 1
+            ad.observe(f"r{r}", 4, acc)
+        ad.end(f"r{r}")
+    assert ad.shared_alpha() == pytest.approx(true_alpha, abs=0.08)
+    assert ad.alpha("fresh") == pytest.approx(true_alpha, abs=0.08)
+    assert ad.choose_k("fresh", 1, 10) == (4 if true_alpha > 0.5 else 0)
+
+
 def test_step_cost_table_interpolates_measurements():
     table = StepCostTable({1: {1: 0.010, 9: 0.012}, 8: {8: 0.011, 72: 0.020}})
     assert table(1, 5) == pytest.approx(0.011)
@@ -68,7 +88,7 @@ def test_step_cost_table_interpolates_measurements():
 
 
 def test_measured_step_cost_buckets_ema_and_interpolation():
-    cost = MeasuredStepCost(decay=0.5, default_s=0.123)
+    cost = MeasuredStepCost(decay=0.5, default_s=0.123, skip_first=False)
     assert cost(4, 100) == 0.123  # nothing measured yet
     cost.record(3, 20, 0.010)  # batch bucket 4, token bucket 32
     cost.record(4, 30, 0.020)  # same cell: EMA 0.5 * 0.010 + 0.5 * 0.020
@@ -82,6 +102,16 @@ def test_measured_step_cost_buckets_ema_and_interpolation():
     assert cost(4, 20) == pytest.approx(0.015)
     with pytest.raises(ValueError):
         MeasuredStepCost(decay=1.0)
+
+
+def test_measured_step_cost_drops_each_cells_compiling_first_step():
+    cost = MeasuredStepCost(decay=0.5, default_s=0.123)
+    cost.record(1, 1, 2.5)  # first step of this shape: compile time, dropped
+    assert cost(1, 1) == 0.123
+    cost.record(1, 1, 0.020)
+    cost.record(1, 5, 3.0)  # token bucket 8: its own first step, dropped too
+    cost.record(1, 6, 0.030)
+    assert cost(1, 1) == pytest.approx(0.020) and cost(1, 8) == pytest.approx(0.030)
 
 
 class ConstantDrafter:

@@ -9,7 +9,10 @@ Two hard thresholds (defaults are conservative starting points; the papers publi
 Below them, a cost model. Each request keeps a running estimate of its per-token acceptance
 probability alpha (geometric model: every draft token is accepted with probability alpha given the
 earlier ones were), as exponentially weighted counts of accepted tokens and of trials:
-`S <- d*S + accepted`, `T <- d*T + accepted + [accepted < proposed]`, alpha = S / T. With k draft
+`S <- d*S + accepted`, `T <- d*T + accepted + [accepted < proposed]`, alpha = S / T; a new
+request starts from the same counts pooled over all requests (decay `shared_decay`), worth
+`prior_weight` trials, so short requests do not each pay to relearn what the workload already
+showed (`prior_alpha` until anything is observed). With k draft
 tokens a step yields E(k) = 1 + alpha + ... + alpha^k tokens for this request. The engine provides
 `step_cost(batch_size, tokens_fed) -> seconds` (measured). Feeding this request k more tokens
 slows the whole step from cost(B, n) to cost(B, n + k), so the step's throughput is
@@ -66,13 +69,18 @@ class MeasuredStepCost:
     them proportionally, above them flat: each unmeasured side looks worth a try, so it gets
     measured), else uses the nearest batch bucket; with no measurement at all every cost is
     `default_s`, so drafting starts on and the measurements decide.
+
+    `skip_first` (default) drops each cell's first measurement: a jitted engine compiles a shape
+    bucket on its first step, and one compile-inflated sample (seconds instead of milliseconds)
+    would make that bucket look unaffordable, and so never chosen and never re-measured.
     """
 
-    def __init__(self, decay: float = 0.9, default_s: float = 1e-3) -> None:
+    def __init__(self, decay: float = 0.9, default_s: float = 1e-3, skip_first: bool = True) -> None:
         if not 0 <= decay < 1 or default_s <= 0:
             raise ValueError("need 0 <= decay < 1 and default_s > 0")
-        self.decay, self.default_s = decay, default_s
+        self.decay, self.default_s, self.skip_first = decay, default_s, skip_first
         self._cells: dict[int, dict[int, float]] = {}  # batch bucket -> token bucket -> seconds
+        self._seen: set[tuple[int, int]] = set()  # cells whose first (compiling) step was dropped
 
     @staticmethod
     def _bucket(n: int) -> int:
@@ -81,8 +89,11 @@ class MeasuredStepCost:
     def record(self, batch_size: int, tokens_fed: int, seconds: float) -> None:
         if batch_size < 1 or tokens_fed < 1 or not seconds > 0:
             return  # empty or untimed steps carry no information
-        row = self._cells.setdefault(self._bucket(batch_size), {})
-        t = self._bucket(tokens_fed)
+        b, t = self._bucket(batch_size), self._bucket(tokens_fed)
+        if self.skip_first and (b, t) not in self._seen:
+            self._seen.add((b, t))
+            return
+        row = self._cells.setdefault(b, {})
         old = row.get(t)
         row[t] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
@@ -128,25 +139,33 @@ class AdaptiveSpeculation:
 
     def __init__(self, step_cost: StepCost, *, k_choices: Sequence[int] = (1, 2, 4, 8),
                  max_batch_size: int = 32, max_context: int = 32768, decay: float = 0.8,
-                 prior_alpha: float = 0.5, prior_weight: float = 2.0, probe_every: int = 16) -> None:
+                 prior_alpha: float = 0.5, prior_weight: float = 2.0, probe_every: int = 16,
+                 shared_decay: float = 0.99) -> None:
         if not k_choices or any(k < 1 for k in k_choices):
             raise ValueError(f"k_choices must be non-empty positive ints, got {k_choices}")
-        if not 0 < decay < 1 or not 0 < prior_alpha < 1 or prior_weight <= 0:
-            raise ValueError("need 0 < decay < 1, 0 < prior_alpha < 1, prior_weight > 0")
+        if not 0 < decay < 1 or not 0 < shared_decay < 1 or not 0 < prior_alpha < 1 or prior_weight <= 0:
+            raise ValueError("need 0 < decay < 1, 0 < shared_decay < 1, 0 < prior_alpha < 1, prior_weight > 0")
         if max_batch_size < 1 or max_context < 1 or probe_every < 1:
             raise ValueError("max_batch_size, max_context and probe_every must be >= 1")
         self.step_cost = step_cost
         self.k_choices = sorted(set(k_choices))
         self.max_batch_size, self.max_context = max_batch_size, max_context
         self.decay, self.probe_every = decay, probe_every
-        self._prior = (prior_alpha * prior_weight, prior_weight)
+        self.prior_alpha, self.prior_weight, self.shared_decay = prior_alpha, prior_weight, shared_decay
+        self._shared = [0.0, 0.0]  # pooled (successes, trials) over every request
         self._estimates: dict[str, _Estimate] = {}
 
     def _get(self, request_id: str) -> _Estimate:
         est = self._estimates.get(request_id)
         if est is None:
-            est = self._estimates[request_id] = _Estimate(*self._prior)
+            alpha = self.shared_alpha()
+            est = self._estimates[request_id] = _Estimate(alpha * self.prior_weight, self.prior_weight)
         return est
+
+    def shared_alpha(self) -> float:
+        """Acceptance estimate pooled over all requests: a new request's starting point."""
+        s, t = self._shared
+        return s / t if t > 0 else self.prior_alpha
 
     def alpha(self, request_id: str) -> float:
         """Current per-token acceptance estimate of a request."""
@@ -168,6 +187,9 @@ class AdaptiveSpeculation:
         est.successes = d * est.successes + accepted
         est.trials = d * est.trials + accepted + (1 if accepted < proposed else 0)
         est.accepted_ema = d * est.accepted_ema + (1 - d) * accepted
+        g = self.shared_decay
+        self._shared[0] = g * self._shared[0] + accepted
+        self._shared[1] = g * self._shared[1] + accepted + (1 if accepted < proposed else 0)
 
     @staticmethod
     def expected_tokens(alpha: float, k: int) -> float:

@@ -241,7 +241,7 @@ class SAMDrafter:
             if p < min_prob or p * limit <= best_score:
                 continue  # scored from its first token only (the rest would not be drafted)
             score, keep = p, 1  # keep: leading tokens whose path probability is >= min_prob
-            top_next, src8 = sam.top_next, src << 3
+            top_next, src8 = sam.top_next_fn(), src << 3
             while len(toks) < limit and score + p * (limit - len(toks)) > best_score:
                 top = top_next(st)
                 if top is None:

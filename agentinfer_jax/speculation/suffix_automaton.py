@@ -25,7 +25,7 @@ suffix of that stream that is a substring of the automaton's text, O(1) amortise
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 ROOT = 0
 
@@ -183,6 +183,11 @@ class SuffixAutomaton:
         if self.frozen:
             return self._top[state]
         return self._scan_top(state)
+
+    def top_next_fn(self) -> Callable[[int], tuple[int, int, int, int] | None]:
+        """`top_next` as the cheapest callable for this automaton's current state (a bound list
+        lookup once frozen, no Python frame per call): for loops that walk many states."""
+        return self._top.__getitem__ if self.frozen else self._scan_top
 
     def _scan_top(self, state: int) -> tuple[int, int, int, int] | None:
         count = self.count
