@@ -142,10 +142,12 @@ def test_variants_match_reference(model, requests, reference, variant):
           "sam_adaptive": dict(drafter=SAMDrafter(memory), k=4, sessions=True,
                                adaptive=AdaptiveSpeculation(MeasuredStepCost(), k_choices=(1, 2, 4)))}[variant]
     subset = list(range(12))
-    out, sched, _ = run(model, requests, subset=subset, **kw)
+    out, sched, engine = run(model, requests, subset=subset, **kw)
     if memory is not None:
         memory.close()
     assert out == [reference[i] for i in subset]
+    # Bounded compilations: per (token bucket, sequence bucket), one width without drafts, one with.
+    assert engine.num_compilations <= 2 * len(engine.token_buckets) * len(engine.seq_buckets)
     if variant.startswith("sam"):
         assert sum(r.num_verify_steps for r in sched.requests.values()) > 0
     if variant == "preemption":
