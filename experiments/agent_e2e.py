@@ -431,18 +431,45 @@ def warm_up(setup: Setup, cfgs: list[RunConfig]) -> None:
     from agentinfer_jax.serving.request import Request, SamplingParams
 
     models = [setup.large] + ([setup.small] if any(c.collab for c in cfgs) else [])
+    # Steps without drafts and, when a config drafts, steps with the full draft width (the engine
+    # compiles each width separately).
+    widths = [0] + ([setup.num_draft_tokens] if any(c.sam for c in cfgs) else [])
     for model in models:
-        eng = build_role_engine("warmup", model, setup.tokenizer, setup.engine_config)
-        eng.start()
-        try:
-            rng = random.Random(0)
-            for n in (8, 24, 56, 120, 250):  # one request per token bucket, run one after the other
-                finished = threading.Event()
-                req = Request(f"w{n}", [rng.randrange(5, 4000) for _ in range(n)], SamplingParams(max_tokens=2))
-                eng.loop.submit(req, lambda ev, done=finished: done.set() if ev.finished else None)
-                finished.wait()
-        finally:
-            eng.shutdown()
+        for k in widths:
+            drafter = _RepeatDrafter() if k else None
+            eng = build_role_engine("warmup", model, setup.tokenizer, setup.engine_config, drafter=drafter,
+                                    num_draft_tokens=k)
+            eng.start()
+            try:
+                rng = random.Random(0)
+                for n in (8, 24, 56, 120, 250):  # one request per token bucket, run one after the other
+                    finished = threading.Event()
+                    req = Request(f"w{n}", [rng.randrange(5, 4000) for _ in range(n)],
+                                  SamplingParams(max_tokens=3))
+                    eng.loop.submit(req, lambda ev, done=finished: done.set() if ev.finished else None)
+                    finished.wait()
+            finally:
+                eng.shutdown()
+
+
+class _RepeatDrafter:
+    """Warm-up drafter: always proposes k copies of the last token (so verify steps compile)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def begin(self, request_id, prompt_tokens, session_id=None) -> None:
+        self._last[request_id] = prompt_tokens[-1]
+
+    def extend(self, request_id, tokens) -> None:
+        if tokens:
+            self._last[request_id] = tokens[-1]
+
+    def propose(self, request_id, k) -> list[int]:
+        return [self._last[request_id]] * k
+
+    def end(self, request_id) -> None:
+        self._last.pop(request_id, None)
 
 
 def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: int, tool_latency_mean: float,

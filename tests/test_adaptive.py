@@ -76,6 +76,14 @@ def test_new_requests_start_from_the_workloads_pooled_acceptance(true_alpha):
     assert ad.choose_k("fresh", 1, 10) == (4 if true_alpha > 0.5 else 0)
 
 
+def test_measured_default_k_choices_and_bad_k():
+    assert AdaptiveSpeculation.measured(8).k_choices == [1, 2, 4, 8]
+    assert AdaptiveSpeculation.measured(6).k_choices == [1, 2, 4, 6]
+    assert isinstance(AdaptiveSpeculation.measured(1).step_cost, MeasuredStepCost)
+    with pytest.raises(ValueError):
+        AdaptiveSpeculation.measured(0)
+
+
 def test_step_cost_table_interpolates_measurements():
     table = StepCostTable({1: {1: 0.010, 9: 0.012}, 8: {8: 0.011, 72: 0.020}})
     assert table(1, 5) == pytest.approx(0.011)

@@ -26,7 +26,7 @@ from agentinfer_jax.serving.metrics import ServingMetrics
 from agentinfer_jax.serving.policies import make_policy
 from agentinfer_jax.serving.scheduler import Scheduler, SessionRetention
 from agentinfer_jax.speculation import PromptLookupDrafter, SAMDrafter, SessionMemory
-from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, MeasuredStepCost
+from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["ServerConfig", "ServingStack", "build_stack", "load_model_config", "SafeDetokenizer", "DRAFTERS"]
@@ -181,9 +181,7 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None) 
     memory = SessionMemory() if config.drafter == "sam" else None
     drafter = {"none": None, "ngram": PromptLookupDrafter(), "sam": SAMDrafter(memory) if memory else None}[
         config.drafter]
-    # k in powers of two up to num_draft_tokens; the engine's step time is measured by the loop.
-    k_choices = sorted({min(1 << i, config.num_draft_tokens) for i in range(config.num_draft_tokens.bit_length())})
-    adaptive = AdaptiveSpeculation(MeasuredStepCost(), k_choices=k_choices, max_batch_size=config.max_num_seqs) \
+    adaptive = AdaptiveSpeculation.measured(config.num_draft_tokens, config.max_num_seqs) \
         if drafter is not None and config.adaptive_draft else None
     retention = SessionRetention(pool, config.retention_ttl_s) if config.retention_ttl_s > 0 else None
     scheduler = Scheduler(sched_config, pool, prefix_cache, policy, drafter=drafter,

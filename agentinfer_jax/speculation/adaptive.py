@@ -155,6 +155,15 @@ class AdaptiveSpeculation:
         self._shared = [0.0, 0.0]  # pooled (successes, trials) over every request
         self._estimates: dict[str, _Estimate] = {}
 
+    @classmethod
+    def measured(cls, max_k: int, max_batch_size: int = 32) -> AdaptiveSpeculation:
+        """The serving default: k in powers of two up to `max_k` (and `max_k` itself), step costs
+        learned online by a `MeasuredStepCost` (fed through `Scheduler.observe_step`)."""
+        if max_k < 1:
+            raise ValueError(f"max_k must be >= 1, got {max_k}")
+        k_choices = sorted({min(1 << i, max_k) for i in range(max_k.bit_length())} | {max_k})
+        return cls(MeasuredStepCost(), k_choices=k_choices, max_batch_size=max_batch_size)
+
     def _get(self, request_id: str) -> _Estimate:
         est = self._estimates.get(request_id)
         if est is None:
