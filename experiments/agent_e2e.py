@@ -59,7 +59,7 @@ from agentinfer_jax.model.transformer import init_model
 from agentinfer_jax.speculation import SAMDrafter, SessionMemory
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 from agentinfer_jax.workloads.sessions import poisson_arrivals
-from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces
+from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces, portable_path
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "agentinfer_jax" / "assets" / "data"
 HIT_RATES_PATH = ASSETS / "speculative_action_hit_rates.json"
@@ -558,7 +558,7 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
     report["speedup_all"] = report["configs"].get("all", base)["speedup_mean"]
     report["checks"] = checks
     report["setup"] = {
-        "traces": str(traces or default_trace_path()), "num_sessions": len(chosen), "max_turns": max_turns,
+        "traces": portable_path(traces or default_trace_path()), "num_sessions": len(chosen), "max_turns": max_turns,
         "tool_latency_mean_s": tool_latency_mean, "arrival_rate_per_s": arrival_rate, "seed": seed,
         "num_draft_tokens": num_draft_tokens, "memory_sessions": len(setup.memory_contexts),
         "engine": dataclasses.asdict(setup.engine_config), "compile_s": compile_s,

@@ -31,7 +31,7 @@ from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_sta
 from agentinfer_jax.serving.request import Request, SamplingParams
 from agentinfer_jax.speculation import SAMDrafter, SessionMemory
 from agentinfer_jax.tokenizer import load_tokenizer
-from agentinfer_jax.workloads.traces import default_trace_path, load_traces
+from agentinfer_jax.workloads.traces import default_trace_path, load_traces, portable_path
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "configs/<name>.py (random weights).")
@@ -159,7 +159,7 @@ def main(argv):
     if FLAGS.json_out:
         out = {"config": FLAGS.config, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
                "host": platform.node(), "gen_len": gen_len, "num_draft_tokens": k, "block_size": bs,
-               "trace": str(default_trace_path()), "results": results,
+               "trace": portable_path(default_trace_path()), "results": results,
                "mean_tokens_per_s": float(np.mean([r["tokens_per_s"] for r in results]))}
         path = pathlib.Path(FLAGS.json_out)
         path.parent.mkdir(parents=True, exist_ok=True)

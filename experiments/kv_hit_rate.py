@@ -326,7 +326,7 @@ def main(argv):
             # The simulator can replay the same sweep on this engine's clock: --cost_model=<this file>.
             cm_path = pathlib.Path(FLAGS.json_out).with_suffix(".cost_model.json")
             fitted.save(cm_path)
-            result["cost_model"] = str(cm_path)
+            result["cost_model"] = cm_path.name  # it sits beside the JSON
             print(f"fitted cost model: {cm_path}")
 
     if FLAGS.json_out:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
                                         SuffixTreeDrafter)
-from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces, shared_trace_paths
+from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces, portable_path, shared_trace_paths
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "agentinfer_jax" / "assets"
 
@@ -220,7 +220,7 @@ def main(argv: Sequence[str]) -> None:
     if len(paths) > 1:
         print_table([("ALL", k, n, s.summary()) for k, d in merged.items() for n, s in d.items()])
     result = {"drafters": {n: s.summary() for n, s in merged[ks[0]].items()},
-              "k": ks[0], "traces": paths, "detail": detail,
+              "k": ks[0], "traces": [portable_path(p) for p in paths], "detail": detail,
               "by_k": {str(k): {n: s.summary() for n, s in d.items()} for k, d in merged.items()}}
     if FLAGS.json_out:
         pathlib.Path(FLAGS.json_out).write_text(json.dumps(result, indent=1))

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from agentinfer_jax.workloads.sessions import (AgentSession, LLMCall, PrefixInstabilityError, ToolLatency,
                                                load_prompt, parse_action, poisson_arrivals,
                                                session_from_trajectory, sessions_from_traces, tokenize_session)
-from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces
+from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces, portable_path
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "agentinfer_jax" / "assets"
 
@@ -194,3 +194,12 @@ def test_bad_inputs_raise_clear_errors():
         ToolLatency("lognormal", -1.0)
     with pytest.raises(FileNotFoundError):
         load_prompt("no_such_prompt")
+
+
+def test_portable_path_is_relative_to_the_repository_or_its_parent(tmp_path):
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    assert portable_path(default_trace_path()) == "agentinfer_jax/assets/data/fireact_hotpotqa_sample.json"
+    assert portable_path(repo.parent / "shared" / "data" / "x.json") == "../shared/data/x.json"
+    outside = pathlib.Path("/") / "elsewhere-not-a-repo" / "t.json"
+    if not outside.resolve().is_relative_to(repo.parent):
+        assert portable_path(outside) == str(outside)

@@ -160,6 +160,17 @@ def default_trace_path() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parents[1] / "assets" / "data" / "fireact_hotpotqa_sample.json"
 
 
+def portable_path(path: str | pathlib.Path) -> str:
+    """`path` as results files should record it: relative to the repository root when inside it,
+    `../<rest>` when beside it (the ../shared checkout), else unchanged."""
+    p = pathlib.Path(path).resolve()
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    for base, prefix in ((repo, ""), (repo.parent, "../")):
+        if p.is_relative_to(base):
+            return prefix + p.relative_to(base).as_posix()
+    return str(path)
+
+
 def shared_trace_paths(shared: str | pathlib.Path) -> Sequence[pathlib.Path]:
     """All trace sources in a ../shared checkout, in a fixed order."""
     root = pathlib.Path(shared) / "data" / "traces"
