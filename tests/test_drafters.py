@@ -9,6 +9,7 @@ from test_suffix_automaton import brute_continuations
 
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
                                         SuffixTreeDrafter, UnknownRequestError)
+from agentinfer_jax.speculation.sam_drafter import AcceptanceCalibrator
 
 
 def brute_prompt_lookup(ctx, k, max_n, min_n):
@@ -95,13 +96,13 @@ def exhaustive_choice(d, rid):
     return best, best_score
 
 
-@pytest.mark.parametrize("min_prob", [0.0, 0.2])
-def test_sam_pruned_selection_equals_exhaustive_evaluation(min_prob):
+@pytest.mark.parametrize("min_prob,backoff", [(0.0, 0), (0.2, 0), (0.0, 1)])
+def test_sam_pruned_selection_equals_exhaustive_evaluation(min_prob, backoff):
     """The lazily pruned search returns the exhaustive rule's draft, across sources (own, memory,
     global) and a calibrator that has learned from earlier verify steps."""
     rng = random.Random(5)
     with SessionMemory(top_k=2, global_min_rebuild=1) as memory:
-        d = SAMDrafter(memory, min_prob=min_prob)
+        d = SAMDrafter(memory, min_prob=min_prob, backoff=backoff)
         checked = 0
         for trial in range(40):
             ctx = [rng.randrange(6) for _ in range(rng.randrange(3, 30))]
@@ -116,6 +117,34 @@ def test_sam_pruned_selection_equals_exhaustive_evaluation(min_prob):
                 d.extend(rid, [rng.randrange(6) for _ in range(rng.randrange(1, 4))])
             d.end(rid)
         assert checked > 20
+
+
+def test_calibrator_first_token_estimates_match_a_float64_reference_and_stay_bounded():
+    """first_prob shrinks each (source, last, token)'s observed rate towards the cell's estimate
+    with weight w, computed here independently from the raw observations; a full table learns no
+    new keys but keeps updating the ones it holds."""
+    rng = random.Random(11)
+    cal = AcceptanceCalibrator(prior_weight=3.0, max_first_tokens=40)
+    seen: dict[tuple[int, int, int], list[int]] = {}
+    for _ in range(3000):
+        key = (rng.randrange(3), rng.randrange(6), rng.randrange(10))
+        ok = rng.random() < 0.3 + 0.1 * key[0]
+        cal.update_first(*key, ok)
+        if key in seen or len(seen) < 40:
+            seen.setdefault(key, [0, 0])
+            seen[key][0] += ok
+            seen[key][1] += 1
+    assert cal.first_size == len(seen) == 40
+    for src in range(3):
+        for last in range(6):
+            for tok in range(10):
+                q = rng.random()
+                got = cal.first_prob(src, last, tok, q)
+                if (src, last, tok) in seen:
+                    a, n = seen[(src, last, tok)]
+                    assert got == pytest.approx((a + 3.0 * q) / (n + 3.0), rel=1e-12)
+                else:
+                    assert got == q
 
 
 def test_sam_learns_which_source_to_trust():

@@ -119,6 +119,54 @@ def test_top_next_is_the_most_frequent_continuation_online_and_frozen(seq):
             assert child == sam.walk(list(sub) + [tok])
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(-2, 3), min_size=1, max_size=30))
+def test_online_top_matches_a_rescan_after_every_extend(seq):
+    """The top kept by extend() equals a fresh scan of each state's edges (the count of the most
+    frequent continuation and the total), at every prefix, uncapped and exact."""
+    sam = SuffixAutomaton(count_depth=None)
+    for t in seq:
+        sam.extend(t)
+        for s in range(sam.num_states):
+            kept, scan = sam.top_next(s), sam._scan_top(s)
+            assert (kept is None) == (scan is None)
+            if kept is not None:
+                tok, child, n, total = kept
+                assert sam.next[s][tok] == child and tok >= 0
+                assert (n, total) == (scan[2], scan[3]) == (sam.count[child], scan[3])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(-1, 2), min_size=1, max_size=40), st.integers(1, 3))
+def test_online_top_invariants_with_bounded_depth(seq, depth):
+    """With approximate counts the kept top is still a real transition whose counts never exceed
+    what the automaton holds (the docstring's invariants)."""
+    sam = SuffixAutomaton(count_depth=depth)
+    for t in seq:
+        sam.extend(t)
+    for s in range(sam.num_states):
+        kept = sam.top_next(s)
+        real = {tok: c for tok, c in sam.next[s].items() if tok >= 0}
+        assert (kept is None) == (not real)
+        if kept is not None:
+            tok, child, n, total = kept
+            assert real[tok] == child and tok >= 0
+            assert n <= sam.count[child] and total <= sum(sam.count[c] for c in sam.next[s].values())
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(-1, 3), min_size=1, max_size=30))
+def test_untracked_automaton_scans_and_freezes_to_the_same_tops(seq):
+    """track_top=False (the memory's build-then-freeze automata) answers by scanning edges; once
+    frozen it answers like a tracked automaton frozen from the same text."""
+    plain = SuffixAutomaton(seq, count_depth=1, track_top=False)
+    for s in range(plain.num_states):
+        assert plain.top_next(s) == plain._scan_top(s)
+    tracked = SuffixAutomaton(seq, count_depth=1).freeze()
+    plain.freeze()
+    assert plain.top_table == tracked.top_table
+
+
 def test_frozen_rejects_extend_and_bad_depth():
     sam = SuffixAutomaton([1, 2]).freeze()
     with pytest.raises(FrozenAutomatonError):

@@ -76,6 +76,8 @@ class SessionMemory:
         self._response_tokens = 0
         self._unbuilt_tokens = 0
         self._global: tuple[int, SuffixAutomaton | None] = (0, None)
+        # The version of _global, readable as a plain attribute (a cheap "anything new?" check).
+        self.global_version = 0
         # Worker-thread-only state. _store: session -> (version, tokens, words), oldest first.
         self._store: collections.OrderedDict[str, tuple[int, list[int], list[str]]] = collections.OrderedDict()
         self._version = 0
@@ -180,11 +182,12 @@ class SessionMemory:
         built = self._global[1]
         size = len(built) if built is not None else 0
         if self._unbuilt_tokens >= max(self.global_min_rebuild, self.rebuild_fraction * size):
-            sam = SuffixAutomaton(count_depth=1)
+            sam = SuffixAutomaton(count_depth=1, track_top=False)
             for i, resp in enumerate(self._responses):
                 sam.extend_many(resp)
                 sam.extend(-1 - i)  # sentinel: no match crosses two responses
             self._global = (self._global[0] + 1, sam.freeze())
+            self.global_version = self._global[0]  # after _global: a reader of it sees the new one
             self._unbuilt_tokens = 0
             self.stats["global_builds"] += 1
 
@@ -225,7 +228,7 @@ class SessionMemory:
         ids = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
         if not ids:
             return None, []
-        sam = SuffixAutomaton(count_depth=1)
+        sam = SuffixAutomaton(count_depth=1, track_top=False)
         # Oldest retrieved session first, so later text is the most recent one.
         order = {s: i for i, s in enumerate(self._store)}
         for i, sid in enumerate(sorted(ids, key=order.__getitem__)):

@@ -7,6 +7,7 @@ State arrays (index = state id, 0 = root, the empty string):
 - `first_end[s]`: end position of the first occurrence of s's strings (exact, set at creation).
 - `last_end[s]`: an end position of s's strings, the most recent one known (see below).
 - `count[s]`: occurrence count |endpos(s)| (see below).
+- `top_table[s]`: `top_next(s)` as a plain list, for hot loops (valid when frozen or track_top).
 
 Every string in a state has the same end positions, so `last_end`/`count` are per state. Keeping
 them exact online would mean touching the whole suffix-link path of every new token (O(n) per token
@@ -16,6 +17,16 @@ states of the path from the matched state (O(1) per token). Invariants either wa
 link path is shorter than `count_depth` (true for almost all states of natural text) or after
 `freeze()`, which recomputes them exactly in O(n) and makes the automaton read-only (safe to share
 between threads).
+
+Top continuation of every state, kept online: `top_next(s)` = (token, child, count[child], total
+count over s's transitions) of the most frequent next token. A count only changes for the states
+credited above, and every transition into a credited state starts on the previous text end's
+suffix-link path, which `extend` walks anyway; so `extend` refreshes those parents (at most
+`4 * count_depth + 16` of them per token: O(1)) and a query is one list lookup, as in a frozen
+automaton. Invariants: `top_table[s]` is a real transition `(t, next[s][t])` with t >= 0 (None iff s has
+none), its n <= count[child] and its total <= the sum over s's transitions; with
+`count_depth=None` (uncapped) both are exact and n is the maximum. Ties keep the continuation that
+reached the maximum first. `freeze()` rescans every state.
 
 Matching as the text grows: after each `extend` the state `link[last]` holds the longest suffix of
 the text that also occurs ending earlier (a standard SAM fact), so the self-match is O(1) per token.
@@ -37,10 +48,16 @@ class FrozenAutomatonError(RuntimeError):
 class SuffixAutomaton:
     """Suffix automaton of `tokens`, extended one token at a time (see module docstring)."""
 
-    def __init__(self, tokens: Iterable[int] = (), *, count_depth: int | None = 8) -> None:
+    def __init__(self, tokens: Iterable[int] = (), *, count_depth: int | None = 8,
+                 track_top: bool = True) -> None:
+        """`track_top=False` skips the online top continuations (automata built only to be frozen,
+        which rescans them); `top_next` then scans edges until `freeze()`."""
         if count_depth is not None and count_depth < 1:
             raise ValueError(f"count_depth must be >= 1 or None (exact), got {count_depth}")
         self.count_depth = count_depth
+        self.track_top = track_top
+        # Parents refreshed per token (see module docstring); None: all of them (exact).
+        self._refresh_cap = None if count_depth is None else 4 * count_depth + 16
         self.tokens: list[int] = []
         self.next: list[dict[int, int]] = [{}]
         self.link: list[int] = [-1]
@@ -52,8 +69,10 @@ class SuffixAutomaton:
         # An end position (< len - 1) of the current self-match; -1 when there is no match.
         self.match_end = -1
         self.frozen = False
-        # Per-state top continuation, built by freeze() so a frozen automaton answers in O(1).
-        self._top: list[tuple[int, int, int, int] | None] = []
+        # Per-state top continuation (online if track_top, rebuilt by freeze()) and the summed
+        # count over each state's transitions (online only).
+        self.top_table: list[tuple[int, int, int, int] | None] = [None]
+        self._out_total: list[int] = [0]
         for t in tokens:
             self.extend(t)
 
@@ -76,6 +95,15 @@ class SuffixAutomaton:
         self.count.append(count)
         return len(self.length) - 1
 
+    def _set_top_of_new(self, state: int, like: int) -> None:
+        """A new state's top: none (a fresh `cur`, like < 0) or a clone's copy of `like`'s."""
+        if like < 0:
+            self.top_table.append(None)
+            self._out_total.append(0)
+        else:
+            self.top_table.append(self.top_table[like])
+            self._out_total.append(self._out_total[like])
+
     def extend(self, token: int) -> None:
         """Appends one token (O(1) amortised)."""
         if self.frozen:
@@ -83,11 +111,23 @@ class SuffixAutomaton:
         pos = len(self.tokens)
         self.tokens.append(token)
         nxt, link, length = self.next, self.link, self.length
+        track = self.track_top
+        top, out_total = self.top_table, self._out_total
         cur = self._new_state(length[self.last] + 1, ROOT, pos, pos, 1, {})
+        if track:
+            self._set_top_of_new(cur, -1)
         p = self.last
         while p != -1 and token not in nxt[p]:
             nxt[p][token] = cur
+            if track:  # a new continuation seen once
+                out_total[p] += 1
+                t = top[p]
+                if t is not None:
+                    top[p] = (t[0], t[1], t[2], out_total[p])
+                elif token >= 0:
+                    top[p] = (token, cur, 1, out_total[p])
             p = link[p]
+        first_parent = p
         if p != -1:
             q = nxt[p][token]
             if length[p] + 1 == length[q]:
@@ -95,25 +135,60 @@ class SuffixAutomaton:
             else:
                 clone = self._new_state(length[p] + 1, link[q], self.first_end[q], self.last_end[q],
                                         self.count[q], dict(nxt[q]))
+                if track:
+                    self._set_top_of_new(clone, q)
                 while p != -1 and nxt[p].get(token) == q:
                     nxt[p][token] = clone
+                    if track:  # same count, new child state
+                        t = top[p]
+                        if t is not None and t[1] == q:
+                            top[p] = (t[0], clone, t[2], t[3])
                     p = link[p]
                 link[q] = clone
                 link[cur] = clone
         self.last = cur
         match = link[cur]
         self.match_end = self.last_end[match] if match != ROOT else -1
-        self._credit_occurrence(match, pos)
+        shortest = self._credit_occurrence(match, pos)
+        if track and first_parent != -1 and shortest:
+            self._refresh_parents(first_parent, token, shortest)
 
-    def _credit_occurrence(self, state: int, pos: int) -> None:
-        """Adds end position `pos` to `state` and its suffix-link ancestors (up to count_depth)."""
+    def _refresh_parents(self, state: int, token: int, shortest: int) -> None:
+        """After crediting: `state` and its suffix-link ancestors whose `token` transition leads to
+        a credited state (length >= `shortest`) gained one occurrence there; refresh their tops."""
+        nxt, link, length, count = self.next, self.link, self.length, self.count
+        top, out_total = self.top_table, self._out_total
+        budget = self._refresh_cap if self._refresh_cap is not None else len(length)
+        while state != -1 and budget > 0:
+            child = nxt[state][token]
+            if length[child] < shortest:
+                break
+            out_total[state] += 1
+            t = top[state]
+            n = count[child]
+            if token < 0:
+                if t is not None:
+                    top[state] = (t[0], t[1], t[2], out_total[state])
+            elif t is None or t[1] == child or n > t[2]:
+                top[state] = (token, child, n, out_total[state])
+            else:
+                top[state] = (t[0], t[1], t[2], out_total[state])
+            state = link[state]
+            budget -= 1
+
+    def _credit_occurrence(self, state: int, pos: int) -> int:
+        """Adds end position `pos` to `state` and its suffix-link ancestors (up to count_depth);
+        returns the length of the shortest state credited (0 if none)."""
         depth = self.count_depth if self.count_depth is not None else len(self.length)
-        count, last_end, link = self.count, self.last_end, self.link
+        count, last_end, link, length = self.count, self.last_end, self.link, self.length
+        shortest = 0
         while state > ROOT and depth > 0:
             count[state] += 1
             last_end[state] = pos
+            shortest = length[state]
             state = link[state]
             depth -= 1
+        return shortest
 
     def extend_many(self, tokens: Iterable[int]) -> None:
         for t in tokens:
@@ -147,7 +222,8 @@ class SuffixAutomaton:
         self.count, self.last_end = count, last_end
         # Most frequent continuation of every state, so drafting never scans a wide state's edges
         # on the request path (O(transitions) once, here, on whichever thread freezes).
-        self._top = [self._scan_top(s) for s in range(n)]
+        self.top_table = [self._scan_top(s) for s in range(n)]
+        self._out_total = []  # only the online updates need it
         self.frozen = True
         return self
 
@@ -178,16 +254,16 @@ class SuffixAutomaton:
     def top_next(self, state: int) -> tuple[int, int, int, int] | None:
         """(token, child, count of child, total count over state's transitions) of the most frequent
         next token after `state`'s strings, or None if nothing follows. Negative tokens (session
-        sentinels) count in the total but are never returned. O(out-degree); O(1) once frozen
-        (precomputed by `freeze`)."""
-        if self.frozen:
-            return self._top[state]
+        sentinels) count in the total but are never returned. O(1): kept online (see the module
+        docstring for its exactness) or rebuilt by `freeze`; O(out-degree) with track_top=False."""
+        if self.frozen or self.track_top:
+            return self.top_table[state]
         return self._scan_top(state)
 
     def top_next_fn(self) -> Callable[[int], tuple[int, int, int, int] | None]:
-        """`top_next` as the cheapest callable for this automaton's current state (a bound list
-        lookup once frozen, no Python frame per call): for loops that walk many states."""
-        return self._top.__getitem__ if self.frozen else self._scan_top
+        """`top_next` as the cheapest callable (a bound list lookup, no Python frame per call): for
+        loops that walk many states. Valid until `freeze` (which replaces the table)."""
+        return self.top_table.__getitem__ if self.frozen or self.track_top else self._scan_top
 
     def _scan_top(self, state: int) -> tuple[int, int, int, int] | None:
         count = self.count
