@@ -237,3 +237,44 @@ def test_bad_input_is_rejected_and_serving_continues(prompt, params, msg):
     run_until_done(sched, ex)
     assert good.output_tokens == expected([3, 4, 5], 5)
     assert all_released(pool, pc, sched)
+
+
+class RecordingAdaptive:
+    """Stands in for AdaptiveSpeculation: drafts max_k and records the step width it is shown."""
+
+    def __init__(self):
+        self.calls = []
+
+    def choose_k(self, request_id, batch_size, context_len, max_k=None, tokens_fed=None):
+        self.calls.append((request_id, batch_size, tokens_fed))
+        return max_k
+
+    def observe(self, request_id, proposed, accepted):
+        pass
+
+    def end(self, request_id):
+        pass
+
+
+def test_adaptive_switch_is_shown_the_steps_real_width():
+    """A decoding request that shares a step with a prefill chunk is priced at the step's width
+    (its own token plus the other request's pending prefill, capped by the budget), not at one
+    token per request."""
+    sched, ex, pool, _ = make(budget=40, seqs=4, drafter=RandomDrafter(4, 0.5), k=3, cache=False)
+    sched.adaptive = RecordingAdaptive()
+    sched.add_request(Request("a", [5, 6, 7], SamplingParams(max_tokens=30)))
+    out = sched.schedule()
+    sched.update(out, ex.execute(out))  # "a" is decoding now
+    sched.add_request(Request("b", list(range(1, 61)), SamplingParams(max_tokens=2)))
+    out = sched.schedule()  # "b" is admitted after "a" was planned
+    sched.update(out, ex.execute(out))
+    b = sched.requests["b"]
+    b_pending = b.num_tokens - b.num_computed_tokens
+    assert 1 < b_pending < 60  # "b" is mid-prefill
+    sched.adaptive.calls.clear()
+    out = sched.schedule()
+    rid, batch, fed = sched.adaptive.calls[0]
+    assert (rid, batch, fed) == ("a", 2, min(1 + b_pending, 40))
+    sched.update(out, ex.execute(out))
+    run_until_done(sched, ex)
+    assert pool.num_free == pool.num_blocks - 1

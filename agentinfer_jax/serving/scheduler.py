@@ -211,17 +211,26 @@ class Scheduler:
         preempted: list[str] = []
 
         # Running requests first, oldest first; growth may preempt the newest.
+        # Tokens still to feed by running[i:] (suffix sums, once per step): with what is planned
+        # so far, the step's width that the adaptive switch prices req's k against. Preemption
+        # only shortens the list, so after one this over-counts a little (an estimate either way).
+        rest = [0] * (len(self.running) + 1)
+        if self.adaptive is not None:
+            for j in range(len(self.running) - 1, -1, -1):
+                r = self.running[j]
+                rest[j] = rest[j + 1] + max(1, r.num_tokens - r.num_computed_tokens)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            seq = self._plan_running(req, budget)
+            fed = min(self.config.max_tokens_per_step - budget + rest[i], self.config.max_tokens_per_step)
+            seq = self._plan_running(req, budget, fed)
             while seq is None:
                 victim = self.running[-1]
                 self._preempt(victim, now)
                 preempted.append(victim.request_id)
                 if victim is req:
                     break
-                seq = self._plan_running(req, budget)
+                seq = self._plan_running(req, budget, fed)
             if seq is None:
                 continue  # req itself was preempted (it was the last one); loop ends
             seqs.append(seq)
@@ -318,23 +327,25 @@ class Scheduler:
                 continue
             return None
 
-    def _draft_len(self, req: Request) -> int:
+    def _draft_len(self, req: Request, step_tokens: int) -> int:
         if self.drafter is None:
             return 0
         room = min(req.sampling.max_tokens - len(req.output_tokens),
                    self.config.max_model_len - req.num_tokens) - 1
         k = min(self.config.num_draft_tokens, room)
         if k > 0 and self.adaptive is not None:
-            k = self.adaptive.choose_k(req.request_id, len(self.running), req.num_tokens, max_k=k)
+            k = self.adaptive.choose_k(req.request_id, len(self.running), req.num_tokens, max_k=k,
+                                       tokens_fed=max(step_tokens, 1))
         return max(0, k)
 
-    def _plan_running(self, req: Request, budget: int) -> ScheduledSeq | None:
-        """The request's next feed within `budget`, with blocks allocated; None if blocks ran out."""
+    def _plan_running(self, req: Request, budget: int, step_tokens: int = 1) -> ScheduledSeq | None:
+        """The request's next feed within `budget`, with blocks allocated; None if blocks ran out.
+        `step_tokens`: the step's tokens without this request's drafts (an estimate, for pricing k)."""
         start = req.num_computed_tokens
         pending = req.tokens_from(start)
         drafts: list[int] = []
         if len(pending) == 1:
-            k = min(self._draft_len(req), budget - 1)
+            k = min(self._draft_len(req, step_tokens), budget - 1)
             if k > 0:
                 drafts = list(self.drafter.propose(req.request_id, k))[:k]
         else:
@@ -381,7 +392,7 @@ class Scheduler:
             if self.drafter is not None and not req.drafter_started:
                 self.drafter.begin(req.request_id, req.prompt_tokens, req.session_id)
                 req.drafter_started = True
-            seq = self._plan_running(req, budget)
+            seq = self._plan_running(req, budget, self.config.max_tokens_per_step - budget + 1)
             if seq is None:  # not feasible now: undo and try the next candidate
                 self.pool.release(req.block_ids)
                 req.block_ids, req.num_computed_tokens, req.num_inserted_blocks = [], 0, 0
