@@ -73,7 +73,7 @@ class AcceptanceCalibrator:
         self.accepted = [0.0] * self.NUM_CELLS
         self.trials = [0.0] * self.NUM_CELLS
         # last -> {token * 3 + source: [accepted, trials]}: one outer lookup per drafting step,
-        # then a small dict that the step's candidates share (a flat table costs cache misses).
+        # then a small dict that all of the step's candidates share.
         self.first: dict[int, dict[int, list[float]]] = {}
         self.first_size = 0
 
@@ -81,8 +81,8 @@ class AcceptanceCalibrator:
     def cell(source: int, match_len: int, n: int, total: int) -> int:
         lb, tb = match_len.bit_length(), total.bit_length()
         share = 4 if n == total else 4 * n // total
+        # SAMDrafter.propose inlines this (with the _LOG2 table): keep the two in step.
         return (((source << 3) + (lb if lb < 7 else 7)) * 8 + (tb if tb < 7 else 7)) * 5 + share
-        # (SAMDrafter.propose inlines this with the _LOG2 table; keep the two in step.)
 
     def prob(self, cell: int, n: int, total: int) -> float:
         w = self.prior_weight
@@ -101,12 +101,12 @@ class AcceptanceCalibrator:
 
     def update_first(self, source: int, last: int, token: int, accepted: bool) -> None:
         inner = self.first.get(last)
-        if inner is None:
-            inner = self.first[last] = {}
-        stats = inner.get(token * 3 + source)
+        stats = inner.get(token * 3 + source) if inner is not None else None
         if stats is None:
             if self.first_size >= self.max_first_tokens:
                 return  # bounded: a full table keeps what it has learned
+            if inner is None:
+                inner = self.first[last] = {}
             stats = inner[token * 3 + source] = [0.0, 0.0]
             self.first_size += 1
         stats[0] += accepted
