@@ -277,4 +277,4 @@ def test_adaptive_switch_is_shown_the_steps_real_width():
     assert (rid, batch, fed) == ("a", 2, min(1 + b_pending, 40))
     sched.update(out, ex.execute(out))
     run_until_done(sched, ex)
-    assert pool.num_free == pool.num_blocks - 1
+    assert all_released(pool, None, sched)

@@ -109,7 +109,7 @@ def test_top_next_is_the_most_frequent_continuation_online_and_frozen(seq):
         real = {t: n for t, n in cont.items() if t >= 0}
         for sam in (online, frozen):
             top = sam.top_next(sam.walk(list(sub)))
-            assert sam.top_next_fn()(sam.walk(list(sub))) == top
+            assert sam.top_table[sam.walk(list(sub))] == top
             if not real:
                 assert top is None
                 continue

@@ -228,6 +228,7 @@ class SAMDrafter:
         if k == 0:
             return []
         memory = self.memory
+        # _poll_memory's own conditions, checked here first: a call per step would cost more.
         if memory is not None and (state.pending is not None or (
                 self.global_memory and memory.global_version != state.global_version)):
             self._poll_memory(state)

@@ -36,7 +36,7 @@ suffix of that stream that is a substring of the automaton's text, O(1) amortise
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 ROOT = 0
 
@@ -95,8 +95,8 @@ class SuffixAutomaton:
         self.count.append(count)
         return len(self.length) - 1
 
-    def _set_top_of_new(self, state: int, like: int) -> None:
-        """A new state's top: none (a fresh `cur`, like < 0) or a clone's copy of `like`'s."""
+    def _set_top_of_new(self, like: int) -> None:
+        """The newest state's top: none (a fresh `cur`, like < 0) or a clone's copy of `like`'s."""
         if like < 0:
             self.top_table.append(None)
             self._out_total.append(0)
@@ -115,7 +115,7 @@ class SuffixAutomaton:
         top, out_total = self.top_table, self._out_total
         cur = self._new_state(length[self.last] + 1, ROOT, pos, pos, 1, {})
         if track:
-            self._set_top_of_new(cur, -1)
+            self._set_top_of_new(-1)
         p = self.last
         while p != -1 and token not in nxt[p]:
             nxt[p][token] = cur
@@ -136,7 +136,7 @@ class SuffixAutomaton:
                 clone = self._new_state(length[p] + 1, link[q], self.first_end[q], self.last_end[q],
                                         self.count[q], dict(nxt[q]))
                 if track:
-                    self._set_top_of_new(clone, q)
+                    self._set_top_of_new(q)
                 while p != -1 and nxt[p].get(token) == q:
                     nxt[p][token] = clone
                     if track:  # same count, new child state
@@ -166,12 +166,9 @@ class SuffixAutomaton:
             out_total[state] += 1
             t = top[state]
             n = count[child]
-            if token < 0:
-                if t is not None:
-                    top[state] = (t[0], t[1], t[2], out_total[state])
-            elif t is None or t[1] == child or n > t[2]:
+            if token >= 0 and (t is None or t[1] == child or n > t[2]):
                 top[state] = (token, child, n, out_total[state])
-            else:
+            elif t is not None:  # same top, larger total (sentinels count there too)
                 top[state] = (t[0], t[1], t[2], out_total[state])
             state = link[state]
             budget -= 1
@@ -259,11 +256,6 @@ class SuffixAutomaton:
         if self.frozen or self.track_top:
             return self.top_table[state]
         return self._scan_top(state)
-
-    def top_next_fn(self) -> Callable[[int], tuple[int, int, int, int] | None]:
-        """`top_next` as the cheapest callable (a bound list lookup, no Python frame per call): for
-        loops that walk many states. Valid until `freeze` (which replaces the table)."""
-        return self.top_table.__getitem__ if self.frozen or self.track_top else self._scan_top
 
     def _scan_top(self, state: int) -> tuple[int, int, int, int] | None:
         count = self.count
