@@ -79,16 +79,19 @@ def exhaustive_choice(d, rid):
     cursors = d._cursors(state)
     if not cursors:
         return [], 0.0
-    cal, last = d.calibrator, state.sam.tokens[-1]
+    cal, tokens = d.calibrator, state.sam.tokens
     limit = min(8, math.ceil(d.factor * max(c[3] for c in cursors)))
     best, best_score = [], 0.0
     for src, sam, st, length in cursors:
         toks, probs = [], []
+        prev2, prev = (tokens[-2] if len(tokens) > 1 else -1), tokens[-1]
         while len(toks) < limit and sam.top_next(st) is not None:
             tok, st, n, total = sam.top_next(st)
             q = cal.prob(cal.cell(src, length + len(toks), n, total), n, total)
-            probs.append(q * probs[-1] if probs else cal.first_prob(src, last, tok, q))
+            q = cal.token_prob(src, len(toks), prev2, prev, tok, q)
+            probs.append(q * probs[-1] if probs else q)
             toks.append(tok)
+            prev2, prev = prev, tok
         keep = next((i for i, p in enumerate(probs) if p < d.min_prob), len(probs))
         score = sum(probs[:keep])
         if score > best_score + 1e-12:
@@ -145,6 +148,48 @@ def test_calibrator_first_token_estimates_match_a_float64_reference_and_stay_bou
                     assert got == pytest.approx((a + 3.0 * q) / (n + 3.0), rel=1e-12)
                 else:
                     assert got == q
+
+
+def test_calibrator_context_tables_match_a_float64_reference():
+    """token_prob = the cell's estimate shrunk towards the (source, prev, token) rate (first table at
+    position 0, pair table later) with weight w, then towards the (source, prev2, prev, token) rate
+    with the context weight; recomputed here from raw observations in float64."""
+    rng = random.Random(12)
+    w, wc = 3.0, 1.5
+    cal = AcceptanceCalibrator(prior_weight=w, context_weight=wc, max_first_tokens=1 << 12)
+    first, pair, ctx = {}, {}, {}
+    for _ in range(4000):
+        src, tok = rng.randrange(3), rng.randrange(6)
+        prev2, prev = rng.randrange(-1, 4), rng.randrange(-1, 4)
+        ok = rng.random() < 0.2 + 0.15 * src + 0.05 * (tok == prev)
+        kind = rng.randrange(3)
+        table, key = ((first, (src, prev, tok)), (pair, (src, prev, tok)), (ctx, (src, prev2, prev, tok)))[kind]
+        (cal.update_first, cal.update_pair, cal.update_context)[kind](*key, ok)
+        stats = table.setdefault(key, [0, 0])
+        stats[0] += ok
+        stats[1] += 1
+
+    def shrink(stats, prior, weight):
+        return prior if stats is None else (stats[0] + weight * prior) / (stats[1] + weight)
+
+    for src in range(3):
+        for prev2 in range(-1, 4):
+            for prev in range(-1, 4):
+                for tok in range(6):
+                    q = rng.random()
+                    for pos in (0, 1, 5):
+                        level = (first if pos == 0 else pair).get((src, prev, tok))
+                        expect = shrink(ctx.get((src, prev2, prev, tok)), shrink(level, q, w), wc)
+                        got = cal.token_prob(src, pos, prev2, prev, tok, q)
+                        assert got == pytest.approx(expect, rel=1e-12)
+    assert len(cal.context) == len(ctx) and len(cal.pair) == len(pair)
+    small = AcceptanceCalibrator(max_first_tokens=5)
+    for i in range(20):
+        small.update_pair(0, i, i, True)
+        small.update_context(1, i, i, i, True)
+    small.update_pair(0, 0, 0, False)  # a held key keeps learning
+    assert len(small.pair) == len(small.context) == 5
+    assert small.pair[small.pair_key(0, 0, 0)] == [1.0, 2.0]
 
 
 def test_sam_learns_which_source_to_trust():

@@ -17,8 +17,9 @@ and cost ~4 us of the ~35 us median step, since every extra cursor reads new aut
 
 Drafting: from every cursor the drafter follows the most frequent continuation (occurrence counts;
 exact in frozen automata, approximate online, see SuffixAutomaton). An `AcceptanceCalibrator` gives
-each drafted token a probability of acceptance from its evidence, and a candidate's value is its
-expected accepted tokens, sum_j prod_{i<=j} p_i. The candidate with the highest value is drafted,
+each drafted token a probability of acceptance from its evidence (counts, then the one and two
+tokens before it), and a candidate's value is its expected accepted tokens, sum_j prod_{i<=j} p_i.
+The candidate with the highest value is drafted,
 cut where its path probability falls below `min_prob` and at min(k, ceil(factor * longest match))
 tokens, so drafts grow with the match length and stop where recorded continuations disagree.
 Candidates are evaluated lazily and abandoned as soon as they cannot beat the best so far (their
@@ -53,22 +54,28 @@ _LOG2 = tuple(min(i.bit_length(), 7) for i in range(128))
 class AcceptanceCalibrator:
     """P(a drafted token is accepted), by the evidence behind it, learned online.
 
-    Two levels, each a table of (accepted, trials):
+    A hierarchy of (accepted, trials) tables, each level shrunk towards the one above it:
     - cells: (source, log2 match length, log2 occurrences of the matched context, the token's
       empirical share of those occurrences in 5 bins), estimated as (accepted + w * prior) /
       (trials + w) with prior = the smoothed count ratio n / (total + 1), w = `prior_weight`;
-    - first tokens: (source, last context token, proposed token), shrunk towards the cell's
-      estimate with the same weight. Which token ends the context says a lot that counts cannot
-      (after a '.' agents start a new line of a known format, after a name they copy the rest).
+    - by the preceding token, shrunk towards the cell with weight w: for a draft's first token
+      (source, last context token, token), for later ones (source, previous draft token, token).
+      Which token comes before says a lot that counts cannot (after a '.' agents start a new line
+      of a known format, after a name they copy the rest);
+    - by the two preceding tokens (source, prev2, prev, token), at any position, shrunk towards the
+      level above with weight `context_weight`.
     A fresh calibrator therefore behaves like a count-based drafter and sharpens as it observes.
+    Each context table holds at most `max_first_tokens` keys (a full one keeps updating the keys
+    it has). Keys pack token ids below 2^21; larger ids may share keys, which only blurs estimates.
     """
 
     NUM_CELLS = 3 * 8 * 8 * 5
 
-    def __init__(self, prior_weight: float = 4.0, max_first_tokens: int = 1 << 18) -> None:
-        if not prior_weight > 0 or max_first_tokens < 0:
-            raise ValueError("need prior_weight > 0 and max_first_tokens >= 0")
-        self.prior_weight = prior_weight
+    def __init__(self, prior_weight: float = 4.0, max_first_tokens: int = 1 << 18,
+                 context_weight: float = 2.0) -> None:
+        if not prior_weight > 0 or not context_weight > 0 or max_first_tokens < 0:
+            raise ValueError("need prior_weight > 0, context_weight > 0 and max_first_tokens >= 0")
+        self.prior_weight, self.context_weight = prior_weight, context_weight
         self.max_first_tokens = max_first_tokens
         self.accepted = [0.0] * self.NUM_CELLS
         self.trials = [0.0] * self.NUM_CELLS
@@ -76,6 +83,10 @@ class AcceptanceCalibrator:
         # then a small dict that all of the step's candidates share.
         self.first: dict[int, dict[int, list[float]]] = {}
         self.first_size = 0
+        # pair_key(source, prev, token) and context_key(source, prev2, prev, token) ->
+        # [accepted, trials]: flat dicts, one lookup per drafted token.
+        self.pair: dict[int, list[float]] = {}
+        self.context: dict[int, list[float]] = {}
 
     @staticmethod
     def cell(source: int, match_len: int, n: int, total: int) -> int:
@@ -83,6 +94,15 @@ class AcceptanceCalibrator:
         share = 4 if n == total else 4 * n // total
         # SAMDrafter.propose inlines this (with the _LOG2 table): keep the two in step.
         return (((source << 3) + (lb if lb < 7 else 7)) * 8 + (tb if tb < 7 else 7)) * 5 + share
+
+    @staticmethod
+    def pair_key(source: int, prev: int, token: int) -> int:
+        # SAMDrafter.propose inlines the two keys: keep them in step.
+        return ((prev + 1) << 21 | token) * 3 + source
+
+    @staticmethod
+    def context_key(source: int, prev2: int, prev: int, token: int) -> int:
+        return (((prev2 + 1) << 21 | (prev + 1)) << 21 | token) * 3 + source
 
     def prob(self, cell: int, n: int, total: int) -> float:
         w = self.prior_weight
@@ -94,6 +114,15 @@ class AcceptanceCalibrator:
         if stats is None:
             return cell_prob
         return (stats[0] + self.prior_weight * cell_prob) / (stats[1] + self.prior_weight)
+
+    def token_prob(self, source: int, position: int, prev2: int, prev: int, token: int,
+                   cell_prob: float) -> float:
+        """The full hierarchy for a drafted token at `position` (0 = first) after prev2, prev."""
+        if position == 0:
+            q = self.first_prob(source, prev, token, cell_prob)
+        else:
+            q = _shrink(self.pair.get(self.pair_key(source, prev, token)), cell_prob, self.prior_weight)
+        return _shrink(self.context.get(self.context_key(source, prev2, prev, token)), q, self.context_weight)
 
     def update(self, cell: int, accepted: bool) -> None:
         self.accepted[cell] += accepted
@@ -109,6 +138,21 @@ class AcceptanceCalibrator:
                 inner = self.first[last] = {}
             stats = inner[token * 3 + source] = [0.0, 0.0]
             self.first_size += 1
+        stats[0] += accepted
+        stats[1] += 1.0
+
+    def update_pair(self, source: int, prev: int, token: int, accepted: bool) -> None:
+        self._update_flat(self.pair, self.pair_key(source, prev, token), accepted)
+
+    def update_context(self, source: int, prev2: int, prev: int, token: int, accepted: bool) -> None:
+        self._update_flat(self.context, self.context_key(source, prev2, prev, token), accepted)
+
+    def _update_flat(self, table: dict[int, list[float]], key: int, accepted: bool) -> None:
+        stats = table.get(key)
+        if stats is None:
+            if len(table) >= self.max_first_tokens:
+                return
+            stats = table[key] = [0.0, 0.0]
         stats[0] += accepted
         stats[1] += 1.0
 
@@ -130,7 +174,7 @@ class _SessionState:
 
     __slots__ = ("session_id", "sam", "pending", "memory_matcher", "retrieved_at", "active_request",
                  "global_matcher", "global_version", "response_start", "last_candidates", "last_token",
-                 "last_expected")
+                 "last_token2", "last_expected")
 
     def __init__(self, session_id: str, prompt: list[int], count_depth: int) -> None:
         self.session_id = session_id
@@ -143,9 +187,9 @@ class _SessionState:
         self.global_version = 0
         self.response_start = len(prompt)
         # The latest proposal's candidates (source, tokens, cells), scored when the verified
-        # tokens arrive through extend(); the context's last token when they were proposed.
+        # tokens arrive through extend(); the context's last two tokens when they were proposed.
         self.last_candidates: list[tuple[int, list[int], list[int]]] = []
-        self.last_token = -1
+        self.last_token = self.last_token2 = -1
         self.last_expected = 0.0
 
 
@@ -242,10 +286,13 @@ class SAMDrafter:
         limit = min(k, math.ceil(self.factor * longest))
         cal, min_prob, log2 = self.calibrator, self.min_prob, _LOG2
         accepted, trials, w, first = cal.accepted, cal.trials, cal.prior_weight, cal.first
+        pair, context, wc = cal.pair, cal.context, cal.context_weight
         tokens = state.sam.tokens
         last = tokens[-1] if tokens else -1
-        state.last_token = last
+        last2 = tokens[-2] if len(tokens) > 1 else -1
+        state.last_token, state.last_token2 = last, last2
         first_last = first.get(last)
+        ctx_base = ((last2 + 1) << 21 | (last + 1)) << 21  # context_key's prefix for first tokens
         # First tokens of all candidates, then best-first extension: once a candidate's first-token
         # probability times the length cap cannot beat the best draft, neither can any later one.
         heads = []
@@ -254,13 +301,16 @@ class SAMDrafter:
             if top is None:
                 continue
             tok, st, n, total = top
-            # AcceptanceCalibrator.cell, .prob and .first_prob, inlined.
+            # AcceptanceCalibrator.cell, .prob and .token_prob, inlined.
             c = ((((src << 3) + (log2[length] if length < 128 else 7)) * 8
                   + (log2[total] if total < 128 else 7)) * 5 + (4 if n == total else 4 * n // total))
             q = (accepted[c] + w * n / (total + 1)) / (trials[c] + w)
             stats = first_last.get(tok * 3 + src) if first_last is not None else None
             if stats is not None:
                 q = (stats[0] + w * q) / (stats[1] + w)
+            stats = context.get((ctx_base | tok) * 3 + src)
+            if stats is not None:
+                q = (stats[0] + wc * q) / (stats[1] + wc)
             heads.append((-q, i, src, sam, st, length + 1, tok, c))
         if len(heads) > 1:
             heads.sort()  # by probability, ties in cursor order (i is unique)
@@ -275,6 +325,7 @@ class SAMDrafter:
             score, keep, size = p, 1, 1  # keep: leading tokens whose path probability >= min_prob
             tops, src8 = sam.top_table, src << 3
             add_tok, add_cell = toks.append, cells.append
+            prev2, prev = last, tok
             while size < limit and score + p * (limit - size) > best_score:
                 top = tops[st]
                 if top is None:
@@ -282,7 +333,15 @@ class SAMDrafter:
                 tok, st, n, total = top
                 c = (((src8 + (log2[length] if length < 128 else 7)) * 8
                       + (log2[total] if total < 128 else 7)) * 5 + (4 if n == total else 4 * n // total))
-                p *= (accepted[c] + w * n / (total + 1)) / (trials[c] + w)
+                q = (accepted[c] + w * n / (total + 1)) / (trials[c] + w)
+                stats = pair.get(((prev + 1) << 21 | tok) * 3 + src)
+                if stats is not None:
+                    q = (stats[0] + w * q) / (stats[1] + w)
+                stats = context.get(((((prev2 + 1) << 21 | (prev + 1)) << 21) | tok) * 3 + src)
+                if stats is not None:
+                    q = (stats[0] + wc * q) / (stats[1] + wc)
+                p *= q
+                prev2, prev = prev, tok
                 length += 1
                 size += 1
                 add_tok(tok)
@@ -356,10 +415,16 @@ class SAMDrafter:
         for src, path, cells in state.last_candidates:
             if path:
                 cal.update_first(src, state.last_token, path[0], path[0] == toks[0])
-            for c, tok, true in zip(cells, path, toks):
-                cal.update(c, tok == true)
-                if tok != true:
+            prev2, prev = state.last_token2, state.last_token
+            for j, (c, tok, true) in enumerate(zip(cells, path, toks)):
+                ok = tok == true
+                cal.update(c, ok)
+                if j:
+                    cal.update_pair(src, prev, tok, ok)
+                cal.update_context(src, prev2, prev, tok, ok)
+                if not ok:
                     break
+                prev2, prev = prev, tok
         state.last_candidates = []
 
     def _maybe_retrieve(self, state: _SessionState) -> None:
@@ -402,6 +467,10 @@ class SAMDrafter:
         if state.pending is not None:
             concurrent.futures.wait([state.pending])
         self._poll_memory(state)
+
+
+def _shrink(stats: list[float] | None, prior: float, weight: float) -> float:
+    return prior if stats is None else (stats[0] + weight * prior) / (stats[1] + weight)
 
 
 def _extends(prompt: list[int], context: list[int]) -> bool:
