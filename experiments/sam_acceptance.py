@@ -10,7 +10,9 @@ prompt extends the previous turn's context token for token (as in a serving engi
 Drafters: prompt-lookup n-gram; SuffixDecoding-style suffix tree at its reference draft-length
 factor (1) and at AgentSAM's (8); AgentSAM on the session only; AgentSAM with cross-session memory
 (BM25-retrieved similar sessions + the global automaton of past responses; each finished session is
-added to memory); optionally `sam_retrieval_only`, the memory without the global automaton.
+added to memory); optionally `sam_retrieval_only`, the memory without the global automaton, and
+`sam_memory_ctx`, SAM + memory whose calibrator also conditions later tokens on the one and two
+tokens before them (more accepted tokens, slower drafting).
 
   python experiments/sam_acceptance.py --quick
   python experiments/sam_acceptance.py --all_shared --k 4,8,16 --json_out /tmp/sam.json
@@ -35,6 +37,7 @@ from tqdm import tqdm
 
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
                                         SuffixTreeDrafter)
+from agentinfer_jax.speculation.sam_drafter import AcceptanceCalibrator
 from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces, portable_path, shared_trace_paths
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "agentinfer_jax" / "assets"
@@ -141,9 +144,10 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
 def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], None] | None, SessionMemory | None]]]:
     """Factories, so only one drafter (and its global state) is alive at a time."""
 
-    def sam_memory(global_memory=True):
+    def sam_memory(global_memory=True, token_context=False):
         memory = SessionMemory()
-        drafter = SAMDrafter(memory, global_memory=global_memory)
+        drafter = SAMDrafter(memory, global_memory=global_memory,
+                             calibrator=AcceptanceCalibrator(token_context=token_context))
         return drafter, drafter.wait_for_memory, memory
 
     return {"prompt_lookup": lambda: (PromptLookupDrafter(), None, None),
@@ -151,7 +155,8 @@ def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], Non
             "suffix_tree_f8": lambda: (SuffixTreeDrafter(factor=8.0), None, None),
             "sam_session": lambda: (SAMDrafter(), None, None),
             "sam_memory": sam_memory,
-            "sam_retrieval_only": lambda: sam_memory(global_memory=False)}
+            "sam_retrieval_only": lambda: sam_memory(global_memory=False),
+            "sam_memory_ctx": lambda: sam_memory(token_context=True)}
 
 
 DEFAULT_DRAFTERS = ["prompt_lookup", "suffix_tree", "suffix_tree_f8", "sam_session", "sam_memory"]

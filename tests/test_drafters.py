@@ -99,13 +99,15 @@ def exhaustive_choice(d, rid):
     return best, best_score
 
 
-@pytest.mark.parametrize("min_prob,backoff", [(0.0, 0), (0.2, 0), (0.0, 1)])
-def test_sam_pruned_selection_equals_exhaustive_evaluation(min_prob, backoff):
+@pytest.mark.parametrize("min_prob,backoff,token_context", [(0.0, 0, False), (0.2, 0, False), (0.0, 1, False),
+                                                           (0.0, 0, True), (0.2, 1, True)])
+def test_sam_pruned_selection_equals_exhaustive_evaluation(min_prob, backoff, token_context):
     """The lazily pruned search returns the exhaustive rule's draft, across sources (own, memory,
     global) and a calibrator that has learned from earlier verify steps."""
     rng = random.Random(5)
     with SessionMemory(top_k=2, global_min_rebuild=1) as memory:
-        d = SAMDrafter(memory, min_prob=min_prob, backoff=backoff)
+        d = SAMDrafter(memory, min_prob=min_prob, backoff=backoff,
+                       calibrator=AcceptanceCalibrator(token_context=token_context))
         checked = 0
         for trial in range(40):
             ctx = [rng.randrange(6) for _ in range(rng.randrange(3, 30))]
@@ -156,7 +158,8 @@ def test_calibrator_context_tables_match_a_float64_reference():
     with the context weight; recomputed here from raw observations in float64."""
     rng = random.Random(12)
     w, wc = 3.0, 1.5
-    cal = AcceptanceCalibrator(prior_weight=w, context_weight=wc, max_first_tokens=1 << 12)
+    cal = AcceptanceCalibrator(prior_weight=w, context_weight=wc, max_first_tokens=1 << 12, token_context=True)
+    plain = AcceptanceCalibrator(prior_weight=w)
     first, pair, ctx = {}, {}, {}
     for _ in range(4000):
         src, tok = rng.randrange(3), rng.randrange(6)
@@ -182,6 +185,10 @@ def test_calibrator_context_tables_match_a_float64_reference():
                         expect = shrink(ctx.get((src, prev2, prev, tok)), shrink(level, q, w), wc)
                         got = cal.token_prob(src, pos, prev2, prev, tok, q)
                         assert got == pytest.approx(expect, rel=1e-12)
+                        # Off (the default): only the first-token level refines the cell.
+                        plain.first = cal.first
+                        off = shrink(first.get((src, prev, tok)), q, w) if pos == 0 else q
+                        assert plain.token_prob(src, pos, prev2, prev, tok, q) == pytest.approx(off, rel=1e-12)
     assert len(cal.context) == len(ctx) and len(cal.pair) == len(pair)
     small = AcceptanceCalibrator(max_first_tokens=5)
     for i in range(20):
