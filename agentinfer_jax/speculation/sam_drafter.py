@@ -17,8 +17,9 @@ and cost ~4 us of the ~35 us median step, since every extra cursor reads new aut
 
 Drafting: from every cursor the drafter follows the most frequent continuation (occurrence counts;
 exact in frozen automata, approximate online, see SuffixAutomaton). An `AcceptanceCalibrator` gives
-each drafted token a probability of acceptance from its evidence (counts, then the one and two
-tokens before it), and a candidate's value is its expected accepted tokens, sum_j prod_{i<=j} p_i.
+each drafted token a probability of acceptance from its evidence (counts, the last context token,
+optionally the tokens before each drafted one), and a candidate's value is its expected accepted
+tokens, sum_j prod_{i<=j} p_i.
 The candidate with the highest value is drafted,
 cut where its path probability falls below `min_prob` and at min(k, ceil(factor * longest match))
 tokens, so drafts grow with the match length and stop where recorded continuations disagree.
