@@ -2,6 +2,7 @@
 
 import math
 import random
+import threading
 
 import pytest
 
@@ -155,10 +156,12 @@ def test_calibrator_first_token_estimates_match_a_float64_reference_and_stay_bou
 def test_calibrator_context_tables_match_a_float64_reference():
     """token_prob = the cell's estimate shrunk towards the (source, prev, token) rate (first table at
     position 0, pair table later) with weight w, then towards the (source, prev2, prev, token) rate
-    with the context weight; recomputed here from raw observations in float64."""
+    with the context weight, at draft positions below context_positions (later: the cell alone);
+    recomputed here from raw observations in float64."""
     rng = random.Random(12)
     w, wc = 3.0, 1.5
-    cal = AcceptanceCalibrator(prior_weight=w, context_weight=wc, max_first_tokens=1 << 12, token_context=True)
+    cal = AcceptanceCalibrator(prior_weight=w, context_weight=wc, max_first_tokens=1 << 12, token_context=True,
+                               context_positions=4)
     plain = AcceptanceCalibrator(prior_weight=w)
     first, pair, ctx = {}, {}, {}
     for _ in range(4000):
@@ -180,9 +183,11 @@ def test_calibrator_context_tables_match_a_float64_reference():
             for prev in range(-1, 4):
                 for tok in range(6):
                     q = rng.random()
-                    for pos in (0, 1, 5):
+                    for pos in (0, 1, 3, 4, 6):
                         level = (first if pos == 0 else pair).get((src, prev, tok))
                         expect = shrink(ctx.get((src, prev2, prev, tok)), shrink(level, q, w), wc)
+                        if pos >= 4:  # past context_positions: the cell's estimate alone
+                            expect = q
                         got = cal.token_prob(src, pos, prev2, prev, tok, q)
                         assert got == pytest.approx(expect, rel=1e-12)
                         # Off (the default): only the first-token level refines the cell.
@@ -275,6 +280,26 @@ def test_cross_session_memory_drafts_a_continuation_seen_only_in_another_session
         d.end("b")
 
 
+def test_memory_retrieval_is_picked_up_by_propose_without_waiting():
+    """The serving path never blocks on retrieval: propose drafts without memory while it runs and
+    installs it at the first step after the worker finishes (a done-callback raises a flag)."""
+    rng = random.Random(4)
+    story = [rng.randrange(100, 200) for _ in range(30)]
+    with SessionMemory(top_k=1) as memory:
+        d = SAMDrafter(memory, min_match=2)
+        d.begin("a", story, session_id="A")
+        d.end("a")
+        memory.flush()
+        gate = threading.Event()
+        memory._submit(gate.wait)  # holds the worker: the retrieval below stays pending
+        d.begin("b", [7, 8] + story[:10], session_id="B")
+        assert d.propose("b", 8) == [] and d._requests["b"].memory_matcher is None
+        gate.set()
+        memory.flush()
+        assert d.propose("b", 8) == story[10:18]
+        d.end("b")
+
+
 @pytest.mark.parametrize("make", [PromptLookupDrafter, SuffixTreeDrafter, SAMDrafter])
 def test_drafter_protocol_and_bad_input(make):
     d = make()
@@ -309,3 +334,20 @@ def test_suffix_tree_uses_global_tree_of_past_responses():
     d.begin("new", [9, 9, 50, 51])
     assert d.propose("new", 4) == [52, 53, 54, 55]
     d.end("new")
+
+
+def test_propose_cell_tables_match_the_calibrator_cells():
+    """SAMDrafter.propose indexes cells as 320 * source + _LB40[length] + _PART[total][n] (with
+    clamps past 127); that must be AcceptanceCalibrator.cell for every input."""
+    from agentinfer_jax.speculation.sam_drafter import _LB40, _PART
+
+    def table_cell(src, length, n, total):
+        return (src * 320 + (_LB40[length] if length < 128 else 280)
+                + (_PART[total][n] if total < 128 else 35 + (4 if n == total else 4 * n // total)))
+
+    rng = random.Random(13)
+    for _ in range(20000):
+        src, length = rng.randrange(3), rng.choice([rng.randrange(1, 140), rng.randrange(1, 1 << 20)])
+        total = rng.choice([rng.randrange(1, 140), rng.randrange(1, 1 << 20)])
+        n = rng.randrange(1, total + 1)
+        assert table_cell(src, length, n, total) == AcceptanceCalibrator.cell(src, length, n, total)

@@ -48,8 +48,11 @@ from agentinfer_jax.speculation.suffix_automaton import Matcher, SuffixAutomaton
 
 OWN, MEMORY, GLOBAL = 0, 1, 2
 SOURCE_NAMES = ("own", "memory", "global")
-# min(bit_length(i), 7) for i < 128 (larger values: 7): the calibrator's log2 bins by table lookup.
-_LOG2 = tuple(min(i.bit_length(), 7) for i in range(128))
+# The calibrator's cell index from tables (SAMDrafter.propose): 40 * log2 bin of a match length
+# (for lengths < 128; larger: 280), and 5 * log2 bin of a total + its share bin (totals < 128).
+_LB40 = tuple(40 * min(i.bit_length(), 7) for i in range(128))
+_PART = tuple(tuple(5 * min(t.bit_length(), 7) + (4 if n == t else 4 * n // t) for n in range(t + 1)) if t else ()
+              for t in range(128))
 
 
 class AcceptanceCalibrator:
@@ -77,11 +80,16 @@ class AcceptanceCalibrator:
     NUM_CELLS = 3 * 8 * 8 * 5
 
     def __init__(self, prior_weight: float = 4.0, max_first_tokens: int = 1 << 18,
-                 context_weight: float = 2.0, token_context: bool = False) -> None:
-        if not prior_weight > 0 or not context_weight > 0 or max_first_tokens < 0:
-            raise ValueError("need prior_weight > 0, context_weight > 0 and max_first_tokens >= 0")
+                 context_weight: float = 2.0, token_context: bool = False,
+                 context_positions: int = 4) -> None:
+        if not prior_weight > 0 or not context_weight > 0 or max_first_tokens < 0 or context_positions < 1:
+            raise ValueError("need prior_weight > 0, context_weight > 0, max_first_tokens >= 0 and "
+                             "context_positions >= 1")
         self.prior_weight, self.context_weight = prior_weight, context_weight
         self.token_context = token_context
+        # Draft positions that use the two context levels (with token_context); later tokens add
+        # little to a draft's value and would cost two lookups each.
+        self.context_positions = context_positions
         self.max_first_tokens = max_first_tokens
         self.accepted = [0.0] * self.NUM_CELLS
         self.trials = [0.0] * self.NUM_CELLS
@@ -98,7 +106,7 @@ class AcceptanceCalibrator:
     def cell(source: int, match_len: int, n: int, total: int) -> int:
         lb, tb = match_len.bit_length(), total.bit_length()
         share = 4 if n == total else 4 * n // total
-        # SAMDrafter.propose inlines this (with the _LOG2 table): keep the two in step.
+        # SAMDrafter.propose inlines this (with the _LB40 and _PART tables): keep the two in step.
         return (((source << 3) + (lb if lb < 7 else 7)) * 8 + (tb if tb < 7 else 7)) * 5 + share
 
     @staticmethod
@@ -126,11 +134,11 @@ class AcceptanceCalibrator:
         """The full hierarchy for a drafted token at `position` (0 = first) after prev2, prev."""
         if position == 0:
             q = self.first_prob(source, prev, token, cell_prob)
-        elif self.token_context:
+        elif self.token_context and position < self.context_positions:
             q = _shrink(self.pair.get(self.pair_key(source, prev, token)), cell_prob, self.prior_weight)
         else:
             return cell_prob
-        if not self.token_context:
+        if not self.token_context or position >= self.context_positions:
             return q
         return _shrink(self.context.get(self.context_key(source, prev2, prev, token)), q, self.context_weight)
 
@@ -182,7 +190,7 @@ class AcceptanceCalibrator:
 class _SessionState:
     """One session's automaton, its memory retrieval and the matchers of the active request."""
 
-    __slots__ = ("session_id", "sam", "pending", "memory_matcher", "retrieved_at", "active_request",
+    __slots__ = ("session_id", "sam", "pending", "retrieval_done", "memory_matcher", "retrieved_at", "active_request",
                  "global_matcher", "global_version", "response_start", "last_candidates", "last_token",
                  "last_token2", "last_expected")
 
@@ -190,6 +198,8 @@ class _SessionState:
         self.session_id = session_id
         self.sam = SuffixAutomaton(prompt, count_depth=count_depth)
         self.pending: concurrent.futures.Future | None = None
+        # Set by the retrieval's done-callback (worker thread): propose polls a flag, not the future.
+        self.retrieval_done = False
         self.memory_matcher: Matcher | None = None
         self.retrieved_at = 0
         self.active_request: str | None = None
@@ -201,6 +211,9 @@ class _SessionState:
         self.last_candidates: list[tuple[int, list[int], list[int]]] = []
         self.last_token = self.last_token2 = -1
         self.last_expected = 0.0
+
+    def mark_retrieval_done(self, _future: concurrent.futures.Future) -> None:
+        self.retrieval_done = True
 
 
 class SAMDrafter:
@@ -271,32 +284,46 @@ class SAMDrafter:
         self._maybe_retrieve(state)
 
     def propose(self, request_id: str, k: int) -> list[int]:
-        # The drafter's hot path (every verify step, in Python): helpers are inlined, bins come from
-        # a table, the common case skips validation calls. Semantics as in the module docstring.
+        # The drafter's hot path (every verify step, in Python): helpers are inlined, cells come
+        # from tables, the common case skips validation calls. Semantics as in the module docstring.
         if k.__class__ is not int or k < 0:
             check_k(k)
         state = self._requests.get(request_id)
         if state is None:
             state = self._get(request_id)
-        state.last_candidates, state.last_expected = [], 0.0
-        if k == 0:
-            return []
         memory = self.memory
         # _poll_memory's own conditions, checked here first: a call per step would cost more.
-        if memory is not None and (state.pending is not None or (
+        if memory is not None and (state.retrieval_done or (
                 self.global_memory and memory.global_version != state.global_version)):
             self._poll_memory(state)
-        cursors = self._cursors(state)
-        if not cursors:
+        if self.backoff:
+            cursors = self._cursors(state)
+        else:  # _cursors without back-off, inlined
+            sam, min_match = state.sam, self.min_match
+            cursors = []
+            if sam.last:
+                st = sam.link[sam.last]
+                if sam.length[st] >= min_match:
+                    cursors.append((OWN, sam, st, sam.length[st]))
+            m = state.memory_matcher
+            if m is not None and m.length >= min_match:
+                cursors.append((MEMORY, m.sam, m.state, m.length))
+            m = state.global_matcher
+            if m is not None and m.length >= min_match:
+                cursors.append((GLOBAL, m.sam, m.state, m.length))
+        if not cursors or k == 0:
+            state.last_candidates, state.last_expected = [], 0.0
             return []
         longest = 0
         for cur in cursors:
             if cur[3] > longest:
                 longest = cur[3]
-        limit = min(k, math.ceil(self.factor * longest))
-        cal, min_prob, log2 = self.calibrator, self.min_prob, _LOG2
+        reach = self.factor * longest
+        limit = k if reach >= k else math.ceil(reach)
+        cal, min_prob, lb40, part = self.calibrator, self.min_prob, _LB40, _PART
         accepted, trials, w, first = cal.accepted, cal.trials, cal.prior_weight, cal.first
         pair, context, wc, use_ctx = cal.pair, cal.context, cal.context_weight, cal.token_context
+        ctx_stop = cal.context_positions  # as a bound on length below: + offset
         tokens = state.sam.tokens
         last = tokens[-1] if tokens else -1
         last2 = tokens[-2] if len(tokens) > 1 else -1
@@ -305,15 +332,15 @@ class SAMDrafter:
         ctx_base = ((last2 + 1) << 21 | (last + 1)) << 21  # context_key's prefix for first tokens
         # First tokens of all candidates, then best-first extension: once a candidate's first-token
         # probability times the length cap cannot beat the best draft, neither can any later one.
+        # Cell index (AcceptanceCalibrator.cell) = 320 * source + _LB40[length] + _PART[total][n].
         heads = []
         for i, (src, sam, st, length) in enumerate(cursors):
             top = sam.top_table[st]
             if top is None:
                 continue
             tok, st, n, total = top
-            # AcceptanceCalibrator.cell, .prob and .token_prob, inlined.
-            c = ((((src << 3) + (log2[length] if length < 128 else 7)) * 8
-                  + (log2[total] if total < 128 else 7)) * 5 + (4 if n == total else 4 * n // total))
+            c = (src * 320 + (lb40[length] if length < 128 else 280)
+                 + (part[total][n] if total < 128 else 35 + (4 if n == total else 4 * n // total)))
             q = (accepted[c] + w * n / (total + 1)) / (trials[c] + w)
             stats = first_last.get(tok * 3 + src) if first_last is not None else None
             if stats is not None:
@@ -333,19 +360,23 @@ class SAMDrafter:
             candidates.append((src, toks, cells))
             if p < min_prob or p * limit <= best_score:
                 continue  # scored from its first token only (the rest would not be drafted)
-            score, keep, size = p, 1, 1  # keep: leading tokens whose path probability >= min_prob
-            tops, src8 = sam.top_table, src << 3
+            score, keep = p, 1  # keep: leading tokens whose path probability >= min_prob
+            tops, base = sam.top_table, src * 320
             add_tok, add_cell = toks.append, cells.append
             prev2, prev = last, tok
-            while size < limit and score + p * (limit - size) > best_score:
+            # size (tokens so far) = length - offset: one counter for both.
+            offset = length - 1
+            stop = limit + offset
+            ctx_end = ctx_stop + offset if use_ctx else 0
+            while length < stop and score + p * (stop - length) > best_score:
                 top = tops[st]
                 if top is None:
                     break
                 tok, st, n, total = top
-                c = (((src8 + (log2[length] if length < 128 else 7)) * 8
-                      + (log2[total] if total < 128 else 7)) * 5 + (4 if n == total else 4 * n // total))
+                c = (base + (lb40[length] if length < 128 else 280)
+                     + (part[total][n] if total < 128 else 35 + (4 if n == total else 4 * n // total)))
                 q = (accepted[c] + w * n / (total + 1)) / (trials[c] + w)
-                if use_ctx:
+                if length < ctx_end:
                     stats = pair.get(((prev + 1) << 21 | tok) * 3 + src)
                     if stats is not None:
                         q = (stats[0] + w * q) / (stats[1] + w)
@@ -355,7 +386,6 @@ class SAMDrafter:
                     prev2, prev = prev, tok
                 p *= q
                 length += 1
-                size += 1
                 add_tok(tok)
                 add_cell(c)
                 if p < min_prob:
@@ -424,7 +454,7 @@ class SAMDrafter:
         """Scores every candidate's tokens up to its first mismatch with the verified `toks` (past
         that, the true context is no longer the candidate's)."""
         cal = self.calibrator
-        use_ctx = cal.token_context
+        ctx_n = cal.context_positions if cal.token_context else 0
         for src, path, cells in state.last_candidates:
             if path:
                 cal.update_first(src, state.last_token, path[0], path[0] == toks[0])
@@ -432,7 +462,7 @@ class SAMDrafter:
             for j, (c, tok, true) in enumerate(zip(cells, path, toks)):
                 ok = tok == true
                 cal.update(c, ok)
-                if use_ctx:
+                if j < ctx_n:
                     if j:
                         cal.update_pair(src, prev, tok, ok)
                     cal.update_context(src, prev2, prev, tok, ok)
@@ -448,6 +478,7 @@ class SAMDrafter:
         if state.retrieved_at == 0 or n >= self.refresh_growth * state.retrieved_at:
             state.retrieved_at = max(n, 1)
             state.pending = self.memory.retrieve(state.sam.tokens, exclude=state.session_id)
+            state.pending.add_done_callback(state.mark_retrieval_done)
 
     def _poll_memory(self, state: _SessionState) -> None:
         """Installs a finished retrieval and the newest global automaton, each as a matcher warmed
@@ -460,6 +491,7 @@ class SAMDrafter:
                 state.global_matcher = self._warm_matcher(gsam, state)
                 state.global_version = version
         fut = state.pending
+        state.retrieval_done = False  # before done(): a callback firing after it sets it again
         if fut is None or not fut.done():
             return
         state.pending = None
