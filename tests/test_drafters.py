@@ -201,7 +201,7 @@ def test_calibrator_context_tables_match_a_float64_reference():
         small.update_context(1, i, i, i, True)
     small.update_pair(0, 0, 0, False)  # a held key keeps learning
     assert len(small.pair) == len(small.context) == 5
-    assert small.pair[small.pair_key(0, 0, 0)] == [1.0, 2.0]
+    assert small.pair[small.pair_key(0, 0, 0)] == 1 + 2j  # (accepted, trials)
 
 
 def test_sam_learns_which_source_to_trust():
