@@ -11,8 +11,8 @@ Drafters: prompt-lookup n-gram; SuffixDecoding-style suffix tree at its referenc
 factor (1) and at AgentSAM's (8); AgentSAM on the session only; AgentSAM with cross-session memory
 (BM25-retrieved similar sessions + the global automaton of past responses; each finished session is
 added to memory); optionally `sam_retrieval_only`, the memory without the global automaton, and
-`sam_memory_ctx`, SAM + memory whose calibrator also conditions later tokens on the one and two
-tokens before them (more accepted tokens, slower drafting).
+`sam_memory_ctx`, SAM + memory whose calibrator also conditions the first four drafted tokens on
+the one and two tokens before each (more accepted tokens, slower drafting).
 
   python experiments/sam_acceptance.py --quick
   python experiments/sam_acceptance.py --all_shared --k 4,8,16 --json_out /tmp/sam.json
