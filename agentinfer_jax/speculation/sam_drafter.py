@@ -324,7 +324,7 @@ class SAMDrafter:
         cal, min_prob, lb40, part = self.calibrator, self.min_prob, _LB40, _PART
         cells_ab, w, first = cal.cells, cal.prior_weight, cal.first
         pair, context, wc, use_ctx = cal.pair, cal.context, cal.context_weight, cal.token_context
-        ctx_stop = cal.context_positions  # as a bound on length below: + offset
+        ctx_stop = cal.context_positions  # draft positions with context levels (ctx_end below)
         tokens = state.sam.tokens
         last = tokens[-1] if tokens else -1
         last2 = tokens[-2] if len(tokens) > 1 else -1
