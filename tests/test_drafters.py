@@ -324,6 +324,13 @@ def test_drafter_protocol_and_bad_input(make):
         d.end("r")
 
 
+@pytest.mark.parametrize("kwargs", [dict(prior_weight=0.0), dict(context_weight=-1.0),
+                                    dict(max_first_tokens=-1), dict(context_positions=0)])
+def test_calibrator_rejects_bad_parameters(kwargs):
+    with pytest.raises(ValueError):
+        AcceptanceCalibrator(**kwargs)
+
+
 def test_suffix_tree_uses_global_tree_of_past_responses():
     d = SuffixTreeDrafter(min_prob=0.1, factor=4.0)
     resp = [50, 51, 52, 53, 54, 55]
