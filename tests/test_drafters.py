@@ -160,8 +160,8 @@ def test_calibrator_context_tables_match_a_float64_reference():
     recomputed here from raw observations in float64."""
     rng = random.Random(12)
     w, wc = 3.0, 1.5
-    cal = AcceptanceCalibrator(prior_weight=w, context_weight=wc, max_first_tokens=1 << 12, token_context=True,
-                               context_positions=4)
+    cal = AcceptanceCalibrator(prior_weight=w, context_weight=wc, max_first_tokens=1 << 12,
+                               token_context=True, context_positions=4)
     plain = AcceptanceCalibrator(prior_weight=w)
     first, pair, ctx = {}, {}, {}
     for _ in range(4000):

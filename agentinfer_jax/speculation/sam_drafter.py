@@ -51,7 +51,7 @@ SOURCE_NAMES = ("own", "memory", "global")
 # The calibrator's cell index from tables (SAMDrafter.propose): 40 * log2 bin of a match length
 # (for lengths < 128; larger: 280), and 5 * log2 bin of a total + its share bin (totals < 128).
 _LB40 = tuple(40 * min(i.bit_length(), 7) for i in range(128))
-_PART = tuple(tuple(5 * min(t.bit_length(), 7) + (4 if n == t else 4 * n // t) for n in range(t + 1)) if t else ()
+_PART = tuple(tuple(5 * min(t.bit_length(), 7) + (4 if n == t else 4 * n // t) for n in range(t + 1))
               for t in range(128))
 
 
@@ -191,8 +191,8 @@ class AcceptanceCalibrator:
 class _SessionState:
     """One session's automaton, its memory retrieval and the matchers of the active request."""
 
-    __slots__ = ("session_id", "sam", "pending", "retrieval_done", "memory_matcher", "retrieved_at", "active_request",
-                 "global_matcher", "global_version", "response_start", "last_candidates", "last_token",
+    __slots__ = ("session_id", "sam", "pending", "retrieval_done", "memory_matcher", "retrieved_at",
+                 "active_request", "global_matcher", "global_version", "response_start", "last_candidates", "last_token",
                  "last_token2", "last_expected")
 
     def __init__(self, session_id: str, prompt: list[int], count_depth: int) -> None:
@@ -299,7 +299,7 @@ class SAMDrafter:
             self._poll_memory(state)
         if self.backoff:
             cursors = self._cursors(state)
-        else:  # _cursors without back-off, inlined
+        else:  # _cursors without back-off, inlined (the exhaustive-selection test checks them equal)
             sam, min_match = state.sam, self.min_match
             cursors = []
             if sam.last:
