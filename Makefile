@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test test-main test-jetstream bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py agentinfer_jax/speculation/_sam_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -11,8 +11,9 @@ Drafters: prompt-lookup n-gram; SuffixDecoding-style suffix tree at its referenc
 factor (1) and at AgentSAM's (8); AgentSAM on the session only; AgentSAM with cross-session memory
 (BM25-retrieved similar sessions + the global automaton of past responses; each finished session is
 added to memory); optionally `sam_retrieval_only`, the memory without the global automaton, and
-`sam_memory_ctx`, SAM + memory whose calibrator also conditions the first four drafted tokens on
-the one and two tokens before each (more accepted tokens, slower drafting).
+`sam_memory_no_ctx`, SAM + memory whose calibrator does not condition later drafted tokens on the
+one and two tokens before each, and `sam_memory_python`, the default drafter on its Python hot
+paths instead of the compiled ones (identical drafts, slower).
 
   python experiments/sam_acceptance.py --quick
   python experiments/sam_acceptance.py --all_shared --k 4,8,16 --json_out /tmp/sam.json
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
                                         SuffixTreeDrafter)
+from agentinfer_jax.speculation import sam_drafter
 from agentinfer_jax.speculation.sam_drafter import AcceptanceCalibrator
 from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces, portable_path, shared_trace_paths
 
@@ -144,9 +146,9 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
 def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], None] | None, SessionMemory | None]]]:
     """Factories, so only one drafter (and its global state) is alive at a time."""
 
-    def sam_memory(global_memory=True, token_context=False):
+    def sam_memory(global_memory=True, token_context=True, native=None):
         memory = SessionMemory()
-        drafter = SAMDrafter(memory, global_memory=global_memory,
+        drafter = SAMDrafter(memory, global_memory=global_memory, native=native,
                              calibrator=AcceptanceCalibrator(token_context=token_context))
         return drafter, drafter.wait_for_memory, memory
 
@@ -156,7 +158,8 @@ def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], Non
             "sam_session": lambda: (SAMDrafter(), None, None),
             "sam_memory": sam_memory,
             "sam_retrieval_only": lambda: sam_memory(global_memory=False),
-            "sam_memory_ctx": lambda: sam_memory(token_context=True)}
+            "sam_memory_no_ctx": lambda: sam_memory(token_context=False),
+            "sam_memory_python": lambda: sam_memory(native=False)}
 
 
 DEFAULT_DRAFTERS = ["prompt_lookup", "suffix_tree", "suffix_tree_f8", "sam_session", "sam_memory"]
@@ -186,6 +189,9 @@ def main(argv: Sequence[str]) -> None:
     if any(k < 1 for k in ks):
         raise app.UsageError("--k values must be >= 1")
     limit = 25 if FLAGS.quick and FLAGS.limit is None else FLAGS.limit
+    if sam_drafter._sam_native is None:
+        logging.warning("agentinfer_jax.speculation._sam_native is not built: SAM drafts on its Python "
+                        "hot paths (same tokens, slower); reinstall with a C compiler to build it")
     chat = ChatTokenizer(FLAGS.tokenizer)
     loaded = {p: load_traces(p, limit=limit) for p in paths}
     for trajs in loaded.values():
@@ -225,6 +231,7 @@ def main(argv: Sequence[str]) -> None:
     if len(paths) > 1:
         print_table([("ALL", k, n, s.summary()) for k, d in merged.items() for n, s in d.items()])
     result = {"drafters": {n: s.summary() for n, s in merged[ks[0]].items()},
+              "sam_compiled": sam_drafter._sam_native is not None,
               "k": ks[0], "traces": [portable_path(p) for p in paths], "detail": detail,
               "by_k": {str(k): {n: s.summary() for n, s in d.items()} for k, d in merged.items()}}
     if FLAGS.json_out:

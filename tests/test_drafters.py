@@ -11,6 +11,7 @@ from test_suffix_automaton import brute_continuations
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
                                         SuffixTreeDrafter, UnknownRequestError)
 from agentinfer_jax.speculation.sam_drafter import AcceptanceCalibrator
+from agentinfer_jax.speculation.suffix_automaton import Matcher, SuffixAutomaton
 
 
 def brute_prompt_lookup(ctx, k, max_n, min_n):
@@ -100,14 +101,15 @@ def exhaustive_choice(d, rid):
     return best, best_score
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
 @pytest.mark.parametrize("min_prob,backoff,token_context", [(0.0, 0, False), (0.2, 0, False), (0.0, 1, False),
                                                            (0.0, 0, True), (0.2, 1, True)])
-def test_sam_pruned_selection_equals_exhaustive_evaluation(min_prob, backoff, token_context):
-    """The lazily pruned search returns the exhaustive rule's draft, across sources (own, memory,
-    global) and a calibrator that has learned from earlier verify steps."""
+def test_sam_pruned_selection_equals_exhaustive_evaluation(min_prob, backoff, token_context, native):
+    """The lazily pruned search (Python and compiled) returns the exhaustive rule's draft, across
+    sources (own, memory, global) and a calibrator that has learned from earlier verify steps."""
     rng = random.Random(5)
     with SessionMemory(top_k=2, global_min_rebuild=1) as memory:
-        d = SAMDrafter(memory, min_prob=min_prob, backoff=backoff,
+        d = SAMDrafter(memory, min_prob=min_prob, backoff=backoff, native=native,
                        calibrator=AcceptanceCalibrator(token_context=token_context))
         checked = 0
         for trial in range(40):
@@ -358,3 +360,83 @@ def test_propose_cell_tables_match_the_calibrator_cells():
         total = rng.choice([rng.randrange(1, 140), rng.randrange(1, 1 << 20)])
         n = rng.randrange(1, total + 1)
         assert table_cell(src, length, n, total) == AcceptanceCalibrator.cell(src, length, n, total)
+
+
+@pytest.mark.parametrize("min_prob,backoff,token_context,vocab", [
+    (0.0, 0, False, 8), (0.0, 0, True, 8), (0.3, 1, True, 50), (0.0, 2, True, 3_000_000)])
+def test_compiled_hot_paths_equal_the_python_ones_bit_for_bit(min_prob, backoff, token_context, vocab):
+    """The compiled hot paths do what the Python ones do: the same drafts, candidates and expected
+    accepted tokens (to the last bit), the same matcher positions and, after the scoring of every
+    verify step, the same calibrator tables. Token ids past 2^21 exercise the packed keys'
+    big-integer path; max_first_tokens=40 fills the bounded tables."""
+    rng = random.Random(17 + vocab)
+    memories = [SessionMemory(top_k=3, global_min_rebuild=1) for _ in range(2)]
+    drafters = [SAMDrafter(m, min_prob=min_prob, backoff=backoff, native=native,
+                           calibrator=AcceptanceCalibrator(token_context=token_context, max_first_tokens=40))
+                for m, native in zip(memories, (False, True))]
+    pool = [rng.randrange(vocab) for _ in range(12)]  # a few ids recur, so drafts get long
+    nonempty = 0
+    try:
+        for trial in range(30):
+            ctx = [rng.choice(pool) for _ in range(rng.randrange(2, 60))]
+            rid = f"r{trial}"
+            for d in drafters:
+                d.begin(rid, ctx, session_id=f"s{trial % 7}")
+                d.wait_for_memory(rid)
+            for _ in range(rng.randrange(1, 12)):
+                k = rng.randrange(0, 17)
+                python, native = (d.propose(rid, k) for d in drafters)
+                assert python == native
+                states = [d._requests[rid] for d in drafters]
+                assert states[0].last_candidates == states[1].last_candidates
+                assert states[0].last_expected == states[1].last_expected  # exact, not approx
+                nonempty += bool(native)
+                toks = native[:rng.randrange(len(native) + 1)] + [rng.choice(pool)]
+                for d in drafters:
+                    d.extend(rid, toks)
+                python, native = (d._requests[rid] for d in drafters)
+                for name in ("memory_matcher", "global_matcher"):
+                    a, b = getattr(python, name), getattr(native, name)
+                    assert (a and (a.state, a.length)) == (b and (b.state, b.length))
+            for d in drafters:
+                d.end(rid)
+        assert nonempty > 50
+        python, native = (d.calibrator for d in drafters)
+        for table in ("cells", "first", "first_size", "pair", "context"):
+            assert getattr(python, table) == getattr(native, table), table
+    finally:
+        for m in memories:
+            m.close()
+
+
+def test_compiled_walk_reports_bad_input_instead_of_crashing():
+    from agentinfer_jax.speculation import sam_drafter
+
+    walk = sam_drafter._sam_native.walk
+    cal = AcceptanceCalibrator()
+    sam = SuffixAutomaton([1, 2, 1, 2])
+    args = [[(0, sam, sam.match_state, sam.match_length)], 8, cal.cells, 4.0, None, {}, {}, 2.0, False, 4,
+            2, 1, 0.0]
+    draft, candidates, expected = walk(*args)
+    assert draft == [1, 2] and expected > 0 and candidates[0][1][:2] == [1, 2]
+    with pytest.raises(TypeError):
+        walk(*args[:5])
+    with pytest.raises(IndexError):
+        walk([(0, sam, 10 ** 6, 2)], *args[1:])
+    with pytest.raises(ValueError):
+        walk([(5, sam, 1, 2)], *args[1:])
+    with pytest.raises(AttributeError):
+        walk([(0, object(), 1, 2)], *args[1:])
+    sam.top_table[sam.match_state] = (1, 2, 9, 3)  # a corrupt count: more than its total
+    with pytest.raises(IndexError):
+        walk(*args)
+    score, feed = sam_drafter._sam_native.score, sam_drafter._sam_native.feed
+    with pytest.raises(TypeError):
+        score(candidates, [1], cal.cells, {}, {}, {}, 2, 1, 4, 10)  # one argument short
+    with pytest.raises(IndexError):
+        score([(0, [1], [10 ** 6])], [1], cal.cells, {}, {}, {}, 2, 1, 4, 10, 0)
+    assert cal.cells == [0j] * cal.NUM_CELLS  # nothing written by the failed calls
+    with pytest.raises(TypeError):
+        feed(Matcher(sam), (1, 2))
+    with pytest.raises(AttributeError):
+        feed(object(), [1])

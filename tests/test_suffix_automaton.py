@@ -173,3 +173,26 @@ def test_frozen_rejects_extend_and_bad_depth():
         sam.extend(3)
     with pytest.raises(ValueError, match="count_depth"):
         SuffixAutomaton(count_depth=0)
+
+
+def test_compiled_frozen_build_equals_the_python_build_field_for_field():
+    """SuffixAutomaton.frozen_of in C builds exactly what the Python construction + freeze() builds:
+    every state array, the transition dicts in the same insertion order (top ties depend on it),
+    the top table and the self-match, on random texts with session sentinels and huge ids."""
+    rng = random.Random(23)
+    fields = ("tokens", "next", "link", "length", "first_end", "last_end", "count", "top_table", "last",
+              "match_end", "frozen", "count_depth", "track_top")
+    for trial in range(150):
+        vocab = rng.choice([2, 3, 7, 60, 10 ** 12])
+        seq = [rng.randrange(vocab) for _ in range(rng.randrange(0, 250))]
+        for i in range(rng.randrange(4)):
+            seq.insert(rng.randrange(len(seq) + 1), -1 - i)
+        python = SuffixAutomaton.frozen_of(seq, native=False)
+        native = SuffixAutomaton.frozen_of(seq, native=True)
+        for name in fields:
+            assert getattr(python, name) == getattr(native, name), (trial, name)
+        assert [list(d) for d in python.next] == [list(d) for d in native.next]
+        with pytest.raises(FrozenAutomatonError):
+            native.extend(1)
+    with pytest.raises(TypeError):
+        SuffixAutomaton.frozen_of([1, "2"], native=True)

@@ -198,11 +198,11 @@ class SessionMemory:
         built = self._global[1]
         size = len(built) if built is not None else 0
         if self._unbuilt_tokens >= max(self.global_min_rebuild, self.rebuild_fraction * size):
-            sam = SuffixAutomaton(count_depth=1, track_top=False)
+            text: list[int] = []
             for i, resp in enumerate(self._responses):
-                sam.extend_many(resp)
-                sam.extend(-1 - i)  # sentinel: no match crosses two responses
-            self._global = (self._global[0] + 1, sam.freeze())
+                text += resp
+                text.append(-1 - i)  # sentinel: no match crosses two responses
+            self._global = (self._global[0] + 1, SuffixAutomaton.frozen_of(text))
             self.global_version = self._global[0]  # after _global: a reader of it sees the new one
             self._unbuilt_tokens = 0
             self.stats["global_builds"] += 1
@@ -244,10 +244,10 @@ class SessionMemory:
         ids = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
         if not ids:
             return None, []
-        sam = SuffixAutomaton(count_depth=1, track_top=False)
+        text: list[int] = []
         # Oldest retrieved session first, so later text is the most recent one.
         order = {s: i for i, s in enumerate(self._store)}
         for i, sid in enumerate(sorted(ids, key=order.__getitem__)):
-            sam.extend_many(self._store[sid][1])
-            sam.extend(-1 - i)  # a sentinel no query token equals: no match crosses sessions
-        return sam.freeze(), ids
+            text += self._store[sid][1]
+            text.append(-1 - i)  # a sentinel no query token equals: no match crosses sessions
+        return SuffixAutomaton.frozen_of(text), ids

@@ -40,6 +40,11 @@ from collections.abc import Iterable, Sequence
 
 ROOT = 0
 
+try:  # compiled construction of frozen automata (setup.py builds it where a C compiler exists)
+    from agentinfer_jax.speculation import _sam_native
+except ImportError:  # pragma: no cover - depends on the install
+    _sam_native = None
+
 
 class FrozenAutomatonError(RuntimeError):
     """An `extend` on an automaton after `freeze()`."""
@@ -75,6 +80,24 @@ class SuffixAutomaton:
         self._out_total: list[int] = [0]
         for t in tokens:
             self.extend(t)
+
+    @classmethod
+    def frozen_of(cls, tokens: Sequence[int], *, native: bool | None = None) -> SuffixAutomaton:
+        """`SuffixAutomaton(tokens, count_depth=1, track_top=False).freeze()`, the same fields,
+        built in C when `_sam_native` is (None: when built). Memory retrieval builds one per request
+        off the critical path, but the sooner it is ready the sooner the request drafts from it."""
+        if native is None:
+            native = _sam_native is not None
+        if not native:
+            return cls(tokens, count_depth=1, track_top=False).freeze()
+        if _sam_native is None:
+            raise RuntimeError("native=True but agentinfer_jax.speculation._sam_native is not built")
+        sam = cls(count_depth=1, track_top=False)
+        (sam.tokens, sam.next, sam.link, sam.length, sam.first_end, sam.last_end, sam.count,
+         sam.top_table, sam.last, sam.match_end) = _sam_native.build_frozen(list(tokens))
+        sam._out_total = []
+        sam.frozen = True
+        return sam
 
     def __len__(self) -> int:
         return len(self.tokens)
