@@ -398,6 +398,8 @@ def test_compiled_hot_paths_equal_the_python_ones_bit_for_bit(min_prob, backoff,
                 for name in ("memory_matcher", "global_matcher"):
                     a, b = getattr(python, name), getattr(native, name)
                     assert (a and (a.state, a.length)) == (b and (b.state, b.length))
+                for name in ("tokens", "link", "count", "last_end", "top_table", "last", "match_end"):
+                    assert getattr(python.sam, name) == getattr(native.sam, name), name
             for d in drafters:
                 d.end(rid)
         assert nonempty > 50

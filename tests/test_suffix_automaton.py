@@ -175,6 +175,50 @@ def test_frozen_rejects_extend_and_bad_depth():
         SuffixAutomaton(count_depth=0)
 
 
+ONLINE_FIELDS = ("tokens", "link", "length", "first_end", "last_end", "count", "top_table", "_out_total",
+                 "last", "match_end")
+
+
+@pytest.mark.parametrize("count_depth,track_top", [(1, True), (2, True), (8, True), (None, True), (8, False)])
+def test_compiled_online_extend_equals_the_python_extend_field_for_field(count_depth, track_top):
+    """extend_many in C changes an online automaton exactly as the Python extend does: every state
+    array, the transition dicts in insertion order, the approximate counts and the online top
+    table, after every chunk, on repetitive and huge-id texts with session sentinels."""
+    rng = random.Random(31 + (count_depth or 0) + track_top)
+    for trial in range(60):
+        vocab = rng.choice([2, 3, 7, 60, 10 ** 12])
+        python = SuffixAutomaton(count_depth=count_depth, track_top=track_top, native=False)
+        native = SuffixAutomaton(count_depth=count_depth, track_top=track_top, native=True)
+        for _ in range(rng.randrange(1, 8)):
+            chunk = [rng.randrange(vocab) if rng.random() > 0.04 else -1 - rng.randrange(3)
+                     for _ in range(rng.randrange(0, 70))]
+            python.extend_many(chunk, native=False)
+            native.extend_many(chunk, native=True)
+            for name in ONLINE_FIELDS:
+                assert getattr(python, name) == getattr(native, name), (trial, name)
+            assert [list(d.items()) for d in python.next] == [list(d.items()) for d in native.next]
+    # The default (native=None) constructor path builds the same automaton as the Python one.
+    seq = [rng.randrange(5) for _ in range(300)]
+    a = SuffixAutomaton(seq, count_depth=count_depth, track_top=track_top, native=False)
+    b = SuffixAutomaton(seq, count_depth=count_depth, track_top=track_top)
+    assert all(getattr(a, name) == getattr(b, name) for name in ONLINE_FIELDS)
+
+
+def test_compiled_online_extend_rejects_bad_input_unchanged():
+    sam = SuffixAutomaton([1, 2, 1, 2], native=True)
+    before = {name: list(getattr(sam, name)) for name in ONLINE_FIELDS[:-2]}
+    before["next"] = [dict(d) for d in sam.next]
+    with pytest.raises(TypeError):
+        sam.extend_many([3, "4"], native=True)
+    with pytest.raises(OverflowError):
+        sam.extend_many([3, 1 << 70], native=True)
+    assert {name: getattr(sam, name) for name in before} == before
+    assert (sam.last, sam.match_end) == (len(sam.length) - 1, 1)
+    sam.freeze()
+    with pytest.raises(FrozenAutomatonError):
+        sam.extend_many([1], native=True)
+
+
 def test_compiled_frozen_build_equals_the_python_build_field_for_field():
     """SuffixAutomaton.frozen_of in C builds exactly what the Python construction + freeze() builds:
     every state array, the transition dicts in the same insertion order (top ties depend on it),

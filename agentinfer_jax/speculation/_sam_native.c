@@ -1,13 +1,19 @@
 /* Compiled hot paths of SAMDrafter (agentinfer_jax/speculation/sam_drafter.py).
  *
- * `score(...)` is `_score_last_proposal` (calibrator updates from the verified tokens) and
- * `feed(...)` is `Matcher.feed_many`. `walk(...)` is the part of `propose` after the cursors are found: score every cursor's first
- * token, then extend candidates best first along each automaton's most frequent continuations,
- * abandoning a candidate once it cannot beat the best draft. It reads the same Python objects as
- * the Python code (the automata's `top_table` lists, the calibrator's complex-valued tables) and
- * returns exactly what the Python code computes: the same float operations in the same order
- * (built with -ffp-contract=off, so no fused multiply-adds change a rounding). The Python version
- * stays the reference; tests compare the two on random inputs and on replays.
+ * - `walk(...)`: the part of `propose` after the cursors are found. It scores every cursor's first
+ *   token, then extends candidates best first along each automaton's most frequent
+ *   continuations, abandoning a candidate once it cannot beat the best draft.
+ * - `score(...)`: `_score_last_proposal` (calibrator updates from the verified tokens).
+ * - `feed(...)`: `Matcher.feed_many`.
+ * - `extend_many(...)`: `SuffixAutomaton.extend_many`, the online construction on the automaton's
+ *   own lists.
+ * - `build_frozen(...)`: `SuffixAutomaton.frozen_of`.
+ *
+ * They read and write the same Python objects as the Python code (the automata's lists, the
+ * calibrator's complex-valued tables) and compute exactly what it computes: the same float
+ * operations in the same order (built with -ffp-contract=off, so no fused multiply-adds change a
+ * rounding). The Python version stays the reference; tests compare the two on random inputs and
+ * on replays.
  *
  * Why compiled: a drafting step sits on every verify step's critical path, and in Python it is
  * mostly interpreter overhead and cache misses on boxed ints; here it is a few reads per token.
@@ -709,11 +715,312 @@ done:
     return result;
 }
 
+/* ---- online construction (SuffixAutomaton.extend_many) -------------------------------------- */
+
+/* Integer list items, read and written in place. */
+static inline int get_ll(PyObject *list, long long i, long long *out) {
+    if (i < 0 || i >= PyList_GET_SIZE(list)) {
+        PyErr_SetString(PyExc_IndexError, "automaton state out of range");
+        return -1;
+    }
+    *out = PyLong_AsLongLong(PyList_GET_ITEM(list, i));
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static inline int set_ll(PyObject *list, long long i, long long v) {
+    PyObject *o = PyLong_FromLongLong(v);
+    return o == NULL ? -1 : PyList_SetItem(list, (Py_ssize_t)i, o);  /* steals o */
+}
+
+static inline int append_ll(PyObject *list, long long v) {
+    PyObject *o = PyLong_FromLongLong(v);
+    if (o == NULL) return -1;
+    int rc = PyList_Append(list, o);
+    Py_DECREF(o);
+    return rc;
+}
+
+/* top[i] = (tok, child, n, total); child, n and total are existing objects or (NULL) numbers. */
+static int set_top(PyObject *top, long long i, PyObject *tok, PyObject *child, long long child_v,
+                   PyObject *n, long long n_v, PyObject *total, long long total_v) {
+    PyObject *c = child ? (Py_INCREF(child), child) : PyLong_FromLongLong(child_v);
+    PyObject *m = n ? (Py_INCREF(n), n) : PyLong_FromLongLong(n_v);
+    PyObject *t = total ? (Py_INCREF(total), total) : PyLong_FromLongLong(total_v);
+    PyObject *tup = c && m && t ? PyTuple_Pack(4, tok, c, m, t) : NULL;
+    Py_XDECREF(c);
+    Py_XDECREF(m);
+    Py_XDECREF(t);
+    return tup == NULL ? -1 : PyList_SetItem(top, (Py_ssize_t)i, tup);
+}
+
+/* top[i], checked to be None or a 4-tuple (NULL on error). */
+static inline PyObject *top_at(PyObject *top, long long i) {
+    PyObject *t = PyList_GET_ITEM(top, i);
+    if (t != Py_None && (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 4)) {
+        PyErr_SetString(PyExc_TypeError, "top_table entries must be 4-tuples or None");
+        return NULL;
+    }
+    return t;
+}
+
+/* dict[token] as a state id: 1 found, 0 absent, -1 error. */
+static inline int edge_of(PyObject *nxt, long long state, PyObject *token, long long *target) {
+    if (state < 0 || state >= PyList_GET_SIZE(nxt)) {
+        PyErr_SetString(PyExc_IndexError, "automaton state out of range");
+        return -1;
+    }
+    PyObject *d = PyList_GET_ITEM(nxt, state);
+    if (!PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "automaton next entries must be dicts");
+        return -1;
+    }
+    PyObject *v = PyDict_GetItemWithError(d, token);
+    if (v == NULL) return PyErr_Occurred() ? -1 : 0;
+    *target = PyLong_AsLongLong(v);
+    return *target == -1 && PyErr_Occurred() ? -1 : 1;
+}
+
+static inline int set_edge(PyObject *nxt, long long state, PyObject *token, long long target) {
+    PyObject *o = PyLong_FromLongLong(target);
+    if (o == NULL) return -1;
+    int rc = PyDict_SetItem(PyList_GET_ITEM(nxt, state), token, o);
+    Py_DECREF(o);
+    return rc;
+}
+
+enum { F_TOKENS, F_NEXT, F_LINK, F_LENGTH, F_FIRST_END, F_LAST_END, F_COUNT, F_TOP, F_OUT_TOTAL, NUM_FIELDS };
+static const char *field_names[NUM_FIELDS] = {"tokens", "next", "link", "length", "first_end", "last_end",
+                                              "count", "top_table", "_out_total"};
+static PyObject *field_strs[NUM_FIELDS]; /* interned field_names */
+
+/* _new_state plus _set_top_of_new: appends one state (like >= 0: a clone of `like`). */
+static int new_state(PyObject **f, int track, long long length, long long link, long long first_end,
+                     long long last_end, long long count, PyObject *nxt_dict, long long like) {
+    if (PyList_Append(f[F_NEXT], nxt_dict) < 0 || append_ll(f[F_LINK], link) < 0
+        || append_ll(f[F_LENGTH], length) < 0 || append_ll(f[F_FIRST_END], first_end) < 0
+        || append_ll(f[F_LAST_END], last_end) < 0 || append_ll(f[F_COUNT], count) < 0)
+        return -1;
+    if (!track) return 0;
+    if (like < 0) return PyList_Append(f[F_TOP], Py_None) < 0 || append_ll(f[F_OUT_TOTAL], 0) < 0 ? -1 : 0;
+    return PyList_Append(f[F_TOP], PyList_GET_ITEM(f[F_TOP], like)) < 0
+           || PyList_Append(f[F_OUT_TOTAL], PyList_GET_ITEM(f[F_OUT_TOTAL], like)) < 0 ? -1 : 0;
+}
+
+/* One SuffixAutomaton.extend; returns the new `last` and sets *match_end, or -1 on error. */
+static long long extend_one(PyObject **f, int track, long long depth_cap, long long refresh_cap,
+                            long long last, PyObject *token, long long token_v, long long *match_end) {
+    PyObject *nxt = f[F_NEXT], *link = f[F_LINK], *lengths = f[F_LENGTH], *top = f[F_TOP];
+    PyObject *out_total = f[F_OUT_TOTAL], *counts = f[F_COUNT], *last_ends = f[F_LAST_END];
+    long long pos = PyList_GET_SIZE(f[F_TOKENS]), v, len_last;
+    if (PyList_Append(f[F_TOKENS], token) < 0 || get_ll(lengths, last, &len_last) < 0) return -1;
+    long long cur = PyList_GET_SIZE(lengths);
+    PyObject *empty = PyDict_New();
+    if (empty == NULL) return -1;
+    int rc = new_state(f, track, len_last + 1, 0, pos, pos, 1, empty, -1);
+    Py_DECREF(empty);
+    if (rc < 0) return -1;
+    long long p = last, q = -1;
+    while (p != -1) {
+        if ((rc = edge_of(nxt, p, token, &q)) != 0) break;
+        if (set_edge(nxt, p, token, cur) < 0) return -1;
+        if (track) {  /* a new continuation seen once */
+            long long total;
+            if (get_ll(out_total, p, &total) < 0 || set_ll(out_total, p, total + 1) < 0) return -1;
+            PyObject *t = top_at(top, p);
+            if (t == NULL) return -1;
+            if (t != Py_None) {
+                if (set_top(top, p, PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), 0,
+                            PyTuple_GET_ITEM(t, 2), 0, NULL, total + 1) < 0) return -1;
+            } else if (token_v >= 0 && set_top(top, p, token, NULL, cur, NULL, 1, NULL, total + 1) < 0) {
+                return -1;
+            }
+        }
+        if (get_ll(link, p, &p) < 0) return -1;
+    }
+    if (rc < 0) return -1;
+    long long first_parent = p;
+    if (p != -1) {
+        long long len_p, len_q;
+        if (get_ll(lengths, p, &len_p) < 0 || get_ll(lengths, q, &len_q) < 0) return -1;
+        if (len_p + 1 == len_q) {
+            if (set_ll(link, cur, q) < 0) return -1;
+        } else {
+            long long link_q, first_q, last_q, count_q;
+            if (get_ll(link, q, &link_q) < 0 || get_ll(f[F_FIRST_END], q, &first_q) < 0
+                || get_ll(last_ends, q, &last_q) < 0 || get_ll(counts, q, &count_q) < 0) return -1;
+            PyObject *copy = PyDict_Copy(PyList_GET_ITEM(nxt, q));
+            if (copy == NULL) return -1;
+            long long clone = PyList_GET_SIZE(lengths);
+            rc = new_state(f, track, len_p + 1, link_q, first_q, last_q, count_q, copy, q);
+            Py_DECREF(copy);
+            if (rc < 0) return -1;
+            while (p != -1) {
+                long long target;
+                if ((rc = edge_of(nxt, p, token, &target)) < 0) return -1;
+                if (rc == 0 || target != q) break;
+                if (set_edge(nxt, p, token, clone) < 0) return -1;
+                if (track) {  /* same count, new child state */
+                    PyObject *t = top_at(top, p);
+            if (t == NULL) return -1;
+                    if (t != Py_None) {
+                        long long child = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 1));
+                        if (child == -1 && PyErr_Occurred()) return -1;
+                        if (child == q && set_top(top, p, PyTuple_GET_ITEM(t, 0), NULL, clone,
+                                                  PyTuple_GET_ITEM(t, 2), 0, PyTuple_GET_ITEM(t, 3), 0) < 0)
+                            return -1;
+                    }
+                }
+                if (get_ll(link, p, &p) < 0) return -1;
+            }
+            if (set_ll(link, q, clone) < 0 || set_ll(link, cur, clone) < 0) return -1;
+        }
+    }
+    long long match = cur;
+    if (get_ll(link, cur, &match) < 0) return -1;
+    *match_end = -1;
+    if (match != 0 && get_ll(last_ends, match, match_end) < 0) return -1;
+    /* _credit_occurrence */
+    long long state = match, depth = depth_cap >= 0 ? depth_cap : PyList_GET_SIZE(lengths), shortest = 0;
+    while (state > 0 && depth > 0) {
+        if (get_ll(counts, state, &v) < 0 || set_ll(counts, state, v + 1) < 0
+            || set_ll(last_ends, state, pos) < 0 || get_ll(lengths, state, &shortest) < 0
+            || get_ll(link, state, &state) < 0) return -1;
+        depth--;
+    }
+    if (!track || first_parent == -1 || !shortest) return cur;
+    /* _refresh_parents */
+    long long budget = refresh_cap >= 0 ? refresh_cap : PyList_GET_SIZE(lengths);
+    state = first_parent;
+    while (state != -1 && budget > 0) {
+        long long child, len_child, total, n;
+        if (state < 0 || state >= PyList_GET_SIZE(nxt)) {
+            PyErr_SetString(PyExc_IndexError, "automaton state out of range");
+            return -1;
+        }
+        if ((rc = edge_of(nxt, state, token, &child)) <= 0) {
+            if (rc == 0) PyErr_SetObject(PyExc_KeyError, token);
+            return -1;
+        }
+        if (get_ll(lengths, child, &len_child) < 0) return -1;
+        if (len_child < shortest) break;
+        if (get_ll(out_total, state, &total) < 0 || set_ll(out_total, state, total + 1) < 0
+            || get_ll(counts, child, &n) < 0) return -1;
+        PyObject *t = top_at(top, state);
+        if (t == NULL) return -1;
+        int replace = t == Py_None;
+        if (!replace) {
+            long long t_child = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 1));
+            long long t_n = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 2));
+            if (PyErr_Occurred()) return -1;
+            replace = t_child == child || n > t_n;
+        }
+        if (token_v >= 0 && replace) {
+            if (set_top(top, state, token, NULL, child, NULL, n, NULL, total + 1) < 0) return -1;
+        } else if (t != Py_None) {  /* same top, larger total (sentinels count there too) */
+            if (set_top(top, state, PyTuple_GET_ITEM(t, 0), PyTuple_GET_ITEM(t, 1), 0,
+                        PyTuple_GET_ITEM(t, 2), 0, NULL, total + 1) < 0) return -1;
+        }
+        if (get_ll(link, state, &state) < 0) return -1;
+        budget--;
+    }
+    return cur;
+}
+
+static PyObject *str_last, *str_match_end, *str_track_top, *str_count_depth, *str_refresh_cap;
+
+PyDoc_STRVAR(extend_many_doc,
+"extend_many(automaton, tokens)\n\nSuffixAutomaton.extend over a list of ints (not frozen; the caller\n"
+"checks). Every token is checked to be an int first, so bad input leaves the automaton unchanged.");
+
+static PyObject *extend_many(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 2 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "extend_many(automaton, tokens: list)");
+        return NULL;
+    }
+    PyObject *sam = args[0], *tokens = args[1], *f[NUM_FIELDS] = {NULL}, *result = NULL;
+    PyObject *o = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(tokens);
+    long long *vals = PyMem_Malloc(sizeof(long long) * (n + 1));
+    if (vals == NULL) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(tokens, i);
+        if (!PyLong_Check(t)) {
+            PyErr_SetString(PyExc_TypeError, "tokens must be ints");
+            goto done;
+        }
+        vals[i] = PyLong_AsLongLong(t);
+        if (vals[i] == -1 && PyErr_Occurred()) goto done;
+    }
+    for (int i = 0; i < NUM_FIELDS; i++) {
+        f[i] = PyObject_GetAttr(sam, field_strs[i]);
+        if (f[i] == NULL) goto done;
+        if (!PyList_Check(f[i])) {
+            PyErr_Format(PyExc_TypeError, "automaton field %s must be a list", field_names[i]);
+            goto done;
+        }
+    }
+    long long last, depth_cap = -1, refresh_cap = -1;
+    int track;
+    if ((o = PyObject_GetAttr(sam, str_track_top)) == NULL || (track = PyObject_IsTrue(o)) < 0) goto done;
+    Py_CLEAR(o);
+    if ((o = PyObject_GetAttr(sam, str_count_depth)) == NULL) goto done;
+    if (o != Py_None && (depth_cap = PyLong_AsLongLong(o)) == -1 && PyErr_Occurred()) goto done;
+    Py_CLEAR(o);
+    if ((o = PyObject_GetAttr(sam, str_refresh_cap)) == NULL) goto done;
+    if (o != Py_None && (refresh_cap = PyLong_AsLongLong(o)) == -1 && PyErr_Occurred()) goto done;
+    Py_CLEAR(o);
+    if ((o = PyObject_GetAttr(sam, str_last)) == NULL) goto done;
+    if ((last = PyLong_AsLongLong(o)) == -1 && PyErr_Occurred()) goto done;
+    Py_CLEAR(o);
+    Py_ssize_t num_states = PyList_GET_SIZE(f[F_LENGTH]);
+    for (int i = F_NEXT; i < F_TOP; i++) {
+        if (PyList_GET_SIZE(f[i]) != num_states) {
+            PyErr_SetString(PyExc_ValueError, "automaton arrays differ in length");
+            goto done;
+        }
+    }
+    if (track && (PyList_GET_SIZE(f[F_TOP]) != num_states || PyList_GET_SIZE(f[F_OUT_TOTAL]) != num_states)) {
+        PyErr_SetString(PyExc_ValueError, "automaton top tables differ in length from its states");
+        goto done;
+    }
+    long long match_end = -1, next_last;
+    Py_ssize_t i = 0;
+    for (; i < n; i++) {
+        next_last = extend_one(f, track, depth_cap, refresh_cap, last, PyList_GET_ITEM(tokens, i), vals[i],
+                               &match_end);
+        if (next_last < 0) break;
+        last = next_last;
+    }
+    if (i > 0) {  /* also after an error mid-way (only out of memory or a corrupt automaton) */
+        PyObject *exc_type, *exc_value, *exc_tb;
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        PyObject *a = PyLong_FromLongLong(last), *b = PyLong_FromLongLong(match_end);
+        int rc = a && b && PyObject_SetAttr(sam, str_last, a) == 0 ? PyObject_SetAttr(sam, str_match_end, b) : -1;
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        if (exc_type != NULL) {
+            PyErr_Restore(exc_type, exc_value, exc_tb);
+            goto done;
+        }
+        if (rc < 0) goto done;
+    }
+    if (i < n) goto done;
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    Py_XDECREF(o);
+    for (int i = 0; i < NUM_FIELDS; i++) Py_XDECREF(f[i]);
+    PyMem_Free(vals);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, walk_doc},
     {"score", (PyCFunction)(void (*)(void))score, METH_FASTCALL, score_doc},
     {"feed", (PyCFunction)(void (*)(void))feed, METH_FASTCALL, feed_doc},
     {"build_frozen", build_frozen, METH_O, build_frozen_doc},
+    {"extend_many", (PyCFunction)(void (*)(void))extend_many, METH_FASTCALL, extend_many_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -730,6 +1037,14 @@ PyMODINIT_FUNC PyInit__sam_native(void) {
     str_length = PyUnicode_InternFromString("length");
     str_next = PyUnicode_InternFromString("next");
     str_link = PyUnicode_InternFromString("link");
-    if (!str_top_table || !str_sam || !str_state || !str_length || !str_next || !str_link) return NULL;
+    for (int i = 0; i < NUM_FIELDS; i++)
+        if ((field_strs[i] = PyUnicode_InternFromString(field_names[i])) == NULL) return NULL;
+    str_last = PyUnicode_InternFromString("last");
+    str_match_end = PyUnicode_InternFromString("match_end");
+    str_track_top = PyUnicode_InternFromString("track_top");
+    str_count_depth = PyUnicode_InternFromString("count_depth");
+    str_refresh_cap = PyUnicode_InternFromString("_refresh_cap");
+    if (!str_top_table || !str_sam || !str_state || !str_length || !str_next || !str_link || !str_last
+        || !str_match_end || !str_track_top || !str_count_depth || !str_refresh_cap) return NULL;
     return PyModule_Create(&module_def);
 }

@@ -32,6 +32,9 @@ Matching as the text grows: after each `extend` the state `link[last]` holds the
 the text that also occurs ending earlier (a standard SAM fact), so the self-match is O(1) per token.
 `Matcher` walks a *different* token stream against a (frozen) automaton: it keeps the longest
 suffix of that stream that is a substring of the automaton's text, O(1) amortised per token.
+
+`extend_many` and `frozen_of` run in `_sam_native` (C) where it is built; the Python code is the
+reference, and tests compare every field of the two.
 """
 
 from __future__ import annotations
@@ -54,9 +57,10 @@ class SuffixAutomaton:
     """Suffix automaton of `tokens`, extended one token at a time (see module docstring)."""
 
     def __init__(self, tokens: Iterable[int] = (), *, count_depth: int | None = 8,
-                 track_top: bool = True) -> None:
+                 track_top: bool = True, native: bool | None = None) -> None:
         """`track_top=False` skips the online top continuations (automata built only to be frozen,
-        which rescans them); `top_next` then scans edges until `freeze()`."""
+        which rescans them); `top_next` then scans edges until `freeze()`. `native`: as in
+        `extend_many`, for the initial tokens."""
         if count_depth is not None and count_depth < 1:
             raise ValueError(f"count_depth must be >= 1 or None (exact), got {count_depth}")
         self.count_depth = count_depth
@@ -78,8 +82,7 @@ class SuffixAutomaton:
         # count over each state's transitions (online only).
         self.top_table: list[tuple[int, int, int, int] | None] = [None]
         self._out_total: list[int] = [0]
-        for t in tokens:
-            self.extend(t)
+        self.extend_many(tokens, native=native)
 
     @classmethod
     def frozen_of(cls, tokens: Sequence[int], *, native: bool | None = None) -> SuffixAutomaton:
@@ -89,7 +92,7 @@ class SuffixAutomaton:
         if native is None:
             native = _sam_native is not None
         if not native:
-            return cls(tokens, count_depth=1, track_top=False).freeze()
+            return cls(tokens, count_depth=1, track_top=False, native=False).freeze()
         if _sam_native is None:
             raise RuntimeError("native=True but agentinfer_jax.speculation._sam_native is not built")
         sam = cls(count_depth=1, track_top=False)
@@ -210,9 +213,21 @@ class SuffixAutomaton:
             depth -= 1
         return shortest
 
-    def extend_many(self, tokens: Iterable[int]) -> None:
-        for t in tokens:
-            self.extend(t)
+    def extend_many(self, tokens: Iterable[int], *, native: bool | None = None) -> None:
+        """`extend` for each token. `native`: run the loop in `_sam_native` (None: when built;
+        True: required). It updates the same lists in the same way (tested field for field); it
+        needs int tokens and checks them all before changing anything."""
+        if native is None:
+            native = _sam_native is not None
+        if not native:
+            for t in tokens:
+                self.extend(t)
+            return
+        if _sam_native is None:
+            raise RuntimeError("native=True but agentinfer_jax.speculation._sam_native is not built")
+        if self.frozen:
+            raise FrozenAutomatonError("cannot extend a frozen suffix automaton")
+        _sam_native.extend_many(self, tokens if tokens.__class__ is list else list(tokens))
 
     def freeze(self) -> SuffixAutomaton:
         """Makes counts and last_end exact (O(n)) and the automaton read-only; returns self."""
