@@ -10,7 +10,7 @@ from test_suffix_automaton import brute_continuations
 
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
                                         SuffixTreeDrafter, UnknownRequestError)
-from agentinfer_jax.speculation.sam_drafter import AcceptanceCalibrator
+from agentinfer_jax.speculation.sam_drafter import GLOBAL, MEMORY, NUM_CLASSES, OWN, AcceptanceCalibrator
 from agentinfer_jax.speculation.suffix_automaton import Matcher, SuffixAutomaton
 
 
@@ -76,7 +76,8 @@ def test_sam_session_draft_follows_the_most_frequent_continuation_of_an_earlier_
 
 def exhaustive_choice(d, rid):
     """SAMDrafter's selection rule evaluated without pruning, from its public pieces: the draft of
-    the candidate with the most expected accepted tokens, cut where the path probability < min_prob."""
+    the candidate with the most expected accepted tokens, cut where the path probability < min_prob;
+    a candidate whose first token another cursor's top continuation shares is in class source + 3."""
     state = d._requests[rid]
     cursors = d._cursors(state)
     if not cursors:
@@ -84,7 +85,11 @@ def exhaustive_choice(d, rid):
     cal, tokens = d.calibrator, state.sam.tokens
     limit = min(8, math.ceil(d.factor * max(c[3] for c in cursors)))
     best, best_score = [], 0.0
+    firsts = [top[0] for top in (sam.top_next(st) for _, sam, st, _ in cursors) if top is not None]
     for src, sam, st, length in cursors:
+        top = sam.top_next(st)
+        if top is not None and firsts.count(top[0]) > 1:
+            src += 3  # another source's top continuation starts with the same token
         toks, probs = [], []
         prev2, prev = (tokens[-2] if len(tokens) > 1 else -1), tokens[-1]
         while len(toks) < limit and sam.top_next(st) is not None:
@@ -346,8 +351,8 @@ def test_suffix_tree_uses_global_tree_of_past_responses():
 
 
 def test_propose_cell_tables_match_the_calibrator_cells():
-    """SAMDrafter.propose indexes cells as 320 * source + _LB40[length] + _PART[total][n] (with
-    clamps past 127); that must be AcceptanceCalibrator.cell for every input."""
+    """SAMDrafter.propose indexes cells as 320 * class + _LB40[length] + _PART[total][n] (with
+    clamps past 127); that must be AcceptanceCalibrator.cell for every input and evidence class."""
     from agentinfer_jax.speculation.sam_drafter import _LB40, _PART
 
     def table_cell(src, length, n, total):
@@ -356,10 +361,34 @@ def test_propose_cell_tables_match_the_calibrator_cells():
 
     rng = random.Random(13)
     for _ in range(20000):
-        src, length = rng.randrange(3), rng.choice([rng.randrange(1, 140), rng.randrange(1, 1 << 20)])
+        src, length = rng.randrange(6), rng.choice([rng.randrange(1, 140), rng.randrange(1, 1 << 20)])
         total = rng.choice([rng.randrange(1, 140), rng.randrange(1, 1 << 20)])
         n = rng.randrange(1, total + 1)
         assert table_cell(src, length, n, total) == AcceptanceCalibrator.cell(src, length, n, total)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_sources_that_agree_on_a_first_token_form_their_own_evidence_class(native):
+    """A candidate whose first token another source's top continuation shares is scored (and
+    calibrated) in class source + 3; one that no other source backs keeps its plain class."""
+    classes = {}
+    for own_next in (4, 9):  # memory continues 1 2 3 with 4; the session itself with own_next
+        mem = SessionMemory(top_k=2, global_min_rebuild=1)
+        d = SAMDrafter(mem, native=native, min_prob=0.0)
+        try:
+            d.begin("old", [1, 2, 3, 4, 5, 6, 7], session_id="old")
+            d.end("old")
+            d.begin("new", [1, 2, 3, own_next, 8, 1, 2, 3], session_id="new")
+            d.wait_for_memory("new")
+            assert d.propose("new", 3)
+            classes[own_next] = {src: toks[0] for src, toks, _ in d._requests["new"].last_candidates}
+            d.end("new")
+        finally:
+            mem.close()
+    assert classes[4].get(OWN + 3) == 4 and classes[4].get(MEMORY + 3) == 4
+    assert OWN not in classes[4] and MEMORY not in classes[4]
+    assert classes[9].get(OWN) == 9 and classes[9].get(MEMORY) == 4
+    assert all(src < 3 for src in classes[9])
 
 
 @pytest.mark.parametrize("min_prob,backoff,token_context,vocab", [
@@ -437,6 +466,8 @@ def test_compiled_walk_reports_bad_input_instead_of_crashing():
         score(candidates, [1], cal.cells, {}, {}, {}, 2, 1, 4, 10)  # one argument short
     with pytest.raises(IndexError):
         score([(0, [1], [10 ** 6])], [1], cal.cells, {}, {}, {}, 2, 1, 4, 10, 0)
+    with pytest.raises(ValueError):  # evidence classes are 0..5
+        score([(NUM_CLASSES, [1], [0])], [1], cal.cells, {}, {}, {}, 2, 1, 4, 10, 0)
     assert cal.cells == [0j] * cal.NUM_CELLS  # nothing written by the failed calls
     with pytest.raises(TypeError):
         feed(Matcher(sam), (1, 2))

@@ -27,12 +27,13 @@ static PyObject *str_top_table; /* interned "top_table" */
 
 typedef struct {
     double q;          /* first token's probability */
-    long src;          /* source id (0 own, 1 memory, 2 global) */
+    long src;          /* evidence class: source (0 own, 1 memory, 2 global), + 3 if agreed */
     PyObject *tops;    /* the automaton's top_table list (new reference) */
     long long st;      /* state after the first token */
     long long length;  /* match length + 1 */
     long long tok;     /* first token */
     long long cell;    /* first token's calibrator cell */
+    long long n, total; /* the first token's count and its context's total */
 } Head;
 
 static inline long long bit_length(unsigned long long x) {
@@ -172,6 +173,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* context_key's prefix for first tokens: ((last2 + 1) << 21 | (last + 1)) << 21 */
     unsigned __int128 ctx_base = (u(last2 + 1) << 21 | u(last + 1)) << 21;
 
+    /* Pass 1: every cursor's top continuation (heads[k].tops holds a reference from here on). */
     for (Py_ssize_t i = 0; i < num; i++) {
         PyObject *cur = PyList_GET_ITEM(cursors, i);
         if (!PyTuple_Check(cur) || PyTuple_GET_SIZE(cur) != 4) {
@@ -193,32 +195,45 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "top_table must be a list");
             goto done;
         }
-        long long tok, child, n, total, c;
+        long long tok, child, n, total;
         int r = read_top(tops, st, &tok, &child, &n, &total);
         if (r <= 0) {
             Py_DECREF(tops);
             if (r < 0) goto done;
             continue;
         }
+        Head h = {0.0, src, tops, child, length + 1, tok, -1, n, total};  /* q, cell: pass 2 */
+        heads[num_heads++] = h;
+    }
+    /* Agreement: a first token that another cursor's top continuation also starts with. */
+    for (Py_ssize_t i = 0; i < num_heads; i++)
+        for (Py_ssize_t j = 0; j < num_heads; j++)
+            if (j != i && heads[j].tok == heads[i].tok) { heads[i].src += 3; break; }
+    /* Pass 2: first-token probabilities. */
+    for (Py_ssize_t i = 0; i < num_heads; i++) {
+        Head *h = &heads[i];
         double q, acc, trials;
-        if (cell_index(src, length, n, total, &c) < 0 || cell_prob(cells, c, w, n, total, &q) < 0) {
-            Py_DECREF(tops);
+        int r;
+        if (cell_index(h->src, h->length - 1, h->n, h->total, &h->cell) < 0
+            || cell_prob(cells, h->cell, w, h->n, h->total, &q) < 0)
             goto done;
-        }
         if (first_last != Py_None) {
-            r = lookup(first_last, u(tok) * 3 + (unsigned)src, &acc, &trials);
-            if (r < 0) { Py_DECREF(tops); goto done; }
+            r = lookup(first_last, u(h->tok) * 6 + (unsigned)h->src, &acc, &trials);
+            if (r < 0) goto done;
             if (r) q = (acc + w * q) / (trials + w);
         }
         if (use_ctx) {
-            r = lookup(context, (ctx_base | u(tok)) * 3 + (unsigned)src, &acc, &trials);
-            if (r < 0) { Py_DECREF(tops); goto done; }
+            r = lookup(context, (ctx_base | u(h->tok)) * 6 + (unsigned)h->src, &acc, &trials);
+            if (r < 0) goto done;
             if (r) q = (acc + wc * q) / (trials + wc);
         }
-        Head h = {q, src, tops, child, length + 1, tok, c};
-        /* Stable insertion by probability, highest first: Python sorts (-q, i, ...). */
-        Py_ssize_t j = num_heads++;
-        while (j > 0 && -heads[j - 1].q > -q) {
+        h->q = q;
+    }
+    /* Stable insertion sort by probability, highest first: Python sorts (-q, i, ...). */
+    for (Py_ssize_t i = 1; i < num_heads; i++) {
+        Head h = heads[i];
+        Py_ssize_t j = i;
+        while (j > 0 && -heads[j - 1].q > -h.q) {
             heads[j] = heads[j - 1];
             j--;
         }
@@ -262,10 +277,10 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (cell_index(h->src, length, n, total, &c) < 0 || cell_prob(cells, c, w, n, total, &q) < 0)
                 goto done;
             if (length < ctx_end) {
-                r = lookup(pair, (u(prev + 1) << 21 | u(tok)) * 3 + (unsigned)h->src, &acc, &trials);
+                r = lookup(pair, (u(prev + 1) << 21 | u(tok)) * 6 + (unsigned)h->src, &acc, &trials);
                 if (r < 0) goto done;
                 if (r) q = (acc + w * q) / (trials + w);
-                r = lookup(context, ((u(prev2 + 1) << 21 | u(prev + 1)) << 21 | u(tok)) * 3 + (unsigned)h->src,
+                r = lookup(context, ((u(prev2 + 1) << 21 | u(prev + 1)) << 21 | u(tok)) * 6 + (unsigned)h->src,
                            &acc, &trials);
                 if (r < 0) goto done;
                 if (r) q = (acc + wc * q) / (trials + wc);
@@ -362,6 +377,10 @@ static PyObject *score(PyObject *module, PyObject *const *args, Py_ssize_t nargs
         }
         long src = PyLong_AsLong(PyTuple_GET_ITEM(cand, 0));
         if (src == -1 && PyErr_Occurred()) goto error;
+        if (src < 0 || src >= 6) {
+            PyErr_SetString(PyExc_ValueError, "candidate evidence class must be in 0..5");
+            goto error;
+        }
         PyObject *path = PyTuple_GET_ITEM(cand, 1), *path_cells = PyTuple_GET_ITEM(cand, 2);
         Py_ssize_t n = PyList_GET_SIZE(path);
         if (PyList_GET_SIZE(path_cells) < n) n = PyList_GET_SIZE(path_cells);
@@ -372,7 +391,7 @@ static PyObject *score(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             if ((tok == -1 && PyErr_Occurred()) || ok < 0) goto error;
             PyObject *inner = PyDict_GetItemWithError(first, last_obj);
             if (inner == NULL && PyErr_Occurred()) goto error;
-            PyObject *key = key_object(u(tok) * 3 + (unsigned)src);
+            PyObject *key = key_object(u(tok) * 6 + (unsigned)src);
             if (key == NULL) goto error;
             PyObject *old = inner != NULL ? PyDict_GetItemWithError(inner, key) : NULL;
             if (old == NULL && PyErr_Occurred()) { Py_DECREF(key); goto error; }
@@ -419,9 +438,9 @@ static PyObject *score(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             if (v == NULL) goto error;
             PyList_SetItem(cells, c, v);  /* steals v */
             if (j < ctx_n) {
-                if (j && update_flat_key(pair, (u(prev + 1) << 21 | u(tok)) * 3 + (unsigned)src, ok, max_keys) < 0)
+                if (j && update_flat_key(pair, (u(prev + 1) << 21 | u(tok)) * 6 + (unsigned)src, ok, max_keys) < 0)
                     goto error;
-                if (update_flat_key(context, ((u(prev2 + 1) << 21 | u(prev + 1)) << 21 | u(tok)) * 3 + (unsigned)src,
+                if (update_flat_key(context, ((u(prev2 + 1) << 21 | u(prev + 1)) << 21 | u(tok)) * 6 + (unsigned)src,
                                     ok, max_keys) < 0)
                     goto error;
             }

@@ -14,16 +14,18 @@ Optionally each source also offers `backoff` shorter contexts (suffix-link paren
 whose statistics are firmer. Off by default: on the FireAct replays one back-off per source left
 tokens per step unchanged (2.8938 vs 2.8933 on gpt-3.5, 2.2270 vs 2.2282 on 300 multitask sessions)
 and cost about a tenth of the median step, since every extra cursor reads new automaton states.
-Also tried on 300 multitask sessions at k = 8 (2.2399 tokens per step as built) and not kept:
-separate calibration for a first token that two sources agree on (2.2420), the most recent
-occurrence's continuation as a fourth candidate (2.2407), and up to three continuations per
-cursor instead of the most frequent one (2.2381).
+Also tried on 300 multitask sessions at k = 8 (2.2399 tokens per step before agreement classes,
+below) and not kept: the most recent occurrence's continuation as a fourth candidate (2.2407) and
+up to three continuations per cursor instead of the most frequent one (2.2381).
 
 Drafting: from every cursor the drafter follows the most frequent continuation (occurrence counts;
 exact in frozen automata, approximate online, see SuffixAutomaton). An `AcceptanceCalibrator` gives
 each drafted token a probability of acceptance from its evidence (counts, the last context token,
 optionally the tokens before each drafted one), and a candidate's value is its expected accepted
-tokens, sum_j prod_{i<=j} p_i.
+tokens, sum_j prod_{i<=j} p_i. Its evidence class is its source, or source + 3 when another
+source's top continuation starts with the same token: two independent sources agreeing on a first
+token are right more often than either alone, and the calibrator learns the agreed classes'
+rates separately (on the whole multitask file at k = 8: 2.4239 against 2.4159 tokens per step).
 The candidate with the highest value is drafted,
 cut where its path probability falls below `min_prob` and at min(k, ceil(factor * longest match))
 tokens, so drafts grow with the match length and stop where recorded continuations disagree.
@@ -66,6 +68,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 OWN, MEMORY, GLOBAL = 0, 1, 2
 SOURCE_NAMES = ("own", "memory", "global")
+# Evidence classes: source + 3 if another cursor's top continuation starts with the same token
+# (two sources agreeing on a first token are right more often than either alone).
+NUM_CLASSES = 6
 # The calibrator's cell index from tables (SAMDrafter.propose): 40 * log2 bin of a match length
 # (for lengths < 128; larger: 280), and 5 * log2 bin of a total + its share bin (totals < 128).
 _LB40 = tuple(40 * min(i.bit_length(), 7) for i in range(128))
@@ -77,14 +82,14 @@ class AcceptanceCalibrator:
     """P(a drafted token is accepted), by the evidence behind it, learned online.
 
     A hierarchy of (accepted, trials) tables, each level shrunk towards the one above it:
-    - cells: (source, log2 match length, log2 occurrences of the matched context, the token's
+    - cells: (evidence class, log2 match length, log2 occurrences of the matched context, the token's
       empirical share of those occurrences in 5 bins), estimated as (accepted + w * prior) /
       (trials + w) with prior = the smoothed count ratio n / (total + 1), w = `prior_weight`;
     - by the preceding token, shrunk towards the cell with weight w: for a draft's first token
-      (source, last context token, token), for later ones (source, previous draft token, token).
+      (class, last context token, token), for later ones (class, previous draft token, token).
       Which token comes before says a lot that counts cannot (after a '.' agents start a new line
       of a known format, after a name they copy the rest);
-    - by the two preceding tokens (source, prev2, prev, token), shrunk towards the level above
+    - by the two preceding tokens (class, prev2, prev, token), shrunk towards the level above
       with weight `context_weight`.
     The last two levels beyond the first token (`token_context`, on by default) apply to the
     first `context_positions` draft positions (4 gained as much as all 8 at k = 8). On the FireAct
@@ -97,7 +102,7 @@ class AcceptanceCalibrator:
     it has). Keys pack token ids below 2^21; larger ids may share keys, which only blurs estimates.
     """
 
-    NUM_CELLS = 3 * 8 * 8 * 5
+    NUM_CELLS = NUM_CLASSES * 8 * 8 * 5
 
     def __init__(self, prior_weight: float = 4.0, max_first_tokens: int = 1 << 18,
                  context_weight: float = 2.0, token_context: bool = True,
@@ -116,7 +121,7 @@ class AcceptanceCalibrator:
         # FireAct replays, touching these tables just before a step made it ~25% faster (cache
         # misses); as complex pairs the median step is ~7% faster.
         self.cells = [0j] * self.NUM_CELLS
-        # last -> {token * 3 + source: accepted + trials * 1j}: one outer lookup per drafting step,
+        # last -> {token * 6 + class: accepted + trials * 1j}: one outer lookup per drafting step,
         # then a small dict that all of the step's candidates share.
         self.first: dict[int, dict[int, complex]] = {}
         self.first_size = 0
@@ -135,11 +140,11 @@ class AcceptanceCalibrator:
     @staticmethod
     def pair_key(source: int, prev: int, token: int) -> int:
         # SAMDrafter.propose inlines the two keys: keep them in step.
-        return ((prev + 1) << 21 | token) * 3 + source
+        return ((prev + 1) << 21 | token) * 6 + source
 
     @staticmethod
     def context_key(source: int, prev2: int, prev: int, token: int) -> int:
-        return (((prev2 + 1) << 21 | (prev + 1)) << 21 | token) * 3 + source
+        return (((prev2 + 1) << 21 | (prev + 1)) << 21 | token) * 6 + source
 
     def prob(self, cell: int, n: int, total: int) -> float:
         w = self.prior_weight
@@ -148,7 +153,7 @@ class AcceptanceCalibrator:
 
     def first_prob(self, source: int, last: int, token: int, cell_prob: float) -> float:
         inner = self.first.get(last)
-        stats = inner.get(token * 3 + source) if inner is not None else None
+        stats = inner.get(token * 6 + source) if inner is not None else None
         return _shrink(stats, cell_prob, self.prior_weight)
 
     def token_prob(self, source: int, position: int, prev2: int, prev: int, token: int,
@@ -169,7 +174,7 @@ class AcceptanceCalibrator:
 
     def update_first(self, source: int, last: int, token: int, accepted: bool) -> None:
         inner = self.first.get(last)
-        key = token * 3 + source
+        key = token * 6 + source
         stats = inner.get(key) if inner is not None else None
         if stats is None:
             if self.first_size >= self.max_first_tokens:
@@ -203,7 +208,8 @@ class AcceptanceCalibrator:
                 rest, share = divmod(c, 5)
                 rest, occ = divmod(rest, 8)
                 src, length = divmod(rest, 8)
-                out[f"{SOURCE_NAMES[src]}/len<2^{length}/occ<2^{occ}/share{share}"] = {
+                name = SOURCE_NAMES[src % 3] + ("+agree" if src >= 3 else "")
+                out[f"{name}/len<2^{length}/occ<2^{occ}/share{share}"] = {
                     "accepted": acc, "trials": n, "rate": round(acc / n, 4)}
         return out
 
@@ -367,22 +373,26 @@ class SAMDrafter:
         ctx_base = ((last2 + 1) << 21 | (last + 1)) << 21  # context_key's prefix for first tokens
         # First tokens of all candidates, then best-first extension: once a candidate's first-token
         # probability times the length cap cannot beat the best draft, neither can any later one.
-        # Cell index (AcceptanceCalibrator.cell) = 320 * source + _LB40[length] + _PART[total][n].
+        # Cell index (AcceptanceCalibrator.cell) = 320 * class + _LB40[length] + _PART[total][n].
         heads = []
+        tops_of = [sam.top_table[st] for _, sam, st, _ in cursors]
+        firsts = [top[0] for top in tops_of if top is not None]
         for i, (src, sam, st, length) in enumerate(cursors):
-            top = sam.top_table[st]
+            top = tops_of[i]
             if top is None:
                 continue
             tok, st, n, total = top
+            if firsts.count(tok) > 1:
+                src += 3  # agreed on by another cursor: its own evidence class
             c = (src * 320 + (lb40[length] if length < 128 else 280)
                  + (part[total][n] if total < 128 else 35 + (4 if n == total else 4 * n // total)))
             ab = cells_ab[c]
             q = (ab.real + w * n / (total + 1)) / (ab.imag + w)
-            stats = first_last.get(tok * 3 + src) if first_last is not None else None
+            stats = first_last.get(tok * 6 + src) if first_last is not None else None
             if stats is not None:
                 q = (stats.real + w * q) / (stats.imag + w)
             if use_ctx:
-                stats = context.get((ctx_base | tok) * 3 + src)
+                stats = context.get((ctx_base | tok) * 6 + src)
                 if stats is not None:
                     q = (stats.real + wc * q) / (stats.imag + wc)
             heads.append((-q, i, src, sam, st, length + 1, tok, c))
@@ -414,10 +424,10 @@ class SAMDrafter:
                 ab = cells_ab[c]
                 q = (ab.real + w * n / (total + 1)) / (ab.imag + w)
                 if length < ctx_end:
-                    stats = pair.get(((prev + 1) << 21 | tok) * 3 + src)
+                    stats = pair.get(((prev + 1) << 21 | tok) * 6 + src)
                     if stats is not None:
                         q = (stats.real + w * q) / (stats.imag + w)
-                    stats = context.get(((((prev2 + 1) << 21 | (prev + 1)) << 21) | tok) * 3 + src)
+                    stats = context.get(((((prev2 + 1) << 21 | (prev + 1)) << 21) | tok) * 6 + src)
                     if stats is not None:
                         q = (stats.real + wc * q) / (stats.imag + wc)
                     prev2, prev = prev, tok
