@@ -10,7 +10,7 @@ from test_suffix_automaton import brute_continuations
 
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
                                         SuffixTreeDrafter, UnknownRequestError)
-from agentinfer_jax.speculation.sam_drafter import GLOBAL, MEMORY, NUM_CLASSES, OWN, AcceptanceCalibrator
+from agentinfer_jax.speculation.sam_drafter import MEMORY, NUM_CLASSES, OWN, AcceptanceCalibrator
 from agentinfer_jax.speculation.suffix_automaton import Matcher, SuffixAutomaton
 
 
@@ -373,9 +373,8 @@ def test_sources_that_agree_on_a_first_token_form_their_own_evidence_class(nativ
     calibrated) in class source + 3; one that no other source backs keeps its plain class."""
     classes = {}
     for own_next in (4, 9):  # memory continues 1 2 3 with 4; the session itself with own_next
-        mem = SessionMemory(top_k=2, global_min_rebuild=1)
-        d = SAMDrafter(mem, native=native, min_prob=0.0)
-        try:
+        with SessionMemory(top_k=2, global_min_rebuild=1) as memory:
+            d = SAMDrafter(memory, native=native, min_prob=0.0)
             d.begin("old", [1, 2, 3, 4, 5, 6, 7], session_id="old")
             d.end("old")
             d.begin("new", [1, 2, 3, own_next, 8, 1, 2, 3], session_id="new")
@@ -383,8 +382,6 @@ def test_sources_that_agree_on_a_first_token_form_their_own_evidence_class(nativ
             assert d.propose("new", 3)
             classes[own_next] = {src: toks[0] for src, toks, _ in d._requests["new"].last_candidates}
             d.end("new")
-        finally:
-            mem.close()
     assert classes[4].get(OWN + 3) == 4 and classes[4].get(MEMORY + 3) == 4
     assert OWN not in classes[4] and MEMORY not in classes[4]
     assert classes[9].get(OWN) == 9 and classes[9].get(MEMORY) == 4

@@ -22,6 +22,11 @@
 #include <Python.h>
 
 #define MAX_STACK_HEADS 16
+/* Evidence classes (sam_drafter.NUM_CLASSES): source, + AGREED when another cursor's top
+   continuation starts with the same token; calibrator keys are key * NUM_CLASSES + class. */
+#define NUM_SOURCES 3
+#define AGREED NUM_SOURCES
+#define NUM_CLASSES (2 * NUM_SOURCES)
 
 static PyObject *str_top_table; /* interned "top_table" */
 
@@ -141,7 +146,7 @@ PyDoc_STRVAR(walk_doc,
 "walk(cursors, limit, cells, prior_weight, first_last, pair, context, context_weight, token_context,\n"
 "     context_positions, last, last2, min_prob) -> (draft, candidates, expected)\n\n"
 "SAMDrafter.propose's candidate search (see sam_drafter.py): cursors are (source, automaton, state,\n"
-"match length) tuples; returns the draft, every candidate's (source, tokens, cells) for scoring,\n"
+"match length) tuples; returns the draft, every candidate's (evidence class, tokens, cells) for scoring,\n"
 "and the draft's expected accepted tokens.");
 
 static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
@@ -184,7 +189,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         long long st = PyLong_AsLongLong(PyTuple_GET_ITEM(cur, 2));
         long long length = PyLong_AsLongLong(PyTuple_GET_ITEM(cur, 3));
         if (PyErr_Occurred()) goto done;
-        if (src < 0 || src > 2) {
+        if (src < 0 || src >= NUM_SOURCES) {
             PyErr_SetString(PyExc_ValueError, "source must be 0, 1 or 2");
             goto done;
         }
@@ -208,7 +213,7 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* Agreement: a first token that another cursor's top continuation also starts with. */
     for (Py_ssize_t i = 0; i < num_heads; i++)
         for (Py_ssize_t j = 0; j < num_heads; j++)
-            if (j != i && heads[j].tok == heads[i].tok) { heads[i].src += 3; break; }
+            if (j != i && heads[j].tok == heads[i].tok) { heads[i].src += AGREED; break; }
     /* Pass 2: first-token probabilities. */
     for (Py_ssize_t i = 0; i < num_heads; i++) {
         Head *h = &heads[i];
@@ -218,12 +223,12 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             || cell_prob(cells, h->cell, w, h->n, h->total, &q) < 0)
             goto done;
         if (first_last != Py_None) {
-            r = lookup(first_last, u(h->tok) * 6 + (unsigned)h->src, &acc, &trials);
+            r = lookup(first_last, u(h->tok) * NUM_CLASSES + (unsigned)h->src, &acc, &trials);
             if (r < 0) goto done;
             if (r) q = (acc + w * q) / (trials + w);
         }
         if (use_ctx) {
-            r = lookup(context, (ctx_base | u(h->tok)) * 6 + (unsigned)h->src, &acc, &trials);
+            r = lookup(context, (ctx_base | u(h->tok)) * NUM_CLASSES + (unsigned)h->src, &acc, &trials);
             if (r < 0) goto done;
             if (r) q = (acc + wc * q) / (trials + wc);
         }
@@ -277,10 +282,10 @@ static PyObject *walk(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (cell_index(h->src, length, n, total, &c) < 0 || cell_prob(cells, c, w, n, total, &q) < 0)
                 goto done;
             if (length < ctx_end) {
-                r = lookup(pair, (u(prev + 1) << 21 | u(tok)) * 6 + (unsigned)h->src, &acc, &trials);
+                r = lookup(pair, (u(prev + 1) << 21 | u(tok)) * NUM_CLASSES + (unsigned)h->src, &acc, &trials);
                 if (r < 0) goto done;
                 if (r) q = (acc + w * q) / (trials + w);
-                r = lookup(context, ((u(prev2 + 1) << 21 | u(prev + 1)) << 21 | u(tok)) * 6 + (unsigned)h->src,
+                r = lookup(context, ((u(prev2 + 1) << 21 | u(prev + 1)) << 21 | u(tok)) * NUM_CLASSES + (unsigned)h->src,
                            &acc, &trials);
                 if (r < 0) goto done;
                 if (r) q = (acc + wc * q) / (trials + wc);
@@ -377,7 +382,7 @@ static PyObject *score(PyObject *module, PyObject *const *args, Py_ssize_t nargs
         }
         long src = PyLong_AsLong(PyTuple_GET_ITEM(cand, 0));
         if (src == -1 && PyErr_Occurred()) goto error;
-        if (src < 0 || src >= 6) {
+        if (src < 0 || src >= NUM_CLASSES) {
             PyErr_SetString(PyExc_ValueError, "candidate evidence class must be in 0..5");
             goto error;
         }
@@ -391,7 +396,7 @@ static PyObject *score(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             if ((tok == -1 && PyErr_Occurred()) || ok < 0) goto error;
             PyObject *inner = PyDict_GetItemWithError(first, last_obj);
             if (inner == NULL && PyErr_Occurred()) goto error;
-            PyObject *key = key_object(u(tok) * 6 + (unsigned)src);
+            PyObject *key = key_object(u(tok) * NUM_CLASSES + (unsigned)src);
             if (key == NULL) goto error;
             PyObject *old = inner != NULL ? PyDict_GetItemWithError(inner, key) : NULL;
             if (old == NULL && PyErr_Occurred()) { Py_DECREF(key); goto error; }
@@ -438,9 +443,9 @@ static PyObject *score(PyObject *module, PyObject *const *args, Py_ssize_t nargs
             if (v == NULL) goto error;
             PyList_SetItem(cells, c, v);  /* steals v */
             if (j < ctx_n) {
-                if (j && update_flat_key(pair, (u(prev + 1) << 21 | u(tok)) * 6 + (unsigned)src, ok, max_keys) < 0)
+                if (j && update_flat_key(pair, (u(prev + 1) << 21 | u(tok)) * NUM_CLASSES + (unsigned)src, ok, max_keys) < 0)
                     goto error;
-                if (update_flat_key(context, ((u(prev2 + 1) << 21 | u(prev + 1)) << 21 | u(tok)) * 6 + (unsigned)src,
+                if (update_flat_key(context, ((u(prev2 + 1) << 21 | u(prev + 1)) << 21 | u(tok)) * NUM_CLASSES + (unsigned)src,
                                     ok, max_keys) < 0)
                     goto error;
             }

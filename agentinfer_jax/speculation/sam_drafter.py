@@ -23,9 +23,10 @@ exact in frozen automata, approximate online, see SuffixAutomaton). An `Acceptan
 each drafted token a probability of acceptance from its evidence (counts, the last context token,
 optionally the tokens before each drafted one), and a candidate's value is its expected accepted
 tokens, sum_j prod_{i<=j} p_i. Its evidence class is its source, or source + 3 when another
-source's top continuation starts with the same token: two independent sources agreeing on a first
-token are right more often than either alone, and the calibrator learns the agreed classes'
-rates separately (on the whole multitask file at k = 8: 2.4239 against 2.4159 tokens per step).
+cursor's top continuation starts with the same token (another source's; with `backoff`, also a
+shorter context of its own source): two independent sources agreeing on a first token are
+right more often than either alone, and the calibrator learns the agreed classes' rates
+separately (on the whole multitask file at k = 8: 2.4239 against 2.4159 tokens per step).
 The candidate with the highest value is drafted,
 cut where its path probability falls below `min_prob` and at min(k, ceil(factor * longest match))
 tokens, so drafts grow with the match length and stop where recorded continuations disagree.
@@ -68,9 +69,11 @@ except ImportError:  # pragma: no cover - depends on the install
 
 OWN, MEMORY, GLOBAL = 0, 1, 2
 SOURCE_NAMES = ("own", "memory", "global")
-# Evidence classes: source + 3 if another cursor's top continuation starts with the same token
-# (two sources agreeing on a first token are right more often than either alone).
-NUM_CLASSES = 6
+# Evidence classes: source + AGREED if another cursor's top continuation starts with the same token
+# (two sources agreeing on a first token are right more often than either alone). Calibrator keys
+# are key * NUM_CLASSES + class; SAMDrafter.propose and _sam_native inline both numbers.
+AGREED = len(SOURCE_NAMES)
+NUM_CLASSES = 2 * AGREED
 # The calibrator's cell index from tables (SAMDrafter.propose): 40 * log2 bin of a match length
 # (for lengths < 128; larger: 280), and 5 * log2 bin of a total + its share bin (totals < 128).
 _LB40 = tuple(40 * min(i.bit_length(), 7) for i in range(128))
@@ -140,11 +143,11 @@ class AcceptanceCalibrator:
     @staticmethod
     def pair_key(source: int, prev: int, token: int) -> int:
         # SAMDrafter.propose inlines the two keys: keep them in step.
-        return ((prev + 1) << 21 | token) * 6 + source
+        return ((prev + 1) << 21 | token) * NUM_CLASSES + source
 
     @staticmethod
     def context_key(source: int, prev2: int, prev: int, token: int) -> int:
-        return (((prev2 + 1) << 21 | (prev + 1)) << 21 | token) * 6 + source
+        return (((prev2 + 1) << 21 | (prev + 1)) << 21 | token) * NUM_CLASSES + source
 
     def prob(self, cell: int, n: int, total: int) -> float:
         w = self.prior_weight
@@ -153,7 +156,7 @@ class AcceptanceCalibrator:
 
     def first_prob(self, source: int, last: int, token: int, cell_prob: float) -> float:
         inner = self.first.get(last)
-        stats = inner.get(token * 6 + source) if inner is not None else None
+        stats = inner.get(token * NUM_CLASSES + source) if inner is not None else None
         return _shrink(stats, cell_prob, self.prior_weight)
 
     def token_prob(self, source: int, position: int, prev2: int, prev: int, token: int,
@@ -174,7 +177,7 @@ class AcceptanceCalibrator:
 
     def update_first(self, source: int, last: int, token: int, accepted: bool) -> None:
         inner = self.first.get(last)
-        key = token * 6 + source
+        key = token * NUM_CLASSES + source
         stats = inner.get(key) if inner is not None else None
         if stats is None:
             if self.first_size >= self.max_first_tokens:
@@ -208,7 +211,7 @@ class AcceptanceCalibrator:
                 rest, share = divmod(c, 5)
                 rest, occ = divmod(rest, 8)
                 src, length = divmod(rest, 8)
-                name = SOURCE_NAMES[src % 3] + ("+agree" if src >= 3 else "")
+                name = SOURCE_NAMES[src % AGREED] + ("+agree" if src >= AGREED else "")
                 out[f"{name}/len<2^{length}/occ<2^{occ}/share{share}"] = {
                     "accepted": acc, "trials": n, "rate": round(acc / n, 4)}
         return out
@@ -383,7 +386,7 @@ class SAMDrafter:
                 continue
             tok, st, n, total = top
             if firsts.count(tok) > 1:
-                src += 3  # agreed on by another cursor: its own evidence class
+                src += 3  # AGREED: another cursor starts with the same token
             c = (src * 320 + (lb40[length] if length < 128 else 280)
                  + (part[total][n] if total < 128 else 35 + (4 if n == total else 4 * n // total)))
             ab = cells_ab[c]
