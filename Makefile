@@ -1,27 +1,39 @@
-# Set-up on a fresh machine is part of every target: the first run creates .venv, later runs reuse it.
+# Set-up on a fresh machine is part of every target: the first run creates .venv from the committed
+# lock (requirements/*.txt) with uv, later runs reuse it. `make lock` refreshes the lock.
 PYTHON ?= python3
+UV_VERSION := 0.13.9
 VENV := .venv
-STAMP := $(VENV)/.installed-stamp
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+STAMP := $(VENV)/.installed-stamp
+LOCKS := requirements
+# This machine kind keeps CPU builds of torch on disk; uv does not read pip's configuration.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+UV_INSTALL = $(UV) pip install -q --python $(1)/bin/python $(FIND_LINKS)
 
-.PHONY: demo test test-main test-jetstream bench clean
+.PHONY: demo test test-main test-wheel test-jetstream test-latest lock clean
 
-$(STAMP): pyproject.toml setup.py agentinfer_jax/speculation/_sam_native.c
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+# uv itself is bootstrapped into each venv with pip (one wheel); everything else comes from the lock.
+define make_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+endef
+
+$(STAMP): $(LOCKS)/test.txt pyproject.toml setup.py agentinfer_jax/speculation/_sam_native.c
+	$(call make_venv,$(VENV))
+	$(call UV_INSTALL,$(VENV)) -r $(LOCKS)/test.txt
+	$(call UV_INSTALL,$(VENV)) --no-deps -e .
 	touch $(STAMP)
 
 # JetStream interoperability runs in its own venv: google-jetstream's real dependencies pull
 # TensorFlow (through seqio, which its orchestrator imports) and must not enter the main one.
 JS_VENV := .venv-jetstream
 JS_STAMP := $(JS_VENV)/.installed-stamp
-JS_PY := $(JS_VENV)/bin/python
 
-$(JS_STAMP): pyproject.toml
-	test -x $(JS_PY) || $(PYTHON) -m venv $(JS_VENV)
-	$(JS_PY) -m pip install -q --upgrade pip
-	$(JS_PY) -m pip install -q -e '.[jetstream]' pytest
+$(JS_STAMP): $(LOCKS)/jetstream.txt pyproject.toml setup.py
+	$(call make_venv,$(JS_VENV))
+	$(JS_VENV)/bin/uv pip install -q --python $(JS_VENV)/bin/python $(FIND_LINKS) -r $(LOCKS)/jetstream.txt
+	$(JS_VENV)/bin/uv pip install -q --python $(JS_VENV)/bin/python --no-deps -e .
 	touch $(JS_STAMP)
 
 # The main job on the built-in default (tiny model, bundled traces), a few minutes on 2 CPU cores.
@@ -29,14 +41,39 @@ demo: $(STAMP)
 	$(PY) experiments/agent_e2e.py --quick --repeats=2
 
 # The whole test suite on CPU: the main suite (Pallas kernels in interpret mode, 8 fake devices
-# for sharding), then our engine under JetStream's orchestrator in the JetStream venv.
-test: test-main test-jetstream
+# for sharding), the built wheel installed outside the checkout, then our engine under JetStream's
+# orchestrator in the JetStream venv. pytest runs from its console script, never `python -m`, so
+# the checkout root is not on sys.path: tests import the installed package and our top-level
+# kernels/ cannot shadow the PyPI distribution of that name.
+test: test-main test-wheel test-jetstream
 
 test-main: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile tests
+
+test-wheel: $(STAMP)
+	$(PY) tools/check_wheel.py --lock $(LOCKS)/core.txt
 
 test-jetstream: $(JS_STAMP)
-	$(JS_PY) -m pytest -q tests_jetstream
+	$(JS_VENV)/bin/pytest -q tests_jetstream
+
+# Drift check, not part of CI: the same suite against the newest releases the registry serves
+# (torch stays on the machine's CPU build).
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(call make_venv,$(LATEST_VENV))
+	$(call UV_INSTALL,$(LATEST_VENV)) --upgrade -e '.[test]'
+	$(LATEST_VENV)/bin/uv pip freeze --python $(LATEST_VENV)/bin/python > $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/pytest -q -n 2 --dist loadfile tests
+
+# Re-resolve every lock against today's registry (Python 3.11, this platform).
+LOCK_CMD = $(UV) pip compile -q --python-version 3.11 $(FIND_LINKS) --no-header --annotation-style line
+lock: $(STAMP)
+	$(LOCK_CMD) pyproject.toml -o $(LOCKS)/core.txt
+	$(LOCK_CMD) pyproject.toml --extra test -o $(LOCKS)/test.txt
+	$(LOCK_CMD) pyproject.toml --extra cuda -o $(LOCKS)/cuda.txt
+	$(LOCK_CMD) pyproject.toml --extra tpu -o $(LOCKS)/tpu.txt
+	$(LOCK_CMD) pyproject.toml $(LOCKS)/jetstream-test.in --extra jetstream -o $(LOCKS)/jetstream.txt
 
 clean:
-	rm -rf $(VENV) $(JS_VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(JS_VENV) $(LATEST_VENV) .pytest_cache .hypothesis build
