@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agentinfer_jax.engine.sampling import SamplingArrays, filtered_log_probs, sample, verify
+from agentinfer_jax.engine.sampling import (SamplingArrays, filtered_log_probs, sample, verify, verify_full,
+                                             verify_rows)
 
 
 def np_filtered_probs(logits, t, k, p):
@@ -82,3 +83,51 @@ def test_sampling_is_a_function_of_seed_and_position():
     flat = jnp.zeros((64, 40))
     one_seed = SamplingArrays(jnp.ones(64), jnp.zeros(64, jnp.int32), jnp.ones(64), jnp.zeros(64, jnp.uint32))
     assert len(set(np.asarray(sample(flat, one_seed, jnp.arange(64))).tolist())) > 10
+
+
+def _random_verify_case(seed, s=12, k=6, v=97, agree=0.6):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(s, k + 1, v)).astype(np.float32)
+    target = logits.argmax(-1)
+    drafts = np.where(rng.random((s, k)) < agree, target[:, :k], rng.integers(0, v, (s, k)))
+    nd = rng.integers(0, k + 1, s)
+    return jnp.asarray(logits), jnp.asarray(drafts, jnp.int32), jnp.asarray(nd, jnp.int32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_fast_path_equals_full_path(seed):
+    logits, drafts, nd = _random_verify_case(seed)
+    s = logits.shape[0]
+    pos = jnp.arange(s, dtype=jnp.int32) * 3
+    want = verify_full(logits, drafts, nd, arrays(s), pos)
+    got = verify(logits, drafts, nd, arrays(s), pos)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Same through the row-gathering entry point, on token logits in another order with extra rows.
+    kp1, v = logits.shape[1:]
+    perm = np.random.default_rng(seed).permutation(s * kp1 + 5)
+    flat = np.zeros((s * kp1 + 5, v), np.float32)
+    flat[perm[:s * kp1]] = np.asarray(logits).reshape(-1, v)
+    rows = jnp.asarray(perm[:s * kp1].reshape(s, kp1), jnp.int32)
+    got = verify_rows(jnp.asarray(flat), rows, drafts, nd, arrays(s), pos)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(sample(logits[:, 0], arrays(s), pos), np.asarray(logits[:, 0]).argmax(-1))
+
+
+def test_mixed_batch_takes_the_full_path():
+    """One sampled row sends the whole batch through the full path; greedy rows are unchanged."""
+    logits, drafts, nd = _random_verify_case(5)
+    s = logits.shape[0]
+    params = arrays(s)
+    params.temperature = params.temperature.at[3].set(0.8)
+    pos = jnp.zeros(s, jnp.int32)
+    got = verify(logits, drafts, nd, params, pos)
+    want = verify_full(logits, drafts, nd, params, pos)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    greedy = verify_full(logits, drafts, nd, arrays(s), pos)
+    keep = np.arange(s) != 3
+    np.testing.assert_array_equal(np.asarray(got[0])[keep], np.asarray(greedy[0])[keep])
+    mixed = sample(logits[:, 0], params, pos)
+    np.testing.assert_array_equal(np.asarray(mixed)[keep], np.asarray(logits[:, 0]).argmax(-1)[keep])

@@ -7,6 +7,9 @@ Verification with a deterministic draft (prompt lookup, suffix automaton: the dr
 mass on one token d) uses the standard speculative-sampling rule with q = one-hot(d): accept d with
 probability p(d); on rejection sample from the residual max(0, p - q), i.e. p with d removed and
 renormalised. The output distribution is exactly p's. Greedy rows accept d iff d == argmax p.
+
+A batch whose rows are all greedy (the common serving case) takes a fast path under lax.cond:
+argmax only, no vocabulary sort, no PRNG; it gives the same tokens as the full path.
 """
 
 from __future__ import annotations
@@ -66,11 +69,16 @@ def filtered_log_probs(logits, temperature, top_k, top_p):
 
 
 def sample(logits, params: SamplingArrays, positions):
-    """One token per row: argmax for greedy rows, else a draw from the filtered distribution."""
-    logp = filtered_log_probs(logits, params.temperature, params.top_k, params.top_p)
-    keys = _row_keys(params.seed, positions, 0)
-    drawn = jax.vmap(lambda k, lp: jax.random.categorical(k, lp))(keys, logp)
-    return jnp.where(params.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    """One token per row: argmax for greedy rows, else a draw from the filtered distribution.
+    All-greedy batches skip the filters (a vocabulary sort per row) and the PRNG."""
+    def full():
+        logp = filtered_log_probs(logits, params.temperature, params.top_k, params.top_p)
+        keys = _row_keys(params.seed, positions, 0)
+        drawn = jax.vmap(lambda k, lp: jax.random.categorical(k, lp))(keys, logp)
+        return jnp.where(params.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.all(params.temperature <= 0),
+                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32), full)
 
 
 def verify(logits, drafts, num_drafts, params: SamplingArrays, positions):
@@ -82,7 +90,52 @@ def verify(logits, drafts, num_drafts, params: SamplingArrays, positions):
     followed by one token from the target (the correction or the bonus token).
     """
     s, kp1, v = logits.shape
-    k = kp1 - 1
+    rows = jnp.arange(s * kp1, dtype=jnp.int32).reshape(s, kp1)
+    return verify_rows(logits.reshape(s * kp1, v), rows, drafts, num_drafts, params, positions)
+
+
+def verify_rows(logits, rows, drafts, num_drafts, params: SamplingArrays, positions):
+    """`verify` on logits [N, V] of which rows [S, K+1] are the verification rows.
+
+    When every row is greedy only the argmax of the N rows is computed (no gather of [S, K+1, V]
+    logits, no vocabulary sort, no PRNG); otherwise `verify_full` runs on the gathered rows.
+    """
+    return jax.lax.cond(jnp.all(params.temperature <= 0),
+                        lambda: verify_greedy(jnp.argmax(logits, axis=-1).astype(jnp.int32)[rows], drafts,
+                                              num_drafts),
+                        lambda: verify_full(logits[rows], drafts, num_drafts, params, positions))
+
+
+def _draft_matrix(drafts):
+    return jnp.pad(drafts, ((0, 0), (0, 1)))  # [S, K+1]; the last column is never a draft
+
+
+def _emit(d, num_acc, extra):
+    """tokens [S, K+1]: the accepted drafts, then `extra` at index num_acc, then zeros."""
+    idx = jnp.arange(d.shape[1])[None, :]
+    tokens = jnp.where(idx < num_acc[:, None], d, jnp.where(idx == num_acc[:, None], extra[:, None], 0))
+    return tokens.astype(jnp.int32), (num_acc + 1).astype(jnp.int32)
+
+
+def _num_accepted(ok, num_drafts):
+    """Length of the leading run of accepted drafts (ok [S, K+1], drafts only below num_drafts)."""
+    s, kp1 = ok.shape
+    ok = ok & (jnp.arange(kp1)[None, :] < num_drafts[:, None])
+    num_acc = jnp.argmin(jnp.concatenate([ok, jnp.zeros((s, 1), bool)], axis=1), axis=1)
+    return jnp.minimum(num_acc, kp1 - 1)
+
+
+def verify_greedy(target, drafts, num_drafts):
+    """Greedy verification from the target's argmax tokens [S, K+1]: the longest agreeing prefix
+    of the drafts plus the target's token after it."""
+    d = _draft_matrix(drafts)
+    num_acc = _num_accepted(d == target, num_drafts)
+    return _emit(d, num_acc, jnp.take_along_axis(target, num_acc[:, None], axis=1)[:, 0])
+
+
+def verify_full(logits, drafts, num_drafts, params: SamplingArrays, positions):
+    """`verify` for any mix of greedy and sampled rows (filters, PRNG, rejection sampling)."""
+    s, kp1, v = logits.shape
     flat = logits.reshape(s * kp1, v)
     rep = lambda a: jnp.repeat(a, kp1)  # noqa: E731
     logp = filtered_log_probs(flat, rep(params.temperature), rep(params.top_k), rep(params.top_p))
@@ -93,12 +146,9 @@ def verify(logits, drafts, num_drafts, params: SamplingArrays, positions):
     seeds = jnp.repeat(params.seed, kp1)
     u_keys = _row_keys(seeds, pos.reshape(-1), 1)
     u = jax.vmap(jax.random.uniform)(u_keys).reshape(s, kp1)
-    d = jnp.pad(drafts, ((0, 0), (0, 1)))  # [S, K+1]; the last column is never a draft
+    d = _draft_matrix(drafts)
     p_d = jnp.exp(jnp.take_along_axis(logp, d[..., None], axis=-1)[..., 0])
-    is_draft = jnp.arange(kp1)[None, :] < num_drafts[:, None]
-    ok = jnp.where(greedy[:, None], d == argmax, u < p_d) & is_draft
-    num_acc = jnp.argmin(jnp.concatenate([ok, jnp.zeros((s, 1), bool)], axis=1), axis=1)[:, None]
-    num_acc = jnp.minimum(num_acc[:, 0], k)
+    num_acc = _num_accepted(jnp.where(greedy[:, None], d == argmax, u < p_d), num_drafts)
     # The extra token at index num_acc: residual draw after a rejection, plain draw after all accepted.
     rejected = num_acc < num_drafts
     row_logp = jnp.take_along_axis(logp, num_acc[:, None, None], axis=1)[:, 0]  # [S, V]
@@ -107,7 +157,4 @@ def verify(logits, drafts, num_drafts, params: SamplingArrays, positions):
     x_keys = _row_keys(params.seed, positions + num_acc, 2)
     drawn = jax.vmap(lambda kk, lp: jax.random.categorical(kk, lp))(x_keys, residual)
     row_argmax = jnp.take_along_axis(argmax, num_acc[:, None], axis=1)[:, 0]
-    extra = jnp.where(greedy, row_argmax, drawn).astype(jnp.int32)
-    idx = jnp.arange(kp1)[None, :]
-    tokens = jnp.where(idx < num_acc[:, None], d, jnp.where(idx == num_acc[:, None], extra[:, None], 0))
-    return tokens.astype(jnp.int32), (num_acc + 1).astype(jnp.int32)
+    return _emit(d, num_acc, jnp.where(greedy, row_argmax, drawn))
