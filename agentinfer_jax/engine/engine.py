@@ -3,7 +3,10 @@
 One jitted function does a whole step: the ragged forward pass (prefill chunks, decode tokens and
 verification tokens of many sequences in one call), then sampling and draft verification on device;
 the result comes to host as one int32 array. Shapes are padded to power-of-two buckets of tokens
-and sequences, so the number of compilations is bounded by len(token_buckets) * len(seq_buckets).
+and sequences, the page table is cut to a power-of-two bucket of columns covering the step's
+longest context (attention work follows the live context, not max_model_len), and the draft width
+is 0 or max_draft_tokens, so the compilations are bounded by
+len(token_buckets) * len(seq_buckets) * len(page_buckets) * 2; `compile_all` runs them all up front.
 
 Trace replay (`Request.forced_output`): the forward pass and the KV writes are real, but the
 emitted tokens are the recorded ones, and a draft is accepted iff it matches the record. Costs
@@ -24,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from agentinfer_jax.engine.paged import PagedAttention, PagedMeta
-from agentinfer_jax.engine.sampling import SamplingArrays, verify
+from agentinfer_jax.engine.sampling import SamplingArrays, verify_rows
 from agentinfer_jax.model.config import ModelConfig
 from agentinfer_jax.serving.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOutput, replay_tokens
 
@@ -44,6 +47,10 @@ class EngineConfig:
     # sequences have no rows and no pages, so they cost almost nothing. Add smaller buckets when
     # per-sequence work dominates (very large max_num_seqs).
     seq_buckets: tuple[int, ...] = ()
+    # Smallest page-table width bucket, in tokens (rounded up to pages). Page-table widths are powers
+    # of two from here up to max_model_len; smaller values cut attention work on short contexts
+    # at the price of more compiled shapes.
+    min_page_bucket_tokens: int = 256
     attention_backend: str | None = None  # kernels backend; None = platform default
     interpret: bool = False  # Pallas interpret mode (CPU tests of the GPU kernel)
     kv_dtype: str | None = None  # None = the model's activation dtype
@@ -90,9 +97,11 @@ def _engine_step(graphdef, backend, state, kv, tokens, positions, meta, rows, dr
     column 0 the number of new tokens, then the tokens."""
     _TRACES[0] += 1
     model = nnx.merge(graphdef, state)
-    logits, kv = model(tokens[None], positions[None], kv, meta, backend)
-    logits = logits[0][rows]  # [S, K+1, V]: only the rows that predict a token
-    out_tokens, num_new = verify(logits, drafts, num_drafts, sampling, sample_pos)
+    x, kv = model.hidden(tokens[None], positions[None], kv, meta, backend)
+    x = x[0]
+    if rows.size < x.shape[0]:  # static: the LM head only on rows that predict a token (prefill)
+        x, rows = x[rows.reshape(-1)], jnp.arange(rows.size, dtype=jnp.int32).reshape(rows.shape)
+    out_tokens, num_new = verify_rows(model.logits(x), rows, drafts, num_drafts, sampling, sample_pos)
     return jnp.concatenate([num_new[:, None], out_tokens], axis=1), kv
 
 
@@ -120,9 +129,13 @@ class Engine:
         dtype = jnp.dtype(config.kv_dtype or mc.dtype)
         shape = (mc.num_kv_heads, config.num_blocks, config.block_size, mc.head_dim)
         self.kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(mc.num_layers))
-        self.token_buckets = _pow2_buckets(config.min_token_bucket, config.max_tokens_per_step)
+        # At least 2 tokens: with one, XLA turns the KV scatter into a dynamic-update-slice and
+        # copies the whole page pool every step (measured on CPU, jax 0.10.2).
+        self.token_buckets = _pow2_buckets(max(2, config.min_token_bucket), config.max_tokens_per_step)
         self.seq_buckets = tuple(sorted(set(config.seq_buckets) | {config.max_num_seqs}))
         self.max_pages = math.ceil(config.max_model_len / config.block_size)
+        self.page_buckets = _pow2_buckets(math.ceil(config.min_page_bucket_tokens / config.block_size),
+                                          self.max_pages)
         self.backend = PagedAttention(config.attention_backend, config.interpret)
         self.num_compilations = 0  # traces (compilations) triggered by this engine's steps
         self.record_steps = record_steps
@@ -181,6 +194,8 @@ class Engine:
             cu[i + 1] = at
         cu[len(seqs) + 1:] = at
 
+        # Only the columns up to the longest context's page count are read (bucketed).
+        pages = pages[:, :_bucket(-(-int(kv_lens.max()) // bs), self.page_buckets)]
         meta = PagedMeta(jnp.asarray(slots), jnp.asarray(kv_lens), jnp.asarray(pages), jnp.asarray(cu),
                          jnp.asarray(len(seqs), jnp.int32))
         sampling = SamplingArrays(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seed))

@@ -194,6 +194,13 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, caches: Caches, meta: Any,
                  backend: AttentionBackend = CONTIGUOUS) -> tuple[jax.Array, Caches]:
+        x, caches = self.hidden(tokens, positions, caches, meta, backend)
+        return self.logits(x), caches
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, caches: Caches, meta: Any,
+               backend: AttentionBackend = CONTIGUOUS) -> tuple[jax.Array, Caches]:
+        """The final-normed hidden states [B, T, E] (callers that need only some rows' logits
+        apply `logits` to those rows) and the updated caches."""
         c = self.config
         if len(caches) != c.num_layers:
             raise ValueError(f"expected {c.num_layers} layer caches, got {len(caches)}")
@@ -204,14 +211,20 @@ class Transformer(nnx.Module):
         for layer, layer_cache in zip(self.layers, caches):
             x, layer_cache = layer(x, cos, sin, layer_cache, meta, backend)
             new_caches.append(layer_cache)
-        x = self.final_norm(x)
+        return self.final_norm(x), tuple(new_caches)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """float32 logits [..., V] of final-normed hidden states [..., E]."""
+        c = self.config
         if c.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(c.jnp_dtype),
+            logits = jnp.einsum("...d,vd->...v", x, self.embed[...].astype(c.jnp_dtype),
                                 preferred_element_type=jnp.float32)
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(c.jnp_dtype),
+            logits = jnp.einsum("...d,dv->...v", x, self.lm_head[...].astype(c.jnp_dtype),
                                 preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "vocab")), tuple(new_caches)
+        if logits.ndim == 3:
+            logits = constrain(logits, ("batch", "seq", "vocab"))
+        return logits
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
