@@ -91,11 +91,13 @@ EC = EngineConfig(num_blocks=64, block_size=8, max_num_seqs=32, max_tokens_per_s
                   max_draft_tokens=4)
 
 
-def drive(model, reqs, *, cache=True, budget=128, blocks=64, drafter=None, k=0, seqs=32, adaptive=None):
+def drive(model, reqs, *, cache=True, budget=128, blocks=64, drafter=None, k=0, seqs=32, adaptive=None, ec=EC,
+          engine=None):
     """Runs requests to completion; a smaller BlockPool than the engine's page pool forces preemption."""
-    engine = Engine(model, EC)
+    engine = engine or Engine(model, ec)
     pool = BlockPool(blocks)
-    cfg = dataclasses.replace(EC.scheduler_config(CFG, k), max_tokens_per_step=budget, max_num_seqs=seqs)
+    cfg = dataclasses.replace(ec.scheduler_config(CFG, k), max_tokens_per_step=min(budget, ec.max_tokens_per_step),
+                              max_num_seqs=min(seqs, ec.max_num_seqs))
     sched = Scheduler(cfg, pool, PrefixCache(8, pool) if cache else None, drafter=drafter, adaptive=adaptive)
     for r in reqs:
         sched.add_request(r)
@@ -194,3 +196,32 @@ def test_sampling_is_seeded_and_batch_invariant(model, requests):
         assert sample([i], 1)[f"r{i}"] == batch[f"r{i}"]
     assert len({tuple(v) for v in batch.values()}) > 1
     assert np.mean([len(v) for v in batch.values()]) == 8
+
+
+def test_bucketed_page_width_matches_full_width(model, requests, reference):
+    """Page tables cut to each step's longest context (one-page buckets up) emit the same tokens
+    as full-width tables, with drafts on; both equal the contiguous-cache reference."""
+    subset = list(range(10))
+    outs = []
+    for min_tokens in (EC.block_size, EC.max_model_len):
+        ec = dataclasses.replace(EC, min_page_bucket_tokens=min_tokens)
+        out, _, engine = run(model, requests, subset=subset, drafter=EchoDrafter(reference), k=4, ec=ec)
+        outs.append(out)
+        assert len(engine.page_buckets) == (5 if min_tokens == EC.block_size else 1)  # 1, 2, 4, 8, 12 pages
+    assert outs[0] == outs[1] == [reference[i] for i in subset]
+
+
+def test_compile_all_then_serving_compiles_nothing(model, requests, reference):
+    ec = EngineConfig(num_blocks=48, block_size=8, max_num_seqs=4, max_tokens_per_step=32, max_model_len=64,
+                      max_draft_tokens=3, min_token_bucket=8, min_page_bucket_tokens=32)
+    engine = Engine(model, ec)
+    shapes = engine.step_shapes()
+    assert {k for _, _, k, _ in shapes} == {0, 3} and {p for *_, p in shapes} == {4, 8}
+    assert engine.compile_all() == len(shapes) == engine.num_compilations
+    assert engine.compile_all() == 0
+    # Prefill chunks, decode, drafts (random and right), preemption, prefix reuse: no new shape.
+    subset = [i for i in range(16) if len(requests[i][0]) + requests[i][1] <= 64][:10]
+    for drafter, k in ((AdversarialDrafter(2), 3), (EchoDrafter(reference), 3), (None, 0)):
+        out, _, _ = run(model, requests, subset=subset, drafter=drafter, k=k, ec=ec, engine=engine, blocks=24)
+        assert out == [reference[i] for i in subset]
+    assert engine.num_compilations == len(shapes)

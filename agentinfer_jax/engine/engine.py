@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 import zlib
 
@@ -54,6 +55,10 @@ class EngineConfig:
     attention_backend: str | None = None  # kernels backend; None = platform default
     interpret: bool = False  # Pallas interpret mode (CPU tests of the GPU kernel)
     kv_dtype: str | None = None  # None = the model's activation dtype
+    # JAX's persistent compilation cache (a folder, e.g. ~/.cache/agentinfer_jax/xla) so a second
+    # process loads compiled steps instead of compiling them. None: $AGENTINFER_JAX_CACHE_DIR if
+    # set, else off. The cache is process-wide; treat the folder as trusted code.
+    compilation_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_blocks < 2:
@@ -88,6 +93,28 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 
 _TRACES = [0]  # incremented at trace time: one per compilation of the step
+
+DEFAULT_CACHE_DIR = "~/.cache/agentinfer_jax/xla"
+
+
+def enable_compilation_cache(path: str = DEFAULT_CACHE_DIR) -> str:
+    """Points JAX's persistent compilation cache at `path` (process-wide); returns the folder."""
+    from jax.experimental.compilation_cache import compilation_cache
+    path = os.path.abspath(os.path.expanduser(path))
+    if jax.config.jax_compilation_cache_dir != path:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small models compile in < 1 s
+        compilation_cache.reset_cache()  # re-read the folder even if something compiled before
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """Wall time of the last `execute`, split where the device can be busy."""
+
+    host_s: float  # batch building and host-to-device copies (the device idles)
+    step_s: float  # dispatch, run and result copy of the jitted step
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("kv",))
@@ -140,10 +167,15 @@ class Engine:
         self.num_compilations = 0  # traces (compilations) triggered by this engine's steps
         self.record_steps = record_steps
         self.steps: list[StepRecord] = []
+        self.last_timing = StepTiming(0.0, 0.0)
+        cache_dir = config.compilation_cache_dir or os.environ.get("AGENTINFER_JAX_CACHE_DIR")
+        if cache_dir:
+            enable_compilation_cache(cache_dir)
 
     # ---- host side -----------------------------------------------------------------------------
 
     def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
+        t_start = time.perf_counter()
         seqs = out.seqs
         if not seqs:
             return {}
@@ -206,8 +238,10 @@ class Engine:
                                        jnp.asarray(num_drafts), jnp.asarray(sample_pos), sampling)
         result = np.asarray(result)  # the one device-to-host transfer of the step
         self.num_compilations += _TRACES[0] - traces
+        t_done = time.perf_counter()
+        self.last_timing = StepTiming(t0 - t_start, t_done - t0)
         if self.record_steps:
-            self.steps.append(self._record(seqs, t_pad, time.perf_counter() - t0))
+            self.steps.append(self._record(seqs, t_pad, t_done - t0))
         return {s.request.request_id: self._emitted(s, result[i]) for i, s in enumerate(seqs) if s.samples}
 
     @staticmethod
@@ -230,3 +264,38 @@ class Engine:
         req = Request("warmup", [0])
         seq = ScheduledSeq(req, 0, [0], 0, [1])
         self.execute(SchedulerOutput([seq], [], 0))
+
+    def step_shapes(self, drafting: bool = True) -> list[tuple[int, int, int, int]]:
+        """Every (token bucket, sequence bucket, draft width, page bucket) a step can have."""
+        widths = (0, self.config.max_draft_tokens) if drafting and self.config.max_draft_tokens else (0,)
+        return [(t, s, k, p) for t in self.token_buckets for s in self.seq_buckets for k in widths
+                for p in self.page_buckets if self._shape_step(t, s, k, p) is not None]
+
+    def compile_all(self, drafting: bool = True) -> int:
+        """Runs one step of every shape in `step_shapes`, so serving never compiles; returns the
+        number of compilations it triggered (0 when every shape was already compiled).
+
+        The steps attend only to the null page and write their K/V there (finite values, never
+        read as data), so the cache of live requests is untouched. drafting=False skips the
+        K-wide shapes (a scheduler without drafts never produces them).
+        """
+        before = self.num_compilations
+        for shape in self.step_shapes(drafting):
+            self.execute(self._shape_step(*shape))
+        return self.num_compilations - before
+
+    def _shape_step(self, t: int, s: int, k: int, p: int) -> SchedulerOutput | None:
+        """A step that lands exactly in these buckets (None if none can): the fewest sequences of
+        bucket s, t tokens, the longest context filling page bucket p, drafts when k > 0."""
+        from agentinfer_jax.serving.request import Request
+        below = lambda b, bs: max([x for x in bs if x < b], default=0)  # noqa: E731
+        ctx = min(p * self.config.block_size, self.config.max_model_len)
+        n = max(below(s, self.seq_buckets) + 1, -(-t // ctx))
+        if n > s or n > t or (k and t == n):
+            return None
+        seqs = []
+        for i in range(n):
+            q = t // n + (i < t % n)  # q <= ctx since n * ctx >= t
+            req = Request(f"compile-{i}", [0])
+            seqs.append(ScheduledSeq(req, ctx - q, [0] * q, min(k, q - 1), [0] * -(-ctx // self.config.block_size)))
+        return SchedulerOutput(seqs, [], 0)
