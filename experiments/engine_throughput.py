@@ -1,6 +1,16 @@
-"""Engine throughput: tokens/s and step time against batch size and context length, without drafting,
-with prompt-lookup drafting and with AgentSAM (fixed k, and with the adaptive switch choosing k from
-measured step times), on agent-like prompts from the bundled FireAct traces.
+"""Engine throughput: step efficiency against a dense forward, then tokens/s and step time against
+batch size and context length, without drafting, with prompt-lookup drafting and with AgentSAM
+(fixed k, and with the adaptive switch choosing k from measured step times), on agent-like prompts
+from the bundled FireAct traces.
+
+Efficiency (first table): one engine step (decode, or verification of k drafts) of `batch`
+sequences at `--efficiency_context` tokens against a dense forward of the same live tokens (the
+same model through ContiguousAttention over a contiguous cache exactly as long as the step's
+longest context, jitted, greedy argmax), both compiled before timing, interleaved round by round
+so machine noise hits both, medians of the rounds. The engine uses fine buckets (sequence buckets
+1, 2, 4, ...; token buckets from 2; page buckets from 64 tokens) so padding stays small at batch 1.
+"step" is the jitted step (dispatch, run, result copy); "host" is the engine's batch building and
+host-to-device copies before it, during which the device idles.
 
 Each request's prompt is the last `context_len` tokens of a recorded ReAct context (chat template,
 built-in tokenizer) and its output is forced to the recorded assistant turn (trace replay: the
@@ -23,11 +33,20 @@ import pathlib
 import platform
 import time
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
 
-from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack
+from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR, Engine, EngineConfig, enable_compilation_cache
+from agentinfer_jax.model.attention import ContiguousAttention, ContiguousMeta
+from agentinfer_jax.model.transformer import init_cache, init_model
+from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack, load_model_config
+from agentinfer_jax.serving.request import Request as _Request
+from agentinfer_jax.serving.scheduler import ScheduledSeq, SchedulerOutput
 from agentinfer_jax.serving.request import Request, SamplingParams
 from agentinfer_jax.speculation import SAMDrafter, SessionMemory
 from agentinfer_jax.tokenizer import load_tokenizer
@@ -44,7 +63,13 @@ flags.DEFINE_list("drafters", ["none", "ngram", "sam", "sam_adaptive"],
 flags.DEFINE_integer("block_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("max_tokens_per_step", 512, "Token budget per step.")
 flags.DEFINE_string("dtype", "", "Activation dtype override (default: the config's).")
-flags.DEFINE_bool("quick", False, "Small sweep (< 2 min on CPU).")
+flags.DEFINE_bool("quick", False, "Small sweep (< 3 min on CPU).")
+flags.DEFINE_bool("efficiency", True, "Step efficiency against the dense forward.")
+flags.DEFINE_bool("sweep", True, "Throughput sweep over drafters, contexts and batches.")
+flags.DEFINE_list("efficiency_batches", ["1", "4", "16"], "Batches of the efficiency table.")
+flags.DEFINE_integer("efficiency_context", 512, "Cached tokens per sequence before the step.")
+flags.DEFINE_integer("rounds", 21, "Timed rounds per efficiency point (medians).")
+flags.DEFINE_string("compilation_cache_dir", DEFAULT_CACHE_DIR, "JAX persistent compilation cache ('' = off).")
 flags.DEFINE_string("json_out", "", "Write results here.")
 
 
@@ -83,6 +108,8 @@ def run_once(stack: ServingStack, work: Workload, gen_len: int, tag: str) -> dic
             for i, (p, r) in enumerate(zip(work.prompts, work.records))]
     for r in reqs:
         sched.add_request(r)
+    compilations = engine.num_compilations
+    host_s = step_s = 0.0
     t0 = time.perf_counter()
     while sched.has_unfinished:
         out = sched.schedule()
@@ -90,6 +117,8 @@ def run_once(stack: ServingStack, work: Workload, gen_len: int, tag: str) -> dic
         new = engine.execute(out)
         sched.observe_step(out, time.perf_counter() - t1)  # the adaptive switch's cost model
         sched.update(out, new)
+        host_s += engine.last_timing.host_s
+        step_s += engine.last_timing.step_s
     wall = time.perf_counter() - t0
     for r in reqs:
         sched.forget(r.request_id)
@@ -108,11 +137,137 @@ def run_once(stack: ServingStack, work: Workload, gen_len: int, tag: str) -> dic
         "mean_step_ms": 1e3 * sum(s.seconds for s in engine.steps) / len(engine.steps),
         "acceptance": sum(r.num_accepted for r in reqs) / max(1, sum(r.num_drafted for r in reqs)),
         "tokens_per_verify_step": (sum(r.num_accepted for r in reqs) + verify) / verify if verify else 1.0,
+        "host_ms_per_step": 1e3 * host_s / len(engine.steps),  # batch building + copies
+        # The device can be busy only inside the jitted steps: scheduling, drafting and batch
+        # building leave it idle (no overlap between steps in this loop).
+        "device_idle_share": 1.0 - step_s / wall,
+        "compilations": engine.num_compilations - compilations,
     }
+
+
+# ---- step efficiency: the engine's step against a dense forward of the same live tokens -------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
+def dense_step(graphdef, state, tokens, positions, caches, kv_lens):
+    """The same model over a contiguous cache: logits of every fed token, greedy tokens out."""
+    model = nnx.merge(graphdef, state)
+    logits, caches = model(tokens, positions, caches, ContiguousMeta(positions, kv_lens), ContiguousAttention())
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), caches
+
+
+def engine_step_input(batch: int, context: int, k: int, block_size: int, pages_per_seq: int) -> SchedulerOutput:
+    """`batch` sequences with `context` cached tokens, each feeding its newest token plus k drafts."""
+    seqs = []
+    for i in range(batch):
+        req = _Request(f"eff-{i}", [1 + (i + j) % 97 for j in range(context)])
+        pages = list(range(1 + i * pages_per_seq, 1 + i * pages_per_seq + -(-(context + k) // block_size)))
+        seqs.append(ScheduledSeq(req, context - 1, [5] + [7 + j for j in range(k)], k, pages))
+    return SchedulerOutput(seqs, [], 0)
+
+
+def efficiency(model_name: str, batches: list[int], context: int, ks: tuple[int, ...], rounds: int) -> dict:
+    """Median step times of the engine and of the dense forward, per (batch, k); k = 0 is decode."""
+    mc = load_model_config(model_name)
+    if FLAGS.dtype:
+        mc = mc.replace(dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
+    model = init_model(mc)
+    bs, kmax = FLAGS.block_size, max(ks)
+    max_len = int(2 ** math.ceil(math.log2(context + kmax + 1)))
+    pages = max_len // bs
+    ec = EngineConfig(num_blocks=max(batches) * pages + 1, block_size=bs, max_num_seqs=max(batches),
+                      max_tokens_per_step=ragged_pow2(max(batches) * (kmax + 1)), max_model_len=max_len,
+                      max_draft_tokens=kmax, min_token_bucket=2, min_page_bucket_tokens=64,
+                      seq_buckets=tuple(2 ** i for i in range(int(math.log2(max(batches))) + 1)))
+    engine = Engine(model, ec)
+    graphdef, state = nnx.split(model)
+    points = []
+    for b in batches:
+        for k in ks:
+            out = engine_step_input(b, context, k, bs, pages)
+            kv_len = context + k
+            tokens = jnp.full((b, k + 1), 5, jnp.int32)
+            positions = jnp.broadcast_to(jnp.arange(context - 1, kv_len, dtype=jnp.int32), (b, k + 1))
+            lens = jnp.full((b,), kv_len, jnp.int32)
+            caches = [init_cache(mc, b, kv_len)]
+
+            def dense():
+                t = time.perf_counter()
+                toks, caches[0] = dense_step(graphdef, state, tokens, positions, caches[0], lens)
+                np.asarray(toks)
+                return time.perf_counter() - t
+
+            for _ in range(2):  # compile and warm both
+                engine.execute(out)
+                dense()
+            before = engine.num_compilations
+            eng_step, eng_host, dense_s = [], [], []
+            for _ in range(rounds):  # interleaved: noise hits both
+                engine.execute(out)
+                eng_step.append(engine.last_timing.step_s)
+                eng_host.append(engine.last_timing.host_s)
+                dense_s.append(dense())
+            points.append({"batch": b, "k": k, "context": context,
+                           "engine_step_ms": 1e3 * float(np.median(eng_step)),
+                           "engine_host_ms": 1e3 * float(np.median(eng_host)),
+                           "dense_ms": 1e3 * float(np.median(dense_s)),
+                           # Paired per round (the same moment's load), then the median.
+                           "ratio": float(np.median(np.asarray(eng_step) / np.asarray(dense_s))),
+                           "compilations_in_measured_rounds": engine.num_compilations - before})
+    return {"engine_config": dataclasses.asdict(ec), "points": points}
+
+
+def ragged_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def efficiency_summary(points: list[dict]) -> dict:
+    """Ratios: engine / dense per batch (decode, verify k), verify(k) / decode per batch for both."""
+    at = {(p["batch"], p["k"]): p for p in points}
+    batches = sorted({p["batch"] for p in points})
+    ks = sorted({p["k"] for p in points if p["k"]})
+    out = {"decode_vs_dense": {str(b): at[b, 0]["ratio"] for b in batches}}
+    for k in ks:
+        out[f"verify{k}_vs_dense"] = {str(b): at[b, k]["ratio"] for b in batches}
+    for k in ks:
+        out[f"engine_verify{k}_over_decode"] = {str(b): at[b, k]["engine_step_ms"] / at[b, 0]["engine_step_ms"]
+                                                for b in batches}
+        out[f"dense_verify{k}_over_decode"] = {str(b): at[b, k]["dense_ms"] / at[b, 0]["dense_ms"] for b in batches}
+    out["host_share_of_step"] = {f"{b}/{k}": p["engine_host_ms"] / (p["engine_host_ms"] + p["engine_step_ms"])
+                                 for (b, k), p in at.items()}
+    return out
+
+
+def print_efficiency(eff: dict, summary: dict) -> None:
+    print(f"\nstep efficiency (context {eff['points'][0]['context']}, medians; step = jitted step, "
+          f"host = batch building + copies before it)")
+    print(f"{'batch':>6s}{'k':>4s}{'engine ms':>11s}{'dense ms':>10s}{'ratio':>7s}{'host ms':>9s}{'host share':>12s}")
+    for p in eff["points"]:
+        share = p["engine_host_ms"] / (p["engine_host_ms"] + p["engine_step_ms"])
+        print(f"{p['batch']:6d}{p['k']:4d}{p['engine_step_ms']:11.2f}{p['dense_ms']:10.2f}"
+              f"{p['ratio']:7.2f}{p['engine_host_ms']:9.2f}{share:12.0%}")
+    for name, row in summary.items():
+        if name != "host_share_of_step":
+            print(f"  {name:28s} " + "  ".join(f"b={b}: {r:.2f}" for b, r in row.items()))
+    n = sum(p["compilations_in_measured_rounds"] for p in eff["points"])
+    print(f"compilations in measured rounds: {n}")
 
 
 def main(argv):
     del argv
+    if FLAGS.compilation_cache_dir:
+        print(f"persistent compilation cache: {enable_compilation_cache(FLAGS.compilation_cache_dir)}")
+    eff = summary = None
+    if FLAGS.efficiency:
+        t0 = time.perf_counter()
+        eff = efficiency(FLAGS.config, [int(b) for b in FLAGS.efficiency_batches], FLAGS.efficiency_context,
+                         (0, 4, 8), FLAGS.rounds)
+        summary = efficiency_summary(eff["points"])
+        print_efficiency(eff, summary)
+        print(f"(efficiency section: {time.perf_counter() - t0:.0f} s, compilation included)", flush=True)
+    results = []
+    if not FLAGS.sweep:
+        write_json(eff, summary, results, 0)
+        return
     batches = [1, 4] if FLAGS.quick else [int(b) for b in FLAGS.batch_sizes]
     contexts = [128, 512] if FLAGS.quick else [int(c) for c in FLAGS.context_lens]
     gen_len = 24 if FLAGS.quick else FLAGS.gen_len
@@ -120,7 +275,6 @@ def main(argv):
     bs = FLAGS.block_size
     max_len = int(2 ** math.ceil(math.log2(max(contexts) + gen_len + k + 1)))
     pages = math.ceil(max_len / bs)
-    results = []
     turns = trace_turns()
     for drafter in FLAGS.drafters:
         if drafter not in ("none", "ngram", "sam", "sam_adaptive"):
@@ -150,21 +304,34 @@ def main(argv):
             stack.session_memory.close()
 
     header = (f"{'drafter':14s}{'ctx':>6s}{'batch':>6s}{'tok/s':>10s}{'dec tok/s':>11s}{'dec step ms':>12s}"
-              f"{'step ms':>9s}{'accept':>8s}{'tok/verify':>11s}")
-    print(f"\nengine throughput: config={FLAGS.config} backend={jax.default_backend()} gen_len={gen_len}\n{header}")
+              f"{'step ms':>9s}{'accept':>8s}{'tok/verify':>11s}{'host ms':>9s}{'dev idle':>9s}{'compiles':>9s}")
+    print(f"\nengine throughput: config={FLAGS.config} backend={jax.default_backend()} gen_len={gen_len} "
+          f"(timed runs after a warm-up run of the same workload)\n{header}")
     for r in results:
         print(f"{r['drafter']:14s}{r['context']:6d}{r['batch']:6d}{r['tokens_per_s']:10.1f}"
               f"{r['decode_tokens_per_s']:11.1f}{r['mean_decode_step_ms']:12.2f}{r['mean_step_ms']:9.2f}"
-              f"{r['acceptance']:8.2f}{r['tokens_per_verify_step']:11.2f}")
-    if FLAGS.json_out:
-        out = {"config": FLAGS.config, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-               "host": platform.node(), "gen_len": gen_len, "num_draft_tokens": k, "block_size": bs,
-               "trace": portable_path(default_trace_path()), "results": results,
-               "mean_tokens_per_s": float(np.mean([r["tokens_per_s"] for r in results]))}
-        path = pathlib.Path(FLAGS.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2))
-        print(f"wrote {path}")
+              f"{r['acceptance']:8.2f}{r['tokens_per_verify_step']:11.2f}{r['host_ms_per_step']:9.2f}"
+              f"{r['device_idle_share']:9.0%}{r['compilations']:9d}")
+    print(f"compilations in measured rounds: {sum(r['compilations'] for r in results)}")
+    write_json(eff, summary, results, gen_len)
+
+
+def write_json(eff: dict | None, summary: dict | None, results: list[dict], gen_len: int) -> None:
+    if not FLAGS.json_out:
+        return
+    out = {"config": FLAGS.config, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+           "host": platform.node(), "gen_len": gen_len, "num_draft_tokens": FLAGS.num_draft_tokens,
+           "block_size": FLAGS.block_size, "trace": portable_path(default_trace_path()), "results": results}
+    if results:
+        out["mean_tokens_per_s"] = float(np.mean([r["tokens_per_s"] for r in results]))
+    if eff is not None:
+        out["efficiency"] = summary
+        out["efficiency_points"] = eff["points"]
+        out["efficiency_engine_config"] = eff["engine_config"]
+    path = pathlib.Path(FLAGS.json_out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Pure-JAX ragged paged attention: the CPU fast path and the oracle for the Pallas kernels.
 
-Decode-shaped steps (block_q = 1) run vectorized over the query rows, each reading its sequence's
+Decode-shaped steps (block_q <= 2) run vectorized over the query rows, each reading its sequence's
 page-table row (the engine cuts the table to its step's longest context). Otherwise every loop runs
 over live work only, with dynamic trip counts: the num_seqs live sequences (padding sequences cost
 nothing), each one's cdiv(q_len, block_q) query blocks (a block is at most block_q
@@ -24,6 +24,9 @@ import jax.numpy as jnp
 from . import ragged
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Keys per online-softmax step. On CPU each loop step costs tens of microseconds of op overhead,
+# so a chunk should be worth about that much compute.
+KV_CHUNK = 128
 
 
 def reference_block_q(num_tokens: int, max_seqs: int) -> int:
@@ -37,7 +40,7 @@ def reference_block_q(num_tokens: int, max_seqs: int) -> int:
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_q", "kv_chunk"))
 def reference_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                                      *, sm_scale: float | None = None, block_q: int | None = None,
-                                     kv_chunk: int = 128) -> jax.Array:
+                                     kv_chunk: int | None = None) -> jax.Array:
     """out [T, Hq, D] in q.dtype; see agentinfer_jax.kernels.ragged_paged_attention for the contract.
 
     kv_chunk: keys per online-softmax step (rounded to whole pages, at most the table's width).
@@ -45,9 +48,9 @@ def reference_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices,
     shp = ragged.check_shapes(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     scale = 1.0 / math.sqrt(shp.head_dim) if sm_scale is None else float(sm_scale)
     bq = block_q or reference_block_q(shp.num_tokens, shp.max_seqs)
-    if bq == 1:
+    if bq <= 2:  # decode-shaped: a padding row costs less than a loop
         return _one_row_blocks(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, shp, scale)
-    cp = max(1, min(shp.pages_per_seq, kv_chunk // shp.page_size))  # pages per chunk
+    cp = max(1, min(shp.pages_per_seq, (kv_chunk or KV_CHUNK) // shp.page_size))  # pages per chunk
     chunk = cp * shp.page_size
     hkv, g, d = shp.num_kv_heads, shp.group, shp.head_dim
     n = ragged.num_seqs_scalar(num_seqs)
@@ -103,7 +106,7 @@ def reference_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices,
 
 
 def _one_row_blocks(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, shp, scale):
-    """block_q = 1 (decode-shaped steps, T <= S): every query row is a block, all rows at once
+    """Decode-shaped steps (T <= 2 S): every query row is a block, all rows at once
     (vectorized: no loop overhead); each row reads its sequence's whole page-table row."""
     t, hkv, g, d = shp.num_tokens, shp.num_kv_heads, shp.group, shp.head_dim
     span = shp.pages_per_seq * shp.page_size
@@ -112,7 +115,8 @@ def _one_row_blocks(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_s
     q_lens = ragged.live_q_lens(cu_q_lens, n)
     rows = jnp.arange(t, dtype=jnp.int32)
     row_ok = rows < cu_q_lens[n]
-    seq = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], rows, side="right"), shp.max_seqs - 1)
+    # Sequence of each row: how many sequences end at or before it (a compare, not a search loop).
+    seq = jnp.minimum(jnp.sum(cu_q_lens[None, 1:] <= rows[:, None], axis=1), shp.max_seqs - 1)
     kv_len = jnp.where(row_ok, kv_lens[seq], 0)
     qpos = kv_len - q_lens[seq] + (rows - cu_q_lens[seq])  # absolute position of each query row
     pages = jnp.where(row_ok[:, None], table[seq], ragged.NULL_PAGE)  # [T, P]
