@@ -68,6 +68,7 @@ flags.DEFINE_bool("efficiency", True, "Step efficiency against the dense forward
 flags.DEFINE_bool("sweep", True, "Throughput sweep over drafters, contexts and batches.")
 flags.DEFINE_list("efficiency_batches", ["1", "4", "16"], "Batches of the efficiency table.")
 flags.DEFINE_integer("efficiency_context", 512, "Cached tokens per sequence before the step.")
+flags.DEFINE_bool("fine_token_buckets", True, "Efficiency engine: token buckets at 1.5x steps.")
 flags.DEFINE_integer("rounds", 21, "Timed rounds per efficiency point (medians).")
 flags.DEFINE_string("compilation_cache_dir", DEFAULT_CACHE_DIR, "JAX persistent compilation cache ('' = off).")
 flags.DEFINE_string("json_out", "", "Write results here.")
@@ -177,6 +178,7 @@ def efficiency(model_name: str, batches: list[int], context: int, ks: tuple[int,
     ec = EngineConfig(num_blocks=max(batches) * pages + 1, block_size=bs, max_num_seqs=max(batches),
                       max_tokens_per_step=ragged_pow2(max(batches) * (kmax + 1)), max_model_len=max_len,
                       max_draft_tokens=kmax, min_token_bucket=2, min_page_bucket_tokens=64,
+                      fine_token_buckets=FLAGS.fine_token_buckets,
                       seq_buckets=tuple(2 ** i for i in range(int(math.log2(max(batches))) + 1)))
     engine = Engine(model, ec)
     graphdef, state = nnx.split(model)

@@ -119,18 +119,25 @@ def _one_row_blocks(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_s
     seq = jnp.minimum(jnp.sum(cu_q_lens[None, 1:] <= rows[:, None], axis=1), shp.max_seqs - 1)
     kv_len = jnp.where(row_ok, kv_lens[seq], 0)
     qpos = kv_len - q_lens[seq] + (rows - cu_q_lens[seq])  # absolute position of each query row
-    pages = jnp.where(row_ok[:, None], table[seq], ragged.NULL_PAGE)  # [T, P]
     kpos = jnp.arange(span, dtype=jnp.int32)
-    k = k_pages[:, pages].reshape(hkv, t, span, d).astype(jnp.float32)
-    v = v_pages[:, pages].reshape(hkv, t, span, d).astype(jnp.float32)
     k_ok = kpos[None, :] < kv_len[:, None]  # [T, span]
-    v = jnp.where(k_ok[None, :, :, None], v, 0.0)  # p = 0 there, but 0 * NaN = NaN
     mask = (k_ok & (kpos[None, :] <= qpos[:, None]))[:, None, None, :]
+    if shp.max_seqs == 1:  # one sequence: its pages gathered once, shared by every row
+        k = k_pages[:, table[0]].reshape(hkv, span, d).astype(jnp.float32)
+        v = v_pages[:, table[0]].reshape(hkv, span, d).astype(jnp.float32)
+        v = jnp.where((kpos < jnp.where(n > 0, kv_lens[0], 0))[None, :, None], v, 0.0)  # p = 0 there, but 0 * NaN = NaN
+        scores, mix = "tkgd,kld->tkgl", "tkgl,kld->tkgd"
+    else:
+        pages = jnp.where(row_ok[:, None], table[seq], ragged.NULL_PAGE)  # [T, P]
+        k = k_pages[:, pages].reshape(hkv, t, span, d).astype(jnp.float32)
+        v = v_pages[:, pages].reshape(hkv, t, span, d).astype(jnp.float32)
+        v = jnp.where(k_ok[None, :, :, None], v, 0.0)
+        scores, mix = "tkgd,ktld->tkgl", "tkgl,ktld->tkgd"
     qr = q.astype(jnp.float32).reshape(t, hkv, g, d)
-    logits = jnp.einsum("tkgd,ktld->tkgl", qr, k, precision=_HIGHEST) * scale
+    logits = jnp.einsum(scores, qr, k, precision=_HIGHEST) * scale
     logits = jnp.where(mask, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
     p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("tkgl,ktld->tkgd", p / jnp.where(denom > 0, denom, 1.0), v, precision=_HIGHEST)
+    o = jnp.einsum(mix, p / jnp.where(denom > 0, denom, 1.0), v, precision=_HIGHEST)
     return o.reshape(t, shp.num_q_heads, d).astype(q.dtype)

@@ -44,6 +44,9 @@ class EngineConfig:
     max_model_len: int = 2048  # prompt + output tokens per request
     max_draft_tokens: int = 8  # k: verification width is k + 1
     min_token_bucket: int = 16  # smallest padded token count
+    # Token buckets at 1.5x steps (2^n and 3 * 2^(n-1)) instead of 2x: at most a third of a step's
+    # rows are padding instead of half, for twice the compiled shapes.
+    fine_token_buckets: bool = False
     # Padded sequence counts. Default: max_num_seqs only (one shape per token bucket); padding
     # sequences have no rows and no pages, so they cost almost nothing. Add smaller buckets when
     # per-sequence work dominates (very large max_num_seqs).
@@ -159,6 +162,9 @@ class Engine:
         # At least 2 tokens: with one, XLA turns the KV scatter into a dynamic-update-slice and
         # copies the whole page pool every step (measured on CPU, jax 0.10.2).
         self.token_buckets = _pow2_buckets(max(2, config.min_token_bucket), config.max_tokens_per_step)
+        if config.fine_token_buckets:
+            self.token_buckets = tuple(sorted({*self.token_buckets, *(
+                3 * b // 2 for b in self.token_buckets if b % 2 == 0 and 3 * b // 2 < config.max_tokens_per_step)}))
         self.seq_buckets = tuple(sorted(set(config.seq_buckets) | {config.max_num_seqs}))
         self.max_pages = math.ceil(config.max_model_len / config.block_size)
         self.page_buckets = _pow2_buckets(math.ceil(config.min_page_bucket_tokens / config.block_size),
