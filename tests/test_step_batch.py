@@ -135,6 +135,7 @@ sys.exit(1 if bad else 0)
     ("cache", ("agentinfer_jax.engine", "agentinfer_jax.serving", "agentinfer_jax.agents")),
     ("speculation", ("agentinfer_jax.engine", "agentinfer_jax.serving", "agentinfer_jax.agents")),
     ("serving", ("agentinfer_jax.agents", "agentinfer_jax.workloads")),
+    ("agents", ("agentinfer_jax.workloads",)),
 ])
 def test_a_lower_layer_never_imports_a_higher_one(pkg, forbidden):
     """In a fresh interpreter: importing every module of a layer pulls in no module above it."""
