@@ -3,11 +3,14 @@
 Every session of a real trace (default: the bundled FireAct sample) runs through ReActAgent ->
 EngineClient -> ServingLoop -> Engine (real forward passes over the paged KV cache, every emitted
 token forced to the recorded response with `Request.forced_output`); tools return the recorded
-observations after a seeded simulated latency; sessions arrive concurrently (Poisson). Configs:
+observations after a seeded simulated latency; sessions arrive concurrently (Poisson). Each model
+role runs the server's own stack (`serving.builder.build_stack` from a `ServerConfig`); the
+replay pieces are `agentinfer_jax.workloads.replay`. Configs:
 
   baseline   FCFS, prefix cache, no drafting, large model only, no compression, no speculation
   agentsched AgentSched admission + session KV retention over tool calls
-  sam        AgentSAM drafting with cross-session memory (pre-filled with other trace sessions)
+  sam        AgentSAM drafting with cross-session memory (pre-filled with other trace sessions) and
+             the adaptive switch, as served (drafter="sam")
   collab     AgentCollab: a smaller random model runs the steps the controller gives it; the
              PROGRESS signal comes from the trace (see TraceProgressController)
   compress   AgentCompress: BM25 search-result filtering + extractive memory distillation
@@ -45,14 +48,15 @@ from absl import app, flags
 
 from agentinfer_jax.agents.action_buffer import ActionBuffer
 from agentinfer_jax.agents.compress import MemoryDistiller, SearchResultFilter
-from agentinfer_jax.agents.engine_client import EngineClient, RoleEngine, build_role_engine
+from agentinfer_jax.agents.engine_client import EngineClient
 from agentinfer_jax.agents.loop import AgentConfig, AgentFeatures, AgentResult, ReActAgent
 from agentinfer_jax.agents.react import DEFAULT_INSTRUCTION
 from agentinfer_jax.agents.spagent import SpeculationConfig
 from agentinfer_jax.agents.tools import ToolLatency
 from agentinfer_jax.engine.engine import EngineConfig
 from agentinfer_jax.model.transformer import init_model
-from agentinfer_jax.speculation import SAMDrafter, SessionMemory
+from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack
+from agentinfer_jax.speculation import SessionMemory
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 from agentinfer_jax.workloads.replay import (HIT_RATES_PATH, HitRates, RecordedSession, TraceProgressController,
                                              TraceReplay, TraceTool, derive_hit_rates, record_session)
@@ -128,23 +132,26 @@ class Setup:
     memory_contexts: list[tuple[str, list[int]]]
 
 
-def build_roles(cfg: RunConfig, setup: Setup) -> dict[str, RoleEngine]:
-    def drafter():
+def role_config(cfg: RunConfig, setup: Setup, name: str) -> ServerConfig:
+    """One role's stack, as the server would be configured for this run."""
+    return ServerConfig.from_engine_config(setup.engine_config, model_name=name, policy=cfg.policy,
+                                           retention_ttl_s=cfg.retention_ttl_s, drafter="sam" if cfg.sam else "none",
+                                           num_draft_tokens=setup.num_draft_tokens)
+
+
+def build_roles(cfg: RunConfig, setup: Setup) -> dict[str, ServingStack]:
+    """The server's stack (serving.builder) per AgentCollab role, in process."""
+    def memory():
         if not cfg.sam:
             return None
         memory = SessionMemory(top_k=4)
         for sid, tokens in setup.memory_contexts:
             memory.add(sid, tokens)
-        return SAMDrafter(memory)
+        return memory
 
-    k = setup.num_draft_tokens if cfg.sam else 0
-    roles = {"large": build_role_engine("large", setup.large, setup.tokenizer, setup.engine_config, policy=cfg.policy,
-                                        drafter=drafter(), num_draft_tokens=k, retention_ttl_s=cfg.retention_ttl_s)}
-    if cfg.collab:
-        roles["small"] = build_role_engine("small", setup.small, setup.tokenizer, setup.engine_config,
-                                           policy=cfg.policy, drafter=drafter(), num_draft_tokens=k,
-                                           retention_ttl_s=cfg.retention_ttl_s)
-    return roles
+    models = {"large": setup.large, **({"small": setup.small} if cfg.collab else {})}
+    return {name: build_stack(role_config(cfg, setup, name), model=model, tokenizer=setup.tokenizer,
+                              session_memory=memory()) for name, model in models.items()}
 
 
 async def run_sessions(cfg: RunConfig, client: EngineClient, sessions: list[RecordedSession], arrivals: list[float],
@@ -229,9 +236,11 @@ def warm_up(setup: Setup, cfgs: list[RunConfig]) -> None:
     widths = [0] + ([setup.num_draft_tokens] if any(c.sam for c in cfgs) else [])
     for model in models:
         for k in widths:
-            drafter = _RepeatDrafter() if k else None
-            eng = build_role_engine("warmup", model, setup.tokenizer, setup.engine_config, drafter=drafter,
-                                    num_draft_tokens=k)
+            # Every step drafts k (adaptive switch off), so the verify width compiles.
+            config = ServerConfig.from_engine_config(setup.engine_config, model_name="warmup",
+                                                     drafter="custom" if k else "none", num_draft_tokens=max(1, k),
+                                                     adaptive_draft=False)
+            eng = build_stack(config, model=model, tokenizer=setup.tokenizer, drafter=_RepeatDrafter() if k else None)
             eng.start()
             try:
                 rng = random.Random(0)
