@@ -43,7 +43,8 @@ class Request:
     priority: int = 0  # higher first where the policy honours it
     speculative: bool = False  # a short SPAgent action-speculation call
     arrival_s: float = 0.0
-    # Tokens the model must emit regardless of its own choice (trace replay); the KV and costs stay real.
+    # Tokens emitted regardless of the model's choice (trace replay): Scheduler.update applies them to
+    # the model's tokens; the forward pass, the KV and costs stay real. The engine never sees them.
     forced_output: Sequence[int] | None = None
 
     state: RequestState = RequestState.WAITING
