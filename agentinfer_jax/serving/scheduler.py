@@ -3,8 +3,9 @@
 Each step `schedule()` returns a `SchedulerOutput`, a plain-data `StepBatch` (per request id: the
 tokens to feed, their first position, the block table, any draft tokens, sampling parameters); an
 executor (the JAX engine, or the discrete-event simulator) runs it and hands back the model's
-tokens per request id to `update()`, which applies them (or a replayed trace's, `forced_output`). The scheduler never runs a model,
-so the engine and the simulator share this code, the allocator and the prefix cache exactly.
+tokens per request id to `update()`, which applies them (or, for trace replay, the request's
+`forced_output`). The scheduler never runs a model, so the engine and the simulator share this
+code, the allocator and the prefix cache exactly.
 
 Invariants:
 - A running request holds one reference on each of its `block_ids`; a finished, aborted or
