@@ -162,9 +162,11 @@ def test_custom_drafters_and_memories_must_match_the_config():
     model, tok = init_model(tiny_config(), seed=1), load_tokenizer()
     with pytest.raises(ValueError, match="custom"):
         build_stack(ServerConfig(drafter="ngram", **SMALL), model=model, tokenizer=tok, drafter=ConstDrafter())
-    with pytest.raises(ValueError, match="needs a Drafter"):
+    with pytest.raises(ValueError, match="custom"):
         build_stack(ServerConfig(drafter="custom", **SMALL), model=model, tokenizer=tok)
     memory = SessionMemory()
+    with pytest.raises(ValueError, match="AgentSAM"):
+        build_stack(ServerConfig(drafter="ngram", **SMALL), model=model, tokenizer=tok, session_memory=memory)
     try:
         stack = build_stack(ServerConfig(drafter="sam", **SMALL), model=model, tokenizer=tok, session_memory=memory)
         assert stack.session_memory is memory and stack.scheduler.adaptive is not None

@@ -1,7 +1,7 @@
 """Builds the whole serving stack (model, tokenizer, engine, KV pool, prefix cache, policy, drafter,
 scheduler, loop) from one small `ServerConfig`: the one wiring of every consumer (the server and its
 CLI, each in-process AgentCollab role via agents.engine_client, the experiments, and the JetStream
-adapter through `build_slot_engine`). Callers that already hold a model or a tokenizer (several
+adapter through `build_jetstream_engine`). Callers that already hold a model or a tokenizer (several
 roles sharing one tokenizer, a pre-filled AgentSAM memory) pass them in instead of re-loading.
 
 Invariants of a built `ServingStack`:
@@ -34,8 +34,7 @@ from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["ServerConfig", "ServingStack", "build_stack", "build_engine", "build_slot_engine", "build_jetstream_engine",
-           "load_model_config",
-           "SafeDetokenizer", "DRAFTERS"]
+           "load_model_config", "SafeDetokenizer", "DRAFTERS"]
 
 DRAFTERS = ("none", "ngram", "sam")  # by name (CLI); "custom" = a Drafter object given to build_stack
 _CONFIG_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -199,18 +198,21 @@ def build_engine(config: ServerConfig, model) -> Engine:
 
 def _drafter(config: ServerConfig, drafter, session_memory: SessionMemory | None):
     """(drafter, the AgentSAM memory the stack owns) for config.drafter."""
+    _check_drafter(config, drafter, session_memory)
     if config.drafter == "custom":
-        if drafter is None:
-            raise ValueError('drafter="custom" needs a Drafter object: build_stack(..., drafter=...)')
         return drafter, None
-    if drafter is not None:
-        raise ValueError(f'a Drafter object needs drafter="custom", not {config.drafter!r}')
     if config.drafter == "sam":
         memory = session_memory if session_memory is not None else SessionMemory()
         return SAMDrafter(memory), memory
-    if session_memory is not None:
-        raise ValueError(f"session_memory is AgentSAM's; drafter is {config.drafter!r}")
     return (PromptLookupDrafter() if config.drafter == "ngram" else None), None
+
+
+def _check_drafter(config: ServerConfig, drafter, session_memory: SessionMemory | None) -> None:
+    if (config.drafter == "custom") != (drafter is not None):
+        raise ValueError(f'a Drafter object goes with drafter="custom" (got drafter={config.drafter!r} and '
+                         f'{"a" if drafter is not None else "no"} object)')
+    if session_memory is not None and config.drafter != "sam":
+        raise ValueError(f"session_memory is AgentSAM's; drafter is {config.drafter!r}")
 
 
 def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, model=None,
@@ -230,12 +232,13 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, 
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model_config.vocab_size}")
-    drafter, memory = _drafter(config, drafter, session_memory)
+    _check_drafter(config, drafter, session_memory)
     if model is None:
         model, default_name = _load_model(config, model_config)
     else:
         default_name = config.config or pathlib.Path(config.checkpoint).name
     engine = build_engine(config, model)
+    drafter, memory = _drafter(config, drafter, session_memory)  # after loading: a failed load leaks no memory thread
     pool = BlockPool(config.num_blocks)
     prefix_cache = PrefixCache(config.block_size, pool) if config.prefix_cache else None
     sched_config = engine_config.scheduler_config(model_config, config.num_draft)
