@@ -5,9 +5,8 @@ verification tokens of many sequences in one call), then sampling and draft veri
 the result comes to host as one int32 array. Shapes are padded to power-of-two buckets of tokens
 and sequences, so the number of compilations is bounded by len(token_buckets) * len(seq_buckets).
 
-Trace replay (`Request.forced_output`): the forward pass and the KV writes are real, but the
-emitted tokens are the recorded ones, and a draft is accepted iff it matches the record. Costs
-and cache behaviour are those of generating the trace.
+Input and output are plain data (engine/step_batch.py): a `StepBatch` in, the model's tokens per
+request id out. What the caller does with them (trace replay, stop rules) is serving's business.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import dataclasses
 import functools
 import math
 import time
-import zlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +24,8 @@ from flax import nnx
 
 from agentinfer_jax.engine.paged import PagedAttention, PagedMeta
 from agentinfer_jax.engine.sampling import SamplingArrays, verify
+from agentinfer_jax.engine.step_batch import StepBatch, StepLimits, StepSeq, pack_step
 from agentinfer_jax.model.config import ModelConfig
-from agentinfer_jax.serving.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOutput, replay_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +54,11 @@ class EngineConfig:
             raise ValueError(f"{self.num_blocks - 1} usable pages of {self.block_size} tokens cannot hold "
                              f"one request of max_model_len={self.max_model_len}")
 
-    def scheduler_config(self, model: ModelConfig, num_draft_tokens: int = 0) -> SchedulerConfig:
+    def scheduler_config(self, model: ModelConfig, num_draft_tokens: int = 0) -> StepLimits:
+        """The limits a planner of this engine's steps must keep (serving's SchedulerConfig)."""
         if num_draft_tokens > self.max_draft_tokens:
             raise ValueError(f"num_draft_tokens {num_draft_tokens} > max_draft_tokens {self.max_draft_tokens}")
-        return SchedulerConfig(block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+        return StepLimits(block_size=self.block_size, max_num_seqs=self.max_num_seqs,
                                max_tokens_per_step=self.max_tokens_per_step, max_model_len=self.max_model_len,
                                vocab_size=model.vocab_size, num_draft_tokens=num_draft_tokens,
                                eos_token_ids=tuple(model.eos_token_ids))
@@ -130,8 +130,9 @@ class Engine:
 
     # ---- host side -----------------------------------------------------------------------------
 
-    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
-        seqs = out.seqs
+    def execute(self, batch: StepBatch) -> dict[str, list[int]]:
+        """Runs one step; returns the model's tokens (accepted drafts + one) per sampling request id."""
+        seqs = batch.seqs
         if not seqs:
             return {}
         cfg, bs = self.config, self.config.block_size
@@ -143,43 +144,12 @@ class Engine:
         t_pad = _bucket(t_real, self.token_buckets)
         s_pad = _bucket(len(seqs), self.seq_buckets)
 
-        tokens = np.zeros(t_pad, np.int32)
-        positions = np.zeros(t_pad, np.int32)
-        slots = np.full(t_pad, -1, np.int32)
-        kv_lens = np.zeros(s_pad, np.int32)
-        pages = np.zeros((s_pad, self.max_pages), np.int32)
-        cu = np.zeros(s_pad + 1, np.int32)
-        rows = np.zeros((s_pad, k + 1), np.int32)
-        drafts = np.zeros((s_pad, k), np.int32)
-        num_drafts = np.zeros(s_pad, np.int32)
-        sample_pos = np.zeros(s_pad, np.int32)
-        temp = np.zeros(s_pad, np.float32)
-        top_k = np.zeros(s_pad, np.int32)
-        top_p = np.ones(s_pad, np.float32)
-        seed = np.zeros(s_pad, np.uint32)
-        at = 0
-        for i, s in enumerate(seqs):
-            n = len(s.tokens)
+        for s in seqs:
             if s.num_draft > cfg.max_draft_tokens:
                 raise ValueError(f"{s.num_draft} drafts exceed the engine's max_draft_tokens={cfg.max_draft_tokens}")
-            pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
-            table = np.asarray(s.block_ids, np.int32)
-            tokens[at:at + n] = s.tokens
-            positions[at:at + n] = pos
-            slots[at:at + n] = table[pos // bs] * bs + pos % bs
-            kv_lens[i] = s.start_pos + n
-            pages[i, :len(table)] = table
-            newest = at + n - 1 - s.num_draft  # row of the newest real token: predicts the next one
-            rows[i] = np.minimum(newest + np.arange(k + 1), at + n - 1)
-            drafts[i, :s.num_draft] = s.tokens[n - s.num_draft:]
-            num_drafts[i] = s.num_draft
-            sample_pos[i] = s.start_pos + n - s.num_draft
-            sp = s.request.sampling
-            temp[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
-            seed[i] = sp.seed if sp.seed is not None else zlib.crc32(s.request.request_id.encode())
-            at += n
-            cu[i + 1] = at
-        cu[len(seqs) + 1:] = at
+        (tokens, positions, slots, kv_lens, pages, cu, rows, drafts, num_drafts, sample_pos, temp, top_k, top_p,
+         seed) = pack_step(seqs, block_size=bs, max_pages=self.max_pages, draft_width=k, num_tokens=t_pad,
+                           num_seqs=s_pad)
 
         meta = PagedMeta(jnp.asarray(slots), jnp.asarray(kv_lens), jnp.asarray(pages), jnp.asarray(cu),
                          jnp.asarray(len(seqs), jnp.int32))
@@ -193,17 +163,10 @@ class Engine:
         self.num_compilations += _TRACES[0] - traces
         if self.record_steps:
             self.steps.append(self._record(seqs, t_pad, time.perf_counter() - t0))
-        return {s.request.request_id: self._emitted(s, result[i]) for i, s in enumerate(seqs) if s.samples}
+        return {s.request_id: result[i, 1:1 + result[i, 0]].tolist() for i, s in enumerate(seqs) if s.samples}
 
     @staticmethod
-    def _emitted(seq: ScheduledSeq, row: np.ndarray) -> list[int]:
-        if seq.request.forced_output is None:
-            return row[1:1 + row[0]].tolist()
-        # Past the record (max_tokens larger than the trace): fall back to the model's own token.
-        return replay_tokens(seq) or row[1:2].tolist()
-
-    @staticmethod
-    def _record(seqs: list[ScheduledSeq], t_pad: int, seconds: float) -> StepRecord:
+    def _record(seqs: Sequence[StepSeq], t_pad: int, seconds: float) -> StepRecord:
         prefill = sum(len(s.tokens) for s in seqs if len(s.tokens) - s.num_draft > 1)
         total = sum(len(s.tokens) for s in seqs)
         return StepRecord(prefill, total - prefill, len(seqs), sum(s.start_pos + len(s.tokens) for s in seqs),
@@ -211,7 +174,4 @@ class Engine:
 
     def warmup(self) -> None:
         """Compiles the smallest step (used before timing)."""
-        from agentinfer_jax.serving.request import Request
-        req = Request("warmup", [0])
-        seq = ScheduledSeq(req, 0, [0], 0, [1])
-        self.execute(SchedulerOutput([seq], [], 0))
+        self.execute(StepBatch([StepSeq("warmup", 0, (0,), 0, (1,))]))

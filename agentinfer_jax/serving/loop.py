@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from agentinfer_jax.engine.step_batch import StepBatch
 from agentinfer_jax.serving.metrics import ServingMetrics
 from agentinfer_jax.serving.request import FinishReason, Request
 from agentinfer_jax.serving.scheduler import Scheduler, SchedulerOutput
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    def execute(self, out: SchedulerOutput) -> dict[str, Sequence[int]]: ...
+    def execute(self, batch: StepBatch) -> dict[str, Sequence[int]]: ...
 
 
 @dataclasses.dataclass
@@ -113,7 +114,8 @@ class ServingLoop:
         out = self.scheduler.schedule()
         if out.empty:
             return bool(self.scheduler.has_unfinished)
-        before = {s.request.request_id: (len(s.request.output_tokens), s.request.last_token_s) for s in out.seqs}
+        reqs = {s.request_id: self.scheduler.requests[s.request_id] for s in out.seqs}
+        before = {rid: (len(r.output_tokens), r.last_token_s) for rid, r in reqs.items()}
         try:
             t0 = time.perf_counter()
             new_tokens = self.executor.execute(out)
@@ -123,7 +125,7 @@ class ServingLoop:
             out, new_tokens = self._isolate_failure(out)
         finished = self.scheduler.update(out, new_tokens)
         for s in out.seqs:
-            req = s.request
+            req = reqs[s.request_id]
             n0, last = before[req.request_id]
             fresh = req.output_tokens[n0:]
             if not fresh:
@@ -147,7 +149,7 @@ class ServingLoop:
                 tokens.update(self.executor.execute(SchedulerOutput([seq], [], 0)))
                 ok.append(seq)
             except Exception as e:  # noqa: BLE001
-                req = self.scheduler.abort(seq.request.request_id)
+                req = self.scheduler.abort(seq.request_id)
                 if req is not None:
                     self._deliver_finish(req, error=f"engine error: {e}")
         return SchedulerOutput(ok, out.preempted, out.num_waiting), tokens
