@@ -11,6 +11,7 @@ request id out. What the caller does with them (trace replay, stop rules) is ser
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -21,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from agentinfer_jax.engine.paged import PagedAttention, PagedMeta
 from agentinfer_jax.engine.sampling import SamplingArrays, verify
 from agentinfer_jax.engine.step_batch import StepBatch, StepLimits, StepSeq, pack_step
 from agentinfer_jax.model.config import ModelConfig
+from agentinfer_jax.model.sharding import paged_cache_sharding, shard_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,14 +115,23 @@ class StepRecord:
 class Engine:
     """The executor of `Scheduler` steps on a Flax model."""
 
-    def __init__(self, model, config: EngineConfig, *, record_steps: bool = False):
+    def __init__(self, model, config: EngineConfig, *, mesh: Mesh | None = None, record_steps: bool = False):
+        """`mesh`: a ("data", "model") mesh (model.sharding.make_mesh) to shard the step over:
+        parameters by their logical axes and the KV page pool by KV heads on the model axis."""
         self.model_config: ModelConfig = model.config
         self.config = config
+        self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
         mc = self.model_config
         dtype = jnp.dtype(config.kv_dtype or mc.dtype)
         shape = (mc.num_kv_heads, config.num_blocks, config.block_size, mc.head_dim)
-        self.kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(mc.num_layers))
+        if mesh is None:
+            self.kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(mc.num_layers))
+        else:
+            self.state = shard_state(self.state, mesh)
+            pages = paged_cache_sharding(mesh, shape)
+            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=pages)  # born sharded
+            self.kv = tuple((zeros(), zeros()) for _ in range(mc.num_layers))
         self.token_buckets = _pow2_buckets(config.min_token_bucket, config.max_tokens_per_step)
         self.seq_buckets = tuple(sorted(set(config.seq_buckets) | {config.max_num_seqs}))
         self.max_pages = math.ceil(config.max_model_len / config.block_size)
@@ -156,9 +168,10 @@ class Engine:
         sampling = SamplingArrays(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seed))
         t0 = time.perf_counter()
         traces = _TRACES[0]
-        result, self.kv = _engine_step(self.graphdef, self.backend, self.state, self.kv, jnp.asarray(tokens),
-                                       jnp.asarray(positions), meta, jnp.asarray(rows), jnp.asarray(drafts),
-                                       jnp.asarray(num_drafts), jnp.asarray(sample_pos), sampling)
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            result, self.kv = _engine_step(self.graphdef, self.backend, self.state, self.kv, jnp.asarray(tokens),
+                                           jnp.asarray(positions), meta, jnp.asarray(rows), jnp.asarray(drafts),
+                                           jnp.asarray(num_drafts), jnp.asarray(sample_pos), sampling)
         result = np.asarray(result)  # the one device-to-host transfer of the step
         self.num_compilations += _TRACES[0] - traces
         if self.record_steps:

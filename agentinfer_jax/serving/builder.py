@@ -24,6 +24,7 @@ from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.engine.engine import Engine, EngineConfig
 from agentinfer_jax.engine.slots import SlotEngine
 from agentinfer_jax.model.config import ModelConfig
+from agentinfer_jax.model.sharding import make_mesh
 from agentinfer_jax.model.transformer import Transformer, init_model
 from agentinfer_jax.serving.loop import ServingLoop
 from agentinfer_jax.serving.metrics import ServingMetrics
@@ -67,6 +68,7 @@ class ServerConfig:
     seq_buckets: tuple[int, ...] = ()  # extra padded sequence counts (EngineConfig.seq_buckets)
     kv_dtype: str | None = None  # KV pool dtype; None = the model's activation dtype
     interpret: bool = False  # Pallas interpret mode (CPU tests of the GPU kernel)
+    mesh_shape: tuple[int, int] | None = None  # (data, model) devices to shard the engine over; None = one
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.config is None):
@@ -193,7 +195,8 @@ def _check_fits(config: ServerConfig, model_config: ModelConfig) -> None:
 def build_engine(config: ServerConfig, model) -> Engine:
     """The engine of `config` for `model` (its page pool and compiled step shapes)."""
     _check_fits(config, model.config)
-    return Engine(model, config.engine_config())
+    mesh = None if config.mesh_shape is None else make_mesh(*config.mesh_shape)
+    return Engine(model, config.engine_config(), mesh=mesh)
 
 
 def _drafter(config: ServerConfig, drafter, session_memory: SessionMemory | None):
