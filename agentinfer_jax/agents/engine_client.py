@@ -81,6 +81,8 @@ class CallRecord:
     accepted: int
     verify_steps: int
     finish_reason: str | None
+    started_s: float = 0.0  # time.perf_counter() at submission
+    finished_s: float = 0.0  # time.perf_counter() when the last event arrived
 
 
 @dataclasses.dataclass
@@ -216,11 +218,11 @@ class EngineClient:
                                 forced_output=out))
         return loop, reqs, served_role
 
-    def _record(self, pending: _PendingRequest, ev: StreamEvent, role: str) -> CallRecord:
+    def _record(self, pending: _PendingRequest, ev: StreamEvent, role: str, started_s: float) -> CallRecord:
         req = pending.req
         rec = CallRecord(req.session_id, role, req.speculative, len(req.prompt_tokens), tuple(pending.tokens),
                          ev.text or "", req.num_cached_tokens, req.num_drafted, req.num_accepted,
-                         req.num_verify_steps, ev.finish_reason)
+                         req.num_verify_steps, ev.finish_reason, started_s, time.perf_counter())
         with self._lock:
             self.stats.add(rec)
             if self.keep_records:
@@ -268,7 +270,7 @@ class EngineClient:
         latency = time.perf_counter() - start
         for p, ev in zip(pending, events):
             self._check(ev, p.req.request_id)
-        records = [self._record(p, ev, served_role) for p, ev in zip(pending, events)]
+        records = [self._record(p, ev, served_role, start) for p, ev in zip(pending, events)]
         return Completion(
             texts=[r.text for r in records],
             prompt_tokens=records[0].prompt_tokens,
@@ -295,6 +297,7 @@ class EngineClient:
                                                  priority, False)
         queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
         pending = _PendingRequest(reqs[0], asyncio.get_running_loop(), queue.put_nowait)
+        start = time.perf_counter()
         loop.submit(pending.req, pending.callback)
         sent = ""
         try:
@@ -305,7 +308,7 @@ class EngineClient:
                     sent = ev.text
                 if ev.finished:
                     self._check(ev, pending.req.request_id)
-                    self._record(pending, ev, served_role)
+                    self._record(pending, ev, served_role, start)
                     return
         finally:
             if not pending.done.done():

@@ -55,6 +55,9 @@ class ServingLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Called on the loop thread after each executed step as (batch, start_s, end_s), perf_counter
+        # seconds: step timelines for cost models and projections.
+        self.step_observers: list[Callable[[SchedulerOutput, float, float], None]] = []
 
     # ---- any thread ----------------------------------------------------------------------------
 
@@ -119,7 +122,10 @@ class ServingLoop:
         try:
             t0 = time.perf_counter()
             new_tokens = self.executor.execute(out)
-            self.scheduler.observe_step(out, time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            self.scheduler.observe_step(out, t1 - t0)
+            for observe in self.step_observers:
+                observe(out, t0, t1)
         except Exception:  # noqa: BLE001 - one bad request must not take the loop or its batch down
             log.exception("step failed; re-running its %d sequences one by one", len(out.seqs))
             out, new_tokens = self._isolate_failure(out)
