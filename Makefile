@@ -11,7 +11,7 @@ LOCKS := requirements
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 UV_INSTALL = $(UV) pip install -q --python $(1)/bin/python $(FIND_LINKS)
 
-.PHONY: demo test test-main test-wheel test-jetstream test-latest lock clean
+.PHONY: demo test test-main test-wheel test-jetstream test-latest lock device-wheels clean
 
 # uv itself is bootstrapped into each venv with pip (one wheel); everything else comes from the lock.
 define make_venv
@@ -74,6 +74,17 @@ lock: $(STAMP)
 	$(LOCK_CMD) pyproject.toml --extra cuda -o $(LOCKS)/cuda.txt
 	$(LOCK_CMD) pyproject.toml --extra tpu -o $(LOCKS)/tpu.txt
 	$(LOCK_CMD) pyproject.toml $(LOCKS)/jetstream-test.in --extra jetstream -o $(LOCKS)/jetstream.txt
+
+# Wheels the accelerator image lacks (it has JAX, flax, optax, orbax, torch...), for Python 3.12 there,
+# at the lock's versions: tools/device_bench.sh installs them with no registry.
+DEVICE_PKGS := pygtrie bm25s fastapi starlette pydantic pydantic-core annotated-types annotated-doc \
+	typing-inspection uvicorn
+device-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl setuptools==84.2.1 $$(for p in $(DEVICE_PKGS); do grep -E "^$$p==" $(LOCKS)/core.txt | cut -d' ' -f1; done)
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) $(JS_VENV) $(LATEST_VENV) .pytest_cache .hypothesis build

@@ -27,13 +27,12 @@ copies of the very same turns).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
 import platform
 import time
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +41,10 @@ from absl import app, flags
 from flax import nnx
 
 from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR, Engine, EngineConfig, enable_compilation_cache
+from agentinfer_jax.engine.step_batch import StepBatch, StepSeq
 from agentinfer_jax.model.attention import ContiguousAttention, ContiguousMeta
 from agentinfer_jax.model.transformer import init_cache, init_model
 from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack, load_model_config
-from agentinfer_jax.serving.request import Request as _Request
-from agentinfer_jax.serving.scheduler import ScheduledSeq, SchedulerOutput
 from agentinfer_jax.serving.request import Request, SamplingParams
 from agentinfer_jax.speculation import SAMDrafter, SessionMemory
 from agentinfer_jax.tokenizer import load_tokenizer
@@ -156,14 +154,13 @@ def dense_step(graphdef, state, tokens, positions, caches, kv_lens):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), caches
 
 
-def engine_step_input(batch: int, context: int, k: int, block_size: int, pages_per_seq: int) -> SchedulerOutput:
+def engine_step_input(batch: int, context: int, k: int, block_size: int, pages_per_seq: int) -> StepBatch:
     """`batch` sequences with `context` cached tokens, each feeding its newest token plus k drafts."""
     seqs = []
     for i in range(batch):
-        req = _Request(f"eff-{i}", [1 + (i + j) % 97 for j in range(context)])
-        pages = list(range(1 + i * pages_per_seq, 1 + i * pages_per_seq + -(-(context + k) // block_size)))
-        seqs.append(ScheduledSeq(req, context - 1, [5] + [7 + j for j in range(k)], k, pages))
-    return SchedulerOutput(seqs, [], 0)
+        pages = tuple(range(1 + i * pages_per_seq, 1 + i * pages_per_seq + -(-(context + k) // block_size)))
+        seqs.append(StepSeq(f"eff-{i}", context - 1, (5,) + tuple(7 + j for j in range(k)), k, pages))
+    return StepBatch(seqs)
 
 
 def efficiency(model_name: str, batches: list[int], context: int, ks: tuple[int, ...], rounds: int) -> dict:

@@ -155,15 +155,15 @@ class Runner:
         """One engine (one set of compiled shapes) sized for the largest run; a run's BlockPool
         decides how many of its pages the scheduler may use."""
         from agentinfer_jax.configs import tiny
-        from agentinfer_jax.engine.engine import Engine, EngineConfig
         from agentinfer_jax.model.transformer import init_model
+        from agentinfer_jax.serving.builder import ServerConfig, build_engine
         if self.engine is None or self.engine.config.num_blocks < num_blocks:
             if self.engine_model is None:
                 self.engine_model = init_model(tiny.get_config(), seed=0)
-            ec = EngineConfig(num_blocks=num_blocks, block_size=FLAGS.block_size, max_num_seqs=FLAGS.max_num_seqs,
-                              max_tokens_per_step=FLAGS.max_tokens_per_step,
-                              max_model_len=self.max_len + 1, max_draft_tokens=0)
-            self.engine = Engine(self.engine_model, ec)
+            config = ServerConfig(num_blocks=num_blocks, block_size=FLAGS.block_size, max_num_seqs=FLAGS.max_num_seqs,
+                                  max_tokens_per_step=FLAGS.max_tokens_per_step, max_model_len=self.max_len + 1,
+                                  max_draft_tokens=0)
+            self.engine = build_engine(config, self.engine_model)
         return self.engine
 
 

@@ -63,7 +63,7 @@ class PageOracleExecutor:
                 toks.append(target)
                 if i == seq.num_draft or drafts[i] != target:
                     break
-            result[seq.request.request_id] = toks
+            result[seq.request_id] = toks
         return result
 
 

@@ -163,7 +163,7 @@ def test_scheduler_uses_the_adaptive_switch(draft_token, expect_drafting):
         for s in out.seqs:
             if s.samples:  # the target emits 2: drafted 2s are accepted, then one more 2
                 acc = next((i for i, t in enumerate(s.tokens[len(s.tokens) - s.num_draft:]) if t != 2), s.num_draft)
-                new[s.request.request_id] = [2] * (acc + 1)
+                new[s.request_id] = [2] * (acc + 1)
         sched.update(out, new)
     late = drafted[-40:]
     if expect_drafting:

@@ -1,7 +1,8 @@
 """A tiny end-to-end replay: real trace sessions through ReActAgent -> EngineClient -> ServingLoop -> Engine.
 
 Reference: the recorded trace (final answers) and the baseline config (output tokens of every
-reasoning call must be identical under the lossless techniques).
+reasoning call must be identical under the lossless techniques). The replay pieces themselves
+(agentinfer_jax.workloads.replay) are tested in test_replay.py.
 """
 
 from __future__ import annotations
@@ -11,12 +12,7 @@ import pathlib
 import random
 import sys
 
-import pytest
-
-from agentinfer_jax.agents.clients import RecordedCall
-from agentinfer_jax.agents.react import Action
 from agentinfer_jax.engine.engine import EngineConfig
-from agentinfer_jax.workloads.traces import default_trace_path, load_traces
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "agent_e2e.py"
 _spec = importlib.util.spec_from_file_location("agent_e2e", _PATH)
@@ -42,34 +38,3 @@ def test_replay_keeps_answers_and_lossless_outputs_identical():
     assert sam["tokens_per_verify_step"] > 1.0  # drafting really ran and accepted tokens
     assert sam["output_tokens"] == base["output_tokens"]
     assert report["configs"]["all"]["small_model_steps"] > 0  # AgentCollab really used the small model
-
-
-def test_hit_rates_and_replay_oracle_follow_the_trace():
-    rates = e2e.HitRates.bundled()
-    for kind in ("search", "lookup", "finish"):
-        for step in (1, 2, 3, 7):
-            assert 0.0 <= rates.probability(kind, step) <= 1.0
-    rng = random.Random(3)
-    trajs = load_traces(default_trace_path())
-    sessions = [s for t in trajs if (s := e2e.record_session(t, lambda: 0.0, rates, rng)) is not None]
-    s = sessions[rng.randrange(len(sessions))]
-    oracle = e2e.TraceReplay({s.session_id: s})
-    msgs = [{"role": "user", "content": "Question: q"}]
-    for i, response in enumerate(s.responses):
-        call = RecordedCall(list(msgs), "large", 256, None, 0.0, 1, s.session_id, 0, False)
-        assert oracle(call) == [response]
-        guess = oracle(RecordedCall(list(msgs), "large", 24, None, 0.0, 1, s.session_id, 0, True))[0]
-        assert (str(s.actions[i]) in guess) == s.guess_hits[i]
-        msgs += [{"role": "assistant", "content": response}, {"role": "user", "content": "Observation: x"}]
-    assert oracle(RecordedCall(msgs, "large", 8, None, 0.0, 1, "unknown", 0, False)) is None
-
-
-@pytest.mark.parametrize("thought, repeat, expected", [("I found it.", False, True), ("I could not find it.", False, False),
-                                                       ("Next step.", True, False)])
-def test_trace_progress_controller_escalates_on_derived_failure(thought, repeat, expected):
-    ctl = e2e.TraceProgressController(warmup_large_steps=1, escalation_steps=1)
-    ctl.observe("large", "Thought: plan\nAction: Search[A]")
-    action = Action("search", "A" if repeat else "B")
-    signal = ctl.observe("small", f"Thought: {thought}\nAction: {action}")
-    assert signal.value is expected
-    assert ctl.role_for_next_step() == ("small" if expected else "large")

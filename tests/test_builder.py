@@ -100,3 +100,85 @@ def test_bad_models_and_policies_fail_with_a_clear_error(kwargs, message):
 def test_named_configs_load():
     assert load_model_config("tiny") == tiny_config()
     assert load_model_config("llama3_2_1b").vocab_size == 128256
+
+
+# ---- one builder for every consumer ----------------------------------------------------------
+
+
+def test_engine_config_round_trips_through_the_server_config():
+    from agentinfer_jax.engine.engine import EngineConfig
+
+    ec = EngineConfig(num_blocks=70, block_size=8, max_num_seqs=3, max_tokens_per_step=48, max_model_len=200,
+                      max_draft_tokens=5, min_token_bucket=8, seq_buckets=(1, 2), kv_dtype="float32")
+    assert ServerConfig.from_engine_config(ec).engine_config() == ec
+    # Without an explicit width the engine verifies num_draft_tokens drafts (at least 1 row).
+    assert ServerConfig(drafter="ngram", num_draft_tokens=3).engine_config().max_draft_tokens == 3
+    assert ServerConfig().engine_config().max_draft_tokens == 1
+
+
+class ConstDrafter:
+    def begin(self, rid, prompt, session_id=None):
+        pass
+
+    def extend(self, rid, toks):
+        pass
+
+    def propose(self, rid, k):
+        return [7] * k
+
+    def end(self, rid):
+        pass
+
+
+def test_role_engines_are_the_server_stack_with_the_adaptive_switch():
+    """agents.engine_client.build_role_engine is build_stack: same wiring as a ServerConfig gives,
+    the adaptive switch on with drafting unless turned off."""
+    from agentinfer_jax.agents.engine_client import build_role_engine
+    from agentinfer_jax.engine.engine import EngineConfig
+    from agentinfer_jax.serving.builder import ServingStack
+
+    model, tok = init_model(tiny_config(), seed=1), load_tokenizer()
+    ec = EngineConfig(num_blocks=40, block_size=16, max_num_seqs=2, max_tokens_per_step=32, max_model_len=128,
+                      max_draft_tokens=4)
+    role = build_role_engine("small", model, tok, ec, drafter=ConstDrafter(), num_draft_tokens=4, policy="lpm")
+    assert isinstance(role, ServingStack) and role.model_name == "small" and role.model is model
+    assert role.engine.config == ec and role.pool.num_free == ec.num_blocks - 1
+    assert role.scheduler.adaptive is not None and role.scheduler.config.num_draft_tokens == 4
+    served = build_stack(ServerConfig.from_engine_config(ec, drafter="ngram", num_draft_tokens=4, policy="lpm"),
+                         model=model, tokenizer=tok)
+    assert role.scheduler.config == served.scheduler.config
+    assert type(role.scheduler.policy) is type(served.scheduler.policy)
+    off = build_role_engine("x", model, tok, ec, drafter=ConstDrafter(), num_draft_tokens=4, adaptive_draft=False)
+    assert off.scheduler.adaptive is None
+    plain = build_role_engine("y", model, tok, ec)
+    assert plain.scheduler.drafter is None and plain.scheduler.adaptive is None
+    with pytest.raises(ValueError, match="drafter"):
+        build_role_engine("z", model, tok, ec, num_draft_tokens=2)
+
+
+def test_custom_drafters_and_memories_must_match_the_config():
+    from agentinfer_jax.speculation import SessionMemory
+
+    model, tok = init_model(tiny_config(), seed=1), load_tokenizer()
+    with pytest.raises(ValueError, match="custom"):
+        build_stack(ServerConfig(drafter="ngram", **SMALL), model=model, tokenizer=tok, drafter=ConstDrafter())
+    with pytest.raises(ValueError, match="custom"):
+        build_stack(ServerConfig(drafter="custom", **SMALL), model=model, tokenizer=tok)
+    memory = SessionMemory()
+    with pytest.raises(ValueError, match="AgentSAM"):
+        build_stack(ServerConfig(drafter="ngram", **SMALL), model=model, tokenizer=tok, session_memory=memory)
+    try:
+        stack = build_stack(ServerConfig(drafter="sam", **SMALL), model=model, tokenizer=tok, session_memory=memory)
+        assert stack.session_memory is memory and stack.scheduler.adaptive is not None
+    finally:
+        memory.close()
+
+
+def test_slot_engine_is_built_from_the_same_config():
+    from agentinfer_jax.engine.slots import SlotEngine
+    from agentinfer_jax.serving.builder import build_slot_engine
+
+    config = ServerConfig(**SMALL)
+    slots = build_slot_engine(config)
+    assert isinstance(slots, SlotEngine) and slots.engine.config == config.engine_config()
+    assert slots.num_slots == config.max_num_seqs and slots.num_free_pages == config.num_blocks - 1

@@ -209,7 +209,7 @@ def test_thousand_random_requests_no_leak():
         out = sched.schedule()
         for seq in out.seqs:  # cancel some mid-flight
             if rng.random() < 0.02:
-                sched.abort(seq.request.request_id)
+                sched.abort(seq.request_id)
         sched.update(out, ex.execute(out))
         if rng.random() < 0.05 and sched.waiting:
             sched.abort(rng.choice(sched.waiting).request_id)
@@ -278,3 +278,47 @@ def test_adaptive_switch_is_shown_the_steps_real_width():
     sched.update(out, ex.execute(out))
     run_until_done(sched, ex)
     assert all_released(pool, None, sched)
+
+
+def test_trace_replay_is_applied_by_update_not_by_the_executor():
+    """The executor reports the model's own tokens; update emits the record instead, accepts a draft
+    exactly where it matches the record, and falls back to the model's first token past the record."""
+    record = [5, 9, 9, 2]
+
+    class RecordDrafter:
+        """Drafts the record's next token, then a wrong one."""
+
+        def __init__(self):
+            self.n = 0
+
+        def begin(self, rid, prompt, session_id=None):
+            pass
+
+        def extend(self, rid, toks):
+            self.n += len(toks)
+
+        def propose(self, rid, k):
+            return (record[self.n:self.n + 1] + [96, 96])[:k]
+
+        def end(self, rid):
+            pass
+
+    pool = BlockPool(32)
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=2, max_tokens_per_step=16, vocab_size=VOCAB,
+                                      num_draft_tokens=2), pool, drafter=RecordDrafter())
+    req = Request("f", [1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True), forced_output=record)
+    sched.add_request(req)
+    model_token = 42  # the model disagrees with the record everywhere
+    steps = []
+    while sched.has_unfinished:
+        out = sched.schedule()
+        [seq] = out.seqs
+        steps.append((len(req.output_tokens), seq.drafts))
+        sched.update(out, {"f": [model_token]} if seq.samples else {})
+    # The record, then the model's own token once the record is exhausted.
+    assert req.output_tokens == record + [model_token, model_token]
+    # A drafted record token is accepted (two tokens that step), the wrong draft after it is not.
+    first_draft_step = next(i for i, (_, d) in enumerate(steps) if d)
+    n0, drafts = steps[first_draft_step]
+    assert drafts[0] == record[n0] and steps[first_draft_step + 1][0] == n0 + 2
+    assert req.num_accepted >= 1 and pool.num_used == 0

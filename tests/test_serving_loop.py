@@ -60,7 +60,7 @@ def test_stop_string_cuts_text_and_frees_blocks():
 def test_cancel_from_another_thread_and_failing_pieces_do_not_stop_serving():
     class FlakyExecutor(PageOracleExecutor):
         def execute(self, out):
-            if any(s.request.request_id == "boom" for s in out.seqs):
+            if any(s.request_id == "boom" for s in out.seqs):
                 raise RuntimeError("device fault")
             return super().execute(out)
 

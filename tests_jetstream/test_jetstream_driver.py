@@ -136,3 +136,18 @@ def test_existing_prefix_rejections_and_result_tokens(model):
     state = engine.slots.free(state, 0)
     engine.slots.release(shared)
     assert engine.slots.num_used_pages == 0
+
+
+def test_the_serving_builder_builds_the_jetstream_engine(model):
+    """One config for every consumer: a ServerConfig builds the JetStream engine too."""
+    from agentinfer_jax.serving.builder import ServerConfig, build_jetstream_engine
+
+    config = ServerConfig.from_engine_config(EC)
+    engine = build_jetstream_engine(config, model=model)
+    assert isinstance(engine, JetStreamEngine) and engine.slots.engine.config == config.engine_config()
+    prompt = np.random.default_rng(4).integers(5, 4096, 11).astype(np.int32)
+    padded = np.zeros(16, np.int32)
+    padded[:11] = prompt
+    prefix = engine.prefill(params=engine.load_params(), padded_tokens=padded, true_length=11)
+    assert prefix.first_token == generate(model, [list(prompt)], 1, max_len=EC.max_model_len, eos_token_ids=())[0][0]
+    engine.slots.release(prefix)

@@ -26,12 +26,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from agentinfer_jax.agents.clients import ClientError, Completion, Message, RecordedCall, validate_request
-from agentinfer_jax.cache import BlockPool, PrefixCache
-from agentinfer_jax.engine.engine import Engine, EngineConfig
+from agentinfer_jax.engine.engine import EngineConfig
+from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack
 from agentinfer_jax.serving.loop import ServingLoop, StreamEvent
-from agentinfer_jax.serving.policies import make_policy
 from agentinfer_jax.serving.request import FinishReason, Request, SamplingParams
-from agentinfer_jax.serving.scheduler import Scheduler, SessionRetention
 from agentinfer_jax.tokenizer import Tokenizer
 
 __all__ = ["EngineClient", "RoleEngine", "build_role_engine", "CallRecord", "EngineClientStats", "ReplayOracle"]
@@ -39,22 +37,8 @@ __all__ = ["EngineClient", "RoleEngine", "build_role_engine", "CallRecord", "Eng
 ReplayOracle = Callable[[RecordedCall], Sequence[str] | None]
 
 
-@dataclasses.dataclass
-class RoleEngine:
-    """One model role's serving stack: engine, scheduler (pool, prefix cache, policy, drafter), loop."""
-
-    name: str
-    engine: Engine
-    scheduler: Scheduler
-    loop: ServingLoop
-    pool: BlockPool
-    prefix_cache: PrefixCache | None
-
-    def start(self) -> None:
-        self.loop.start()
-
-    def shutdown(self) -> None:
-        self.loop.shutdown()
+# One model role's serving stack: the server's own (serving.builder), built in process.
+RoleEngine = ServingStack
 
 
 def build_role_engine(
@@ -68,31 +52,18 @@ def build_role_engine(
     num_draft_tokens: int = 0,
     prefix_cache: bool = True,
     retention_ttl_s: float = 0.0,
+    adaptive_draft: bool = True,
 ) -> RoleEngine:
-    """Wires Engine + BlockPool + PrefixCache + Scheduler + ServingLoop for one model.
-
-    The scheduler stops on the model's EOS ids and the tokenizer's end-of-turn token (the chat
-    template ends turns with it), so a chat completion ends where its turn ends.
-    """
+    """`build_stack` for one role's model: `engine_config` sizes the engine, `drafter` (a Drafter
+    object, with `num_draft_tokens` > 0) drafts, and the adaptive switch is on with it unless
+    `adaptive_draft` is False. Stops on the model's EOS ids and the tokenizer's end of turn."""
     if (drafter is None) != (num_draft_tokens == 0):
         raise ValueError("give a drafter together with num_draft_tokens > 0, or neither")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
-    engine = Engine(model, engine_config)
-    pool = BlockPool(engine_config.num_blocks)
-    cache = PrefixCache(engine_config.block_size, pool) if prefix_cache else None
-    sched_config = engine_config.scheduler_config(model.config, num_draft_tokens)
-    eos = tuple(dict.fromkeys((*sched_config.eos_token_ids, *tokenizer.eos_token_ids)))
-    sched_config = dataclasses.replace(sched_config, eos_token_ids=eos)
-    retention = SessionRetention(pool, retention_ttl_s) if retention_ttl_s > 0 else None
-    scheduler = Scheduler(sched_config, pool, cache, make_policy(policy), drafter=drafter, retention=retention)
-    vocab = tokenizer.vocab_size
-
-    def detokenize(ids: Sequence[int]) -> str:  # never raises on ids the tokenizer lacks
-        return tokenizer.decode([int(t) for t in ids if 0 <= int(t) < vocab], skip_special_tokens=True)
-
-    loop = ServingLoop(scheduler, engine, detokenize=detokenize)
-    return RoleEngine(name, engine, scheduler, loop, pool, cache)
+    config = ServerConfig.from_engine_config(
+        engine_config, model_name=name, policy=policy, prefix_cache=prefix_cache, retention_ttl_s=retention_ttl_s,
+        drafter="custom" if drafter is not None else "none", num_draft_tokens=num_draft_tokens or 1,
+        adaptive_draft=adaptive_draft)
+    return build_stack(config, model=model, tokenizer=tokenizer, drafter=drafter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +81,8 @@ class CallRecord:
     accepted: int
     verify_steps: int
     finish_reason: str | None
+    started_s: float = 0.0  # time.perf_counter() at submission
+    finished_s: float = 0.0  # time.perf_counter() when the last event arrived
 
 
 @dataclasses.dataclass
@@ -245,11 +218,11 @@ class EngineClient:
                                 forced_output=out))
         return loop, reqs, served_role
 
-    def _record(self, pending: _PendingRequest, ev: StreamEvent, role: str) -> CallRecord:
+    def _record(self, pending: _PendingRequest, ev: StreamEvent, role: str, started_s: float) -> CallRecord:
         req = pending.req
         rec = CallRecord(req.session_id, role, req.speculative, len(req.prompt_tokens), tuple(pending.tokens),
                          ev.text or "", req.num_cached_tokens, req.num_drafted, req.num_accepted,
-                         req.num_verify_steps, ev.finish_reason)
+                         req.num_verify_steps, ev.finish_reason, started_s, time.perf_counter())
         with self._lock:
             self.stats.add(rec)
             if self.keep_records:
@@ -297,7 +270,7 @@ class EngineClient:
         latency = time.perf_counter() - start
         for p, ev in zip(pending, events):
             self._check(ev, p.req.request_id)
-        records = [self._record(p, ev, served_role) for p, ev in zip(pending, events)]
+        records = [self._record(p, ev, served_role, start) for p, ev in zip(pending, events)]
         return Completion(
             texts=[r.text for r in records],
             prompt_tokens=records[0].prompt_tokens,
@@ -324,6 +297,7 @@ class EngineClient:
                                                  priority, False)
         queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
         pending = _PendingRequest(reqs[0], asyncio.get_running_loop(), queue.put_nowait)
+        start = time.perf_counter()
         loop.submit(pending.req, pending.callback)
         sent = ""
         try:
@@ -334,7 +308,7 @@ class EngineClient:
                     sent = ev.text
                 if ev.finished:
                     self._check(ev, pending.req.request_id)
-                    self._record(pending, ev, served_role)
+                    self._record(pending, ev, served_role, start)
                     return
         finally:
             if not pending.done.done():

@@ -8,29 +8,31 @@ longest context (attention work follows the live context, not max_model_len), an
 is 0 or max_draft_tokens, so the compilations are bounded by
 len(token_buckets) * len(seq_buckets) * len(page_buckets) * 2; `compile_all` runs them all up front.
 
-Trace replay (`Request.forced_output`): the forward pass and the KV writes are real, but the
-emitted tokens are the recorded ones, and a draft is accepted iff it matches the record. Costs
-and cache behaviour are those of generating the trace.
+Input and output are plain data (engine/step_batch.py): a `StepBatch` in, the model's tokens per
+request id out. What the caller does with them (trace replay, stop rules) is serving's business.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
 import time
-import zlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from agentinfer_jax.engine.paged import PagedAttention, PagedMeta
 from agentinfer_jax.engine.sampling import SamplingArrays, verify_rows
+from agentinfer_jax.engine.step_batch import StepBatch, StepLimits, StepSeq, pack_step
 from agentinfer_jax.model.config import ModelConfig
-from agentinfer_jax.serving.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOutput, replay_tokens
+from agentinfer_jax.model.sharding import paged_cache_sharding, shard_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +72,11 @@ class EngineConfig:
             raise ValueError(f"{self.num_blocks - 1} usable pages of {self.block_size} tokens cannot hold "
                              f"one request of max_model_len={self.max_model_len}")
 
-    def scheduler_config(self, model: ModelConfig, num_draft_tokens: int = 0) -> SchedulerConfig:
+    def scheduler_config(self, model: ModelConfig, num_draft_tokens: int = 0) -> StepLimits:
+        """The limits a planner of this engine's steps must keep (serving's SchedulerConfig)."""
         if num_draft_tokens > self.max_draft_tokens:
             raise ValueError(f"num_draft_tokens {num_draft_tokens} > max_draft_tokens {self.max_draft_tokens}")
-        return SchedulerConfig(block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+        return StepLimits(block_size=self.block_size, max_num_seqs=self.max_num_seqs,
                                max_tokens_per_step=self.max_tokens_per_step, max_model_len=self.max_model_len,
                                vocab_size=model.vocab_size, num_draft_tokens=num_draft_tokens,
                                eos_token_ids=tuple(model.eos_token_ids))
@@ -151,14 +154,23 @@ class StepRecord:
 class Engine:
     """The executor of `Scheduler` steps on a Flax model."""
 
-    def __init__(self, model, config: EngineConfig, *, record_steps: bool = False):
+    def __init__(self, model, config: EngineConfig, *, mesh: Mesh | None = None, record_steps: bool = False):
+        """`mesh`: a ("data", "model") mesh (model.sharding.make_mesh) to shard the step over:
+        parameters by their logical axes and the KV page pool by KV heads on the model axis."""
         self.model_config: ModelConfig = model.config
         self.config = config
+        self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
         mc = self.model_config
         dtype = jnp.dtype(config.kv_dtype or mc.dtype)
         shape = (mc.num_kv_heads, config.num_blocks, config.block_size, mc.head_dim)
-        self.kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(mc.num_layers))
+        if mesh is None:
+            self.kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(mc.num_layers))
+        else:
+            self.state = shard_state(self.state, mesh)
+            pages = paged_cache_sharding(mesh, shape)
+            zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=pages)  # born sharded
+            self.kv = tuple((zeros(), zeros()) for _ in range(mc.num_layers))
         # At least 2 tokens: with one, XLA turns the KV scatter into a dynamic-update-slice and
         # copies the whole page pool every step (measured on CPU, jax 0.10.2).
         self.token_buckets = _pow2_buckets(max(2, config.min_token_bucket), config.max_tokens_per_step)
@@ -180,9 +192,10 @@ class Engine:
 
     # ---- host side -----------------------------------------------------------------------------
 
-    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
+    def execute(self, batch: StepBatch) -> dict[str, list[int]]:
+        """Runs one step; returns the model's tokens (accepted drafts + one) per sampling request id."""
         t_start = time.perf_counter()
-        seqs = out.seqs
+        seqs = batch.seqs
         if not seqs:
             return {}
         cfg, bs = self.config, self.config.block_size
@@ -194,43 +207,12 @@ class Engine:
         t_pad = _bucket(t_real, self.token_buckets)
         s_pad = _bucket(len(seqs), self.seq_buckets)
 
-        tokens = np.zeros(t_pad, np.int32)
-        positions = np.zeros(t_pad, np.int32)
-        slots = np.full(t_pad, -1, np.int32)
-        kv_lens = np.zeros(s_pad, np.int32)
-        pages = np.zeros((s_pad, self.max_pages), np.int32)
-        cu = np.zeros(s_pad + 1, np.int32)
-        rows = np.zeros((s_pad, k + 1), np.int32)
-        drafts = np.zeros((s_pad, k), np.int32)
-        num_drafts = np.zeros(s_pad, np.int32)
-        sample_pos = np.zeros(s_pad, np.int32)
-        temp = np.zeros(s_pad, np.float32)
-        top_k = np.zeros(s_pad, np.int32)
-        top_p = np.ones(s_pad, np.float32)
-        seed = np.zeros(s_pad, np.uint32)
-        at = 0
-        for i, s in enumerate(seqs):
-            n = len(s.tokens)
+        for s in seqs:
             if s.num_draft > cfg.max_draft_tokens:
                 raise ValueError(f"{s.num_draft} drafts exceed the engine's max_draft_tokens={cfg.max_draft_tokens}")
-            pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
-            table = np.asarray(s.block_ids, np.int32)
-            tokens[at:at + n] = s.tokens
-            positions[at:at + n] = pos
-            slots[at:at + n] = table[pos // bs] * bs + pos % bs
-            kv_lens[i] = s.start_pos + n
-            pages[i, :len(table)] = table
-            newest = at + n - 1 - s.num_draft  # row of the newest real token: predicts the next one
-            rows[i] = np.minimum(newest + np.arange(k + 1), at + n - 1)
-            drafts[i, :s.num_draft] = s.tokens[n - s.num_draft:]
-            num_drafts[i] = s.num_draft
-            sample_pos[i] = s.start_pos + n - s.num_draft
-            sp = s.request.sampling
-            temp[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
-            seed[i] = sp.seed if sp.seed is not None else zlib.crc32(s.request.request_id.encode())
-            at += n
-            cu[i + 1] = at
-        cu[len(seqs) + 1:] = at
+        (tokens, positions, slots, kv_lens, pages, cu, rows, drafts, num_drafts, sample_pos, temp, top_k, top_p,
+         seed) = pack_step(seqs, block_size=bs, max_pages=self.max_pages, draft_width=k, num_tokens=t_pad,
+                           num_seqs=s_pad)
 
         # Only the columns up to the longest context's page count are read (bucketed).
         pages = pages[:, :_bucket(-(-int(kv_lens.max()) // bs), self.page_buckets)]
@@ -239,26 +221,20 @@ class Engine:
         sampling = SamplingArrays(jnp.asarray(temp), jnp.asarray(top_k), jnp.asarray(top_p), jnp.asarray(seed))
         t0 = time.perf_counter()
         traces = _TRACES[0]
-        result, self.kv = _engine_step(self.graphdef, self.backend, self.state, self.kv, jnp.asarray(tokens),
-                                       jnp.asarray(positions), meta, jnp.asarray(rows), jnp.asarray(drafts),
-                                       jnp.asarray(num_drafts), jnp.asarray(sample_pos), sampling)
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            result, self.kv = _engine_step(self.graphdef, self.backend, self.state, self.kv, jnp.asarray(tokens),
+                                           jnp.asarray(positions), meta, jnp.asarray(rows), jnp.asarray(drafts),
+                                           jnp.asarray(num_drafts), jnp.asarray(sample_pos), sampling)
         result = np.asarray(result)  # the one device-to-host transfer of the step
         self.num_compilations += _TRACES[0] - traces
         t_done = time.perf_counter()
         self.last_timing = StepTiming(t0 - t_start, t_done - t0)
         if self.record_steps:
             self.steps.append(self._record(seqs, t_pad, t_done - t0))
-        return {s.request.request_id: self._emitted(s, result[i]) for i, s in enumerate(seqs) if s.samples}
+        return {s.request_id: result[i, 1:1 + result[i, 0]].tolist() for i, s in enumerate(seqs) if s.samples}
 
     @staticmethod
-    def _emitted(seq: ScheduledSeq, row: np.ndarray) -> list[int]:
-        if seq.request.forced_output is None:
-            return row[1:1 + row[0]].tolist()
-        # Past the record (max_tokens larger than the trace): fall back to the model's own token.
-        return replay_tokens(seq) or row[1:2].tolist()
-
-    @staticmethod
-    def _record(seqs: list[ScheduledSeq], t_pad: int, seconds: float) -> StepRecord:
+    def _record(seqs: Sequence[StepSeq], t_pad: int, seconds: float) -> StepRecord:
         prefill = sum(len(s.tokens) for s in seqs if len(s.tokens) - s.num_draft > 1)
         total = sum(len(s.tokens) for s in seqs)
         return StepRecord(prefill, total - prefill, len(seqs), sum(s.start_pos + len(s.tokens) for s in seqs),
@@ -266,10 +242,7 @@ class Engine:
 
     def warmup(self) -> None:
         """Compiles the smallest step (used before timing)."""
-        from agentinfer_jax.serving.request import Request
-        req = Request("warmup", [0])
-        seq = ScheduledSeq(req, 0, [0], 0, [1])
-        self.execute(SchedulerOutput([seq], [], 0))
+        self.execute(StepBatch([StepSeq("warmup", 0, (0,), 0, (1,))]))
 
     def step_shapes(self, drafting: bool = True) -> list[tuple[int, int, int, int]]:
         """Every (token bucket, sequence bucket, draft width, page bucket) a step can have."""
@@ -290,10 +263,9 @@ class Engine:
             self.execute(self._shape_step(*shape))
         return self.num_compilations - before
 
-    def _shape_step(self, t: int, s: int, k: int, p: int) -> SchedulerOutput | None:
+    def _shape_step(self, t: int, s: int, k: int, p: int) -> StepBatch | None:
         """A step that lands exactly in these buckets (None if none can): the fewest sequences of
         bucket s, t tokens, the longest context filling page bucket p, drafts when k > 0."""
-        from agentinfer_jax.serving.request import Request
         below = lambda b, bs: max([x for x in bs if x < b], default=0)  # noqa: E731
         ctx = min(p * self.config.block_size, self.config.max_model_len)
         n = max(below(s, self.seq_buckets) + 1, -(-t // ctx))
@@ -302,6 +274,6 @@ class Engine:
         seqs = []
         for i in range(n):
             q = t // n + (i < t % n)  # q <= ctx since n * ctx >= t
-            req = Request(f"compile-{i}", [0])
-            seqs.append(ScheduledSeq(req, ctx - q, [0] * q, min(k, q - 1), [0] * -(-ctx // self.config.block_size)))
-        return SchedulerOutput(seqs, [], 0)
+            seqs.append(StepSeq(f"compile-{i}", ctx - q, (0,) * q, min(k, q - 1),
+                                (0,) * -(-ctx // self.config.block_size), samples=False))
+        return StepBatch(seqs)

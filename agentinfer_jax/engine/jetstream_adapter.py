@@ -37,7 +37,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from agentinfer_jax.engine.engine import EngineConfig
 from agentinfer_jax.engine.slots import (FED, LENGTH, VALID, ContextFullError, DecodeState, OutOfPagesError, Prefix,
                                          SlotEngine)
-from agentinfer_jax.serving.request import SamplingParams
+from agentinfer_jax.sampling_params import SamplingParams
 from agentinfer_jax.tokenizer import ASSETS_DIR, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,6 @@ import functools
 import itertools
 import math
 import threading
-import zlib
 from collections.abc import Sequence
 
 import jax
@@ -43,7 +42,8 @@ from agentinfer_jax.engine import engine as engine_mod
 from agentinfer_jax.engine.engine import Engine, EngineConfig, _bucket, _engine_step
 from agentinfer_jax.engine.paged import PagedMeta
 from agentinfer_jax.engine.sampling import SamplingArrays
-from agentinfer_jax.serving.request import SamplingParams
+from agentinfer_jax.engine.step_batch import SeqSampling, StepSeq, pack_step
+from agentinfer_jax.sampling_params import SamplingParams
 
 # Columns of generate's result array.
 TOKEN = 0  # the token sampled this step
@@ -131,24 +131,22 @@ class DecodeState:
 _GENERATE_TRACES = [0]  # incremented at trace time of _generate_step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend", "num_tokens"), donate_argnames=("kv",))
-def _generate_step(graphdef, backend, num_tokens, state, kv, next_token, inserted_token, seq_slot, meta, sampling,
-                   active, num_sampled):
-    """One decode token per active slot. Sequence i of the ragged step is slot seq_slot[i]
-    (i < meta.num_seqs) and owns query row i. Returns ([slots, NUM_COLUMNS], next_token, kv)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("kv",))
+def _generate_step(graphdef, backend, state, kv, next_token, inserted_token, seq_slot, step, meta, sampling, active,
+                   num_sampled):
+    """One decode token per active slot. Sequence i of the ragged step (`pack_step`'s arrays `step`,
+    tokens left as placeholders) is slot seq_slot[i] (i < meta.num_seqs) and owns query row i; its
+    token, the slot's previous sample, is filled in here on device. Returns ([slots, NUM_COLUMNS],
+    next_token, kv)."""
     _GENERATE_TRACES[0] += 1
     num_slots = next_token.shape[0]
     seqs = seq_slot.shape[0]
     fed_by_slot = jnp.where(inserted_token >= 0, inserted_token, next_token)
     live = jnp.arange(seqs) < meta.num_seqs
     fed = jnp.where(live, fed_by_slot[seq_slot], 0)
-    tokens = jnp.zeros(num_tokens, jnp.int32).at[:seqs].set(fed)
-    positions = meta.kv_lens - 1  # the fed token's position; padding rows write nowhere (slot -1)
-    positions = jnp.zeros(num_tokens, jnp.int32).at[:seqs].set(jnp.maximum(positions, 0))
-    rows = jnp.arange(seqs, dtype=jnp.int32)[:, None]
-    no_drafts = jnp.zeros((seqs, 0), jnp.int32)
-    out, kv = _engine_step(graphdef, backend, state, kv, tokens, positions, meta, rows, no_drafts,
-                           jnp.zeros(seqs, jnp.int32), meta.kv_lens, sampling)
+    tokens = step.tokens.at[:seqs].set(fed)
+    out, kv = _engine_step(graphdef, backend, state, kv, tokens, step.positions, meta, step.rows, step.drafts,
+                           step.num_drafts, step.sample_pos, sampling)
     target = jnp.where(live, seq_slot, num_slots)  # padding sequences scatter nowhere
     new_token = next_token.at[target].set(out[:, 1], mode="drop")
     fed_col = jnp.zeros(num_slots, jnp.int32).at[target].set(fed, mode="drop")
@@ -231,7 +229,7 @@ class SlotEngine:
                 raise ValueError("existing_prefix is not a prefix of tokens")
             shared = min(m, n - 1) // self.page_size  # keep >= 1 token to compute: it gives the logits
         prefix_id = next(self._ids)
-        seed = sampling.seed if sampling.seed is not None else zlib.crc32(f"prefix-{prefix_id}".encode())
+        seed = SeqSampling.resolve(sampling, f"prefix-{prefix_id}").seed
         with self._lock:
             if existing_prefix is not None:
                 self._check_live(existing_prefix)  # under the lock: no release between check and share
@@ -261,33 +259,24 @@ class SlotEngine:
     def _run_prefill(self, tokens, start, pages, sampling, seed, params):
         """Chunks of tokens[start:] through the step (one sequence each); the last chunk's sample is
         the first token. Caller holds the lock."""
-        eng, bs = self.engine, self.page_size
+        eng = self.engine
         chunk = self.config.max_tokens_per_step
-        table = np.zeros((1, self.max_pages), np.int32)
-        table[0, :len(pages)] = pages
-        sampling_arrays = SamplingArrays(jnp.asarray([sampling.temperature], jnp.float32),
-                                         jnp.asarray([sampling.top_k], jnp.int32),
-                                         jnp.asarray([sampling.top_p], jnp.float32),
-                                         jnp.asarray([seed], jnp.uint32))
+        seq_sampling = SeqSampling(sampling.temperature, sampling.top_k, sampling.top_p, seed)
+        block_ids = tuple(pages.tolist())
         result = None
         for lo in range(start, tokens.shape[0], chunk):
             part = tokens[lo:lo + chunk]
-            q = part.shape[0]
-            t_pad = _bucket(q, eng.token_buckets)
-            pos = np.arange(lo, lo + q, dtype=np.int32)
-            step_tokens = np.zeros(t_pad, np.int32)
-            step_tokens[:q] = part
-            positions = np.zeros(t_pad, np.int32)
-            positions[:q] = pos
-            slots = np.full(t_pad, -1, np.int32)
-            slots[:q] = pages[pos // bs] * bs + pos % bs
-            meta = PagedMeta(jnp.asarray(slots), jnp.asarray([lo + q], jnp.int32), jnp.asarray(table),
-                             jnp.asarray([0, q], jnp.int32), jnp.asarray(1, jnp.int32))
+            seq = StepSeq(f"prefill-{lo}", lo, tuple(part.tolist()), 0, block_ids, seq_sampling)
+            a = pack_step([seq], block_size=self.page_size, max_pages=self.max_pages, draft_width=0,
+                          num_tokens=_bucket(part.shape[0], eng.token_buckets), num_seqs=1)
+            meta = PagedMeta(jnp.asarray(a.slots), jnp.asarray(a.kv_lens), jnp.asarray(a.pages),
+                             jnp.asarray(a.cu_q_lens), jnp.asarray(1, jnp.int32))
+            sampling_arrays = SamplingArrays(jnp.asarray(a.temperature), jnp.asarray(a.top_k), jnp.asarray(a.top_p),
+                                             jnp.asarray(a.seed))
             [result] = self._count(lambda: _engine_step(
                 eng.graphdef, eng.backend, eng.state if params is None else params, eng.kv,
-                jnp.asarray(step_tokens), jnp.asarray(positions), meta, jnp.asarray([[q - 1]], jnp.int32),
-                jnp.zeros((1, 0), jnp.int32), jnp.zeros(1, jnp.int32), jnp.asarray([lo + q], jnp.int32),
-                sampling_arrays))
+                jnp.asarray(a.tokens), jnp.asarray(a.positions), meta, jnp.asarray(a.rows), jnp.asarray(a.drafts),
+                jnp.asarray(a.num_drafts), jnp.asarray(a.sample_pos), sampling_arrays))
         return result
 
     def _count(self, step) -> list:
@@ -386,25 +375,26 @@ class SlotEngine:
         return dataclasses.replace(new, next_token=next_token, inserted_token=inserted), result
 
     def _run_generate(self, new: DecodeState, active: np.ndarray, pos: np.ndarray, params):
-        eng, bs, s = self.engine, self.page_size, self.num_slots
-        seq_slot = np.zeros(s, np.int32)
+        eng, s = self.engine, self.num_slots
         idx = np.flatnonzero(active)
+        seq_slot = np.zeros(s, np.int32)
         seq_slot[:idx.size] = idx
-        kv_lens = np.zeros(s, np.int32)
-        kv_lens[:idx.size] = pos[idx] + 1
-        tables = np.zeros((s, self.max_pages), np.int32)
-        tables[:idx.size] = new.page_table[idx]
-        t_pad = _bucket(s, eng.token_buckets)
-        slots = np.full(t_pad, -1, np.int32)
-        slots[:idx.size] = new.page_table[idx, pos[idx] // bs] * bs + pos[idx] % bs
-        cu = np.minimum(np.arange(s + 1), idx.size).astype(np.int32)
-        meta = PagedMeta(jnp.asarray(slots), jnp.asarray(kv_lens), jnp.asarray(tables), jnp.asarray(cu),
+        # Each active slot feeds one token at its length; the token itself is filled in on device.
+        seqs = [StepSeq(str(i), int(pos[i]), (0,), 0, tuple(new.page_table[i].tolist()),
+                        SeqSampling(float(new.temperature[i]), int(new.top_k[i]), float(new.top_p[i]),
+                                    int(new.seed[i]))) for i in idx]
+        a = pack_step(seqs, block_size=self.page_size, max_pages=self.max_pages, draft_width=0,
+                      num_tokens=_bucket(s, eng.token_buckets), num_seqs=s)
+        meta = PagedMeta(jnp.asarray(a.slots), jnp.asarray(a.kv_lens), jnp.asarray(a.pages), jnp.asarray(a.cu_q_lens),
                          jnp.asarray(idx.size, jnp.int32))
-        sampling = SamplingArrays(*(jnp.asarray(a[seq_slot]) for a in (new.temperature, new.top_k, new.top_p,
-                                                                         new.seed)))
+        sampling = SamplingArrays(jnp.asarray(a.temperature), jnp.asarray(a.top_k), jnp.asarray(a.top_p),
+                                  jnp.asarray(a.seed))
+        step = a._replace(slots=None, kv_lens=None, pages=None, cu_q_lens=None, temperature=None, top_k=None,
+                          top_p=None, seed=None)  # those travel in meta / sampling
+        step = jax.tree.map(jnp.asarray, step)
         result, next_token = self._count(lambda: _generate_step(
-            eng.graphdef, eng.backend, t_pad, eng.state if params is None else params, eng.kv,
-            new.next_token, jnp.asarray(new.inserted_token), jnp.asarray(seq_slot), meta, sampling,
+            eng.graphdef, eng.backend, eng.state if params is None else params, eng.kv,
+            new.next_token, jnp.asarray(new.inserted_token), jnp.asarray(seq_slot), step, meta, sampling,
             jnp.asarray(active), jnp.asarray(new.num_sampled)))
         return result, next_token
 

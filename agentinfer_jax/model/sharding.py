@@ -115,3 +115,13 @@ def cache_sharding(mesh: Mesh, shape: Sequence[int],
 def shard_caches(caches: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """Places contiguous KV caches (a pytree of `[B, S, Hkv, D]` arrays) on `mesh`."""
     return jax.tree.map(lambda a: jax.device_put(a, cache_sharding(mesh, a.shape, rules)), caches)
+
+
+PAGED_CACHE_AXES: LogicalAxes = ("kv_heads", "kv_pages", "page_offset", "head_dim")
+
+
+def paged_cache_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of one layer's K or V page pool `[Hkv, num_pages, page_size, D]`: KV heads on the
+    model axis, as the K/V projections are, so each device attends with its own heads' pages and
+    no page crosses devices; pages are replicated over the data axis (one flat batch per step)."""
+    return NamedSharding(mesh, logical_to_spec(PAGED_CACHE_AXES, shape, dict(mesh.shape), rules))

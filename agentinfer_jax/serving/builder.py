@@ -1,5 +1,8 @@
 """Builds the whole serving stack (model, tokenizer, engine, KV pool, prefix cache, policy, drafter,
-scheduler, loop) from one small `ServerConfig`. Used by the server, the experiments and the demo.
+scheduler, loop) from one small `ServerConfig`: the one wiring of every consumer (the server and its
+CLI, each in-process AgentCollab role via agents.engine_client, the experiments, and the JetStream
+adapter through `build_jetstream_engine`). Callers that already hold a model or a tokenizer (several
+roles sharing one tokenizer, a pre-filled AgentSAM memory) pass them in instead of re-loading.
 
 Invariants of a built `ServingStack`:
 - every token id the tokenizer can produce is a valid model id (tokenizer vocab <= model vocab);
@@ -19,7 +22,9 @@ from collections.abc import Sequence
 
 from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.engine.engine import Engine, EngineConfig
+from agentinfer_jax.engine.slots import SlotEngine
 from agentinfer_jax.model.config import ModelConfig
+from agentinfer_jax.model.sharding import make_mesh
 from agentinfer_jax.model.transformer import Transformer, init_model
 from agentinfer_jax.serving.loop import ServingLoop
 from agentinfer_jax.serving.metrics import ServingMetrics
@@ -29,9 +34,10 @@ from agentinfer_jax.speculation import PromptLookupDrafter, SAMDrafter, SessionM
 from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["ServerConfig", "ServingStack", "build_stack", "load_model_config", "SafeDetokenizer", "DRAFTERS"]
+__all__ = ["ServerConfig", "ServingStack", "build_stack", "build_engine", "build_slot_engine", "build_jetstream_engine",
+           "load_model_config", "SafeDetokenizer", "DRAFTERS"]
 
-DRAFTERS = ("none", "ngram", "sam")
+DRAFTERS = ("none", "ngram", "sam")  # by name (CLI); "custom" = a Drafter object given to build_stack
 _CONFIG_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -58,11 +64,16 @@ class ServerConfig:
     prefix_cache: bool = True
     retention_ttl_s: float = 0.0  # keep a finished session's blocks this long (0 = off)
     attention_backend: str | None = None  # kernels backend; None = platform default
+    max_draft_tokens: int | None = None  # the engine's verify width K; None = num_draft (at least 1)
+    seq_buckets: tuple[int, ...] = ()  # extra padded sequence counts (EngineConfig.seq_buckets)
+    kv_dtype: str | None = None  # KV pool dtype; None = the model's activation dtype
+    interpret: bool = False  # Pallas interpret mode (CPU tests of the GPU kernel)
+    mesh_shape: tuple[int, int] | None = None  # (data, model) devices to shard the engine over; None = one
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.config is None):
             raise ValueError("give exactly one of checkpoint (a directory) or config (a configs/ name)")
-        if self.drafter not in DRAFTERS:
+        if self.drafter not in (*DRAFTERS, "custom"):
             raise ValueError(f"unknown drafter {self.drafter!r}; choose one of {', '.join(DRAFTERS)}")
         if self.drafter != "none" and self.num_draft_tokens <= 0:
             raise ValueError(f"num_draft_tokens must be positive with a drafter, got {self.num_draft_tokens}")
@@ -75,10 +86,21 @@ class ServerConfig:
         return 0 if self.drafter == "none" else self.num_draft_tokens
 
     def engine_config(self) -> EngineConfig:
+        k = self.max_draft_tokens if self.max_draft_tokens is not None else max(1, self.num_draft)
         return EngineConfig(num_blocks=self.num_blocks, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
                             max_tokens_per_step=self.max_tokens_per_step, max_model_len=self.max_model_len,
-                            max_draft_tokens=max(1, self.num_draft), min_token_bucket=self.min_token_bucket,
-                            attention_backend=self.attention_backend)
+                            max_draft_tokens=k, min_token_bucket=self.min_token_bucket,
+                            seq_buckets=tuple(self.seq_buckets), attention_backend=self.attention_backend,
+                            interpret=self.interpret, kv_dtype=self.kv_dtype)
+
+    @classmethod
+    def from_engine_config(cls, engine: EngineConfig, **fields) -> ServerConfig:
+        """A config whose `engine_config()` is `engine`; `fields` set the rest (drafter, policy, ...)."""
+        return cls(num_blocks=engine.num_blocks, block_size=engine.block_size, max_num_seqs=engine.max_num_seqs,
+                   max_tokens_per_step=engine.max_tokens_per_step, max_model_len=engine.max_model_len,
+                   max_draft_tokens=engine.max_draft_tokens, min_token_bucket=engine.min_token_bucket,
+                   seq_buckets=tuple(engine.seq_buckets), attention_backend=engine.attention_backend,
+                   interpret=engine.interpret, kv_dtype=engine.kv_dtype, **fields)
 
 
 @dataclasses.dataclass
@@ -151,36 +173,81 @@ def _load_model(config: ServerConfig, model_config: ModelConfig) -> tuple[Transf
     return init_model(model_config, seed=config.seed), config.config
 
 
-def _load_tokenizer(config: ServerConfig) -> Tokenizer:
+def _tokenizer_path(config: ServerConfig) -> str | None:
+    """The tokenizer `config` names: its own, else the checkpoint's, else None (the built-in one)."""
     if config.tokenizer is not None:
-        return load_tokenizer(config.tokenizer)
+        return config.tokenizer
     if config.checkpoint is not None and os.path.isfile(os.path.join(config.checkpoint, "tokenizer.json")):
-        return load_tokenizer(config.checkpoint)
-    return load_tokenizer(None)
+        return config.checkpoint
+    return None
 
 
-def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None) -> ServingStack:
-    """Builds model, tokenizer, engine, pool, prefix cache, policy, drafter, scheduler and loop."""
-    model_config = _model_config(config)
+def _load_tokenizer(config: ServerConfig) -> Tokenizer:
+    return load_tokenizer(_tokenizer_path(config))
+
+
+def _check_fits(config: ServerConfig, model_config: ModelConfig) -> None:
     if config.max_model_len > model_config.max_position_embeddings:
         raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                          f"max_position_embeddings {model_config.max_position_embeddings}")
+
+
+def build_engine(config: ServerConfig, model) -> Engine:
+    """The engine of `config` for `model` (its page pool and compiled step shapes)."""
+    _check_fits(config, model.config)
+    mesh = None if config.mesh_shape is None else make_mesh(*config.mesh_shape)
+    return Engine(model, config.engine_config(), mesh=mesh)
+
+
+def _drafter(config: ServerConfig, drafter, session_memory: SessionMemory | None):
+    """(drafter, the AgentSAM memory the stack owns) for config.drafter."""
+    _check_drafter(config, drafter, session_memory)
+    if config.drafter == "custom":
+        return drafter, None
+    if config.drafter == "sam":
+        memory = session_memory if session_memory is not None else SessionMemory()
+        return SAMDrafter(memory), memory
+    return (PromptLookupDrafter() if config.drafter == "ngram" else None), None
+
+
+def _check_drafter(config: ServerConfig, drafter, session_memory: SessionMemory | None) -> None:
+    if (config.drafter == "custom") != (drafter is not None):
+        raise ValueError(f'a Drafter object goes with drafter="custom" (got drafter={config.drafter!r} and '
+                         f'{"a" if drafter is not None else "no"} object)')
+    if session_memory is not None and config.drafter != "sam":
+        raise ValueError(f"session_memory is AgentSAM's; drafter is {config.drafter!r}")
+
+
+def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, model=None,
+                tokenizer: Tokenizer | None = None, drafter=None,
+                session_memory: SessionMemory | None = None) -> ServingStack:
+    """Builds model, tokenizer, engine, pool, prefix cache, policy, drafter, scheduler and loop.
+
+    `model` / `tokenizer`: use these instead of loading what `config` names (roles of one process
+    share them). `drafter`: a Drafter object, with `config.drafter == "custom"`. `session_memory`:
+    AgentSAM's cross-session memory for drafter "sam" (e.g. pre-filled); the stack closes it at
+    shutdown. The adaptive switch is on whenever a drafter is, unless `config.adaptive_draft` is False.
+    """
+    model_config = model.config if model is not None else _model_config(config)
+    _check_fits(config, model_config)  # before any weights load
     policy = make_policy(config.policy)
     engine_config = config.engine_config()
-    tokenizer = _load_tokenizer(config)
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model_config.vocab_size}")
-    model, default_name = _load_model(config, model_config)
-    engine = Engine(model, engine_config)
+    _check_drafter(config, drafter, session_memory)
+    if model is None:
+        model, default_name = _load_model(config, model_config)
+    else:
+        default_name = config.config or pathlib.Path(config.checkpoint).name
+    engine = build_engine(config, model)
+    drafter, memory = _drafter(config, drafter, session_memory)  # after loading: a failed load leaks no memory thread
     pool = BlockPool(config.num_blocks)
     prefix_cache = PrefixCache(config.block_size, pool) if config.prefix_cache else None
     sched_config = engine_config.scheduler_config(model_config, config.num_draft)
     # The chat template ends turns with the tokenizer's EOS; stop on it even if config.json omits it.
     eos = tuple(dict.fromkeys((*sched_config.eos_token_ids, *tokenizer.eos_token_ids)))
     sched_config = dataclasses.replace(sched_config, eos_token_ids=eos)
-    memory = SessionMemory() if config.drafter == "sam" else None
-    drafter = {"none": None, "ngram": PromptLookupDrafter(), "sam": SAMDrafter(memory) if memory else None}[
-        config.drafter]
     adaptive = AdaptiveSpeculation.measured(config.num_draft_tokens, config.max_num_seqs) \
         if drafter is not None and config.adaptive_draft else None
     retention = SessionRetention(pool, config.retention_ttl_s) if config.retention_ttl_s > 0 else None
@@ -189,3 +256,22 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None) 
     loop = ServingLoop(scheduler, engine, detokenize=SafeDetokenizer(tokenizer), metrics=metrics)
     return ServingStack(config, config.model_name or default_name, model_config, model, tokenizer, engine, pool,
                         prefix_cache, scheduler, loop, memory)
+
+
+def build_slot_engine(config: ServerConfig, *, model=None) -> SlotEngine:
+    """The JetStream-style `SlotEngine` of `config`. Scheduler-side settings (drafter, policy,
+    prefix cache) do not apply: JetStream's orchestrator does its own scheduling."""
+    model_config = model.config if model is not None else _model_config(config)
+    _check_fits(config, model_config)
+    if model is None:
+        model, _ = _load_model(config, model_config)
+    return SlotEngine(build_engine(config, model))
+
+
+def build_jetstream_engine(config: ServerConfig, *, model=None, sampling=None):
+    """A `JetStreamEngine` (the `jetstream` extra) over `build_slot_engine(config)`, with the
+    tokenizer `config` names."""
+    from agentinfer_jax.engine.jetstream_adapter import JetStreamEngine  # optional dependency
+
+    return JetStreamEngine(build_slot_engine(config, model=model), tokenizer_path=_tokenizer_path(config),
+                           sampling=sampling)

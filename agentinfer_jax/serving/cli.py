@@ -16,6 +16,16 @@ from agentinfer_jax.serving.policies import POLICY_NAMES
 from agentinfer_jax.serving.server import ServerLimits, serve
 
 
+def _mesh_shape(text: str) -> tuple[int, int]:
+    try:
+        data, model = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--mesh takes DATA,MODEL (e.g. 1,4), got {text!r}") from None
+    if data < 1 or model < 1:
+        raise argparse.ArgumentTypeError(f"--mesh sizes must be >= 1, got {text!r}")
+    return data, model
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="agentinfer-serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-draft-tokens", type=int, default=4, help="draft length k at most")
     p.add_argument("--no-adaptive-draft", action="store_true",
                    help="always draft k tokens (default: k per request from measured step cost and acceptance)")
+    p.add_argument("--mesh", type=_mesh_shape, metavar="DATA,MODEL",
+                   help="shard the engine over DATA x MODEL devices (KV heads and weights on MODEL)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="fcfs")
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--retention-ttl", type=float, default=0.0, help="session KV retention seconds (0 = off)")
@@ -53,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_tokens_per_step=args.max_tokens_per_step, max_model_len=args.max_model_len, drafter=args.drafter,
         num_draft_tokens=args.num_draft_tokens, policy=args.policy, prefix_cache=not args.no_prefix_cache,
-        retention_ttl_s=args.retention_ttl, adaptive_draft=not args.no_adaptive_draft)
+        retention_ttl_s=args.retention_ttl, adaptive_draft=not args.no_adaptive_draft, mesh_shape=args.mesh)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from agentinfer_jax.engine.step_batch import StepBatch
 from agentinfer_jax.serving.metrics import ServingMetrics
 from agentinfer_jax.serving.request import FinishReason, Request
 from agentinfer_jax.serving.scheduler import Scheduler, SchedulerOutput
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    def execute(self, out: SchedulerOutput) -> dict[str, Sequence[int]]: ...
+    def execute(self, batch: StepBatch) -> dict[str, Sequence[int]]: ...
 
 
 @dataclasses.dataclass
@@ -54,6 +55,9 @@ class ServingLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Called on the loop thread after each executed step as (batch, start_s, end_s), perf_counter
+        # seconds: step timelines for cost models and projections.
+        self.step_observers: list[Callable[[SchedulerOutput, float, float], None]] = []
 
     # ---- any thread ----------------------------------------------------------------------------
 
@@ -113,17 +117,21 @@ class ServingLoop:
         out = self.scheduler.schedule()
         if out.empty:
             return bool(self.scheduler.has_unfinished)
-        before = {s.request.request_id: (len(s.request.output_tokens), s.request.last_token_s) for s in out.seqs}
+        reqs = {s.request_id: self.scheduler.requests[s.request_id] for s in out.seqs}
+        before = {rid: (len(r.output_tokens), r.last_token_s) for rid, r in reqs.items()}
         try:
             t0 = time.perf_counter()
             new_tokens = self.executor.execute(out)
-            self.scheduler.observe_step(out, time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            self.scheduler.observe_step(out, t1 - t0)
+            for observe in self.step_observers:
+                observe(out, t0, t1)
         except Exception:  # noqa: BLE001 - one bad request must not take the loop or its batch down
             log.exception("step failed; re-running its %d sequences one by one", len(out.seqs))
             out, new_tokens = self._isolate_failure(out)
         finished = self.scheduler.update(out, new_tokens)
         for s in out.seqs:
-            req = s.request
+            req = reqs[s.request_id]
             n0, last = before[req.request_id]
             fresh = req.output_tokens[n0:]
             if not fresh:
@@ -147,7 +155,7 @@ class ServingLoop:
                 tokens.update(self.executor.execute(SchedulerOutput([seq], [], 0)))
                 ok.append(seq)
             except Exception as e:  # noqa: BLE001
-                req = self.scheduler.abort(seq.request.request_id)
+                req = self.scheduler.abort(seq.request_id)
                 if req is not None:
                     self._deliver_finish(req, error=f"engine error: {e}")
         return SchedulerOutput(ok, out.preempted, out.num_waiting), tokens

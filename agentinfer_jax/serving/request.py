@@ -12,6 +12,11 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 
+# Defined below the engine (which samples with them); re-exported here for serving code.
+from agentinfer_jax.sampling_params import InvalidRequestError, SamplingParams
+
+__all__ = ["RequestState", "FinishReason", "InvalidRequestError", "SamplingParams", "Request"]
+
 
 class RequestState(enum.Enum):
     WAITING = "waiting"
@@ -26,38 +31,6 @@ class FinishReason(enum.Enum):
     ABORT = "abort"  # cancelled, or failed validation after admission
 
 
-class InvalidRequestError(ValueError):
-    """The request cannot be served as given (empty or over-long prompt, bad ids or parameters)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens and when to stop."""
-
-    max_tokens: int = 64  # new tokens at most
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = no top-k cut
-    top_p: float = 1.0  # nucleus mass; 1 = no cut
-    seed: int | None = None  # per-request seed; sampling is reproducible given (seed, position)
-    stop_token_ids: tuple[int, ...] = ()  # extra stop ids besides the model's EOS
-    stop: tuple[str, ...] = ()  # stop strings (checked by the serving loop on decoded text)
-    ignore_eos: bool = False  # keep going past EOS (benchmarks, forced replay)
-
-    def validate(self) -> None:
-        if self.max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be positive, got {self.max_tokens}")
-        if not self.temperature >= 0.0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
 @dataclasses.dataclass(eq=False)
 class Request:
     """One generation call. Mutated only by the scheduler (and the loop that owns it)."""
@@ -70,7 +43,8 @@ class Request:
     priority: int = 0  # higher first where the policy honours it
     speculative: bool = False  # a short SPAgent action-speculation call
     arrival_s: float = 0.0
-    # Tokens the model must emit regardless of its own choice (trace replay); the KV and costs stay real.
+    # Tokens emitted regardless of the model's choice (trace replay): Scheduler.update applies them to
+    # the model's tokens; the forward pass, the KV and costs stay real. The engine never sees them.
     forced_output: Sequence[int] | None = None
 
     state: RequestState = RequestState.WAITING

@@ -1,9 +1,11 @@
 """The executor-agnostic scheduler: who runs this step, on which blocks, with which tokens.
 
-Each step `schedule()` returns a `SchedulerOutput` (per request: the tokens to feed, their first
-position, the block table and any draft tokens); an executor (the JAX engine, or the discrete-event
-simulator) runs it and hands back the new tokens to `update()`. The scheduler never runs a model,
-so the engine and the simulator share this code, the allocator and the prefix cache exactly.
+Each step `schedule()` returns a `SchedulerOutput`, a plain-data `StepBatch` (per request id: the
+tokens to feed, their first position, the block table, any draft tokens, sampling parameters); an
+executor (the JAX engine, or the discrete-event simulator) runs it and hands back the model's
+tokens per request id to `update()`, which applies them (or, for trace replay, the request's
+`forced_output`). The scheduler never runs a model, so the engine and the simulator share this
+code, the allocator and the prefix cache exactly.
 
 Invariants:
 - A running request holds one reference on each of its `block_ids`; a finished, aborted or
@@ -23,58 +25,28 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
+from agentinfer_jax.engine.step_batch import SeqSampling, StepBatch, StepLimits, StepSeq
 from agentinfer_jax.serving.policies import FCFS, AdmissionPolicy, CacheView, Candidate
 from agentinfer_jax.serving.request import (FinishReason, InvalidRequestError, Request, RequestState,
                                             SamplingParams)
 
-__all__ = ["SchedulerConfig", "ScheduledSeq", "SchedulerOutput", "Scheduler", "SessionRetention", "replay_tokens",
+__all__ = ["SchedulerConfig", "StepSeq", "SchedulerOutput", "Scheduler", "SessionRetention", "replay_tokens",
            "InvalidRequestError", "SamplingParams"]
 
 
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    """Capacity and budgets of one engine (all counts in tokens or blocks)."""
-
-    block_size: int = 16  # tokens per KV block (page)
-    max_num_seqs: int = 32  # running requests at most (decode slots)
-    max_tokens_per_step: int = 256  # prefill chunk + decode + draft tokens fed in one step
-    max_model_len: int = 2048  # prompt + output tokens at most
-    vocab_size: int = 4096  # token ids must lie in [0, vocab_size)
-    num_draft_tokens: int = 0  # k drafted tokens per decode step (0 = no drafting)
-    eos_token_ids: tuple[int, ...] = ()  # tokens that end a request (unless ignore_eos)
-
-    def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_tokens_per_step <= 0:
-            raise ValueError("block_size, max_num_seqs and max_tokens_per_step must be positive")
-        if self.max_tokens_per_step < self.max_num_seqs:
-            raise ValueError("max_tokens_per_step must cover one decode token per running request")
+# The step's capacity is the engine's contract; the scheduler is configured by it.
+SchedulerConfig = StepLimits
 
 
-@dataclasses.dataclass
-class ScheduledSeq:
-    """One request's share of a step."""
-
-    request: Request
-    start_pos: int  # position of tokens[0]; equals request.num_computed_tokens
-    tokens: list[int]  # tokens fed: a prefill chunk, or [newest token] + drafts
-    num_draft: int  # how many of `tokens` (at the end) are drafts to verify
-    block_ids: list[int]  # the request's block table, covering every fed position
-
-    @property
-    def samples(self) -> bool:
-        """True when the step ends at the request's newest token, so it yields new tokens."""
-        return self.start_pos + len(self.tokens) - self.num_draft == self.request.num_tokens
-
-
-def replay_tokens(seq: ScheduledSeq) -> list[int]:
-    """Trace replay: the recorded tokens this step emits for a sampling seq with `forced_output`.
+def replay_tokens(seq: StepSeq, req: Request) -> list[int]:
+    """Trace replay: the recorded tokens a sampling `seq` of `req` (with `forced_output`) emits.
 
     Drafts count as accepted exactly where they match the record; then one more recorded token
-    follows. Empty once the record is exhausted (the executor then emits the model's own token).
+    follows. Empty once the record is exhausted (the model's own token is emitted then).
     """
-    forced = seq.request.forced_output or ()
-    n0 = len(seq.request.output_tokens)
-    drafts = seq.tokens[len(seq.tokens) - seq.num_draft:]
+    forced = req.forced_output or ()
+    n0 = len(req.output_tokens)
+    drafts = seq.drafts
     acc = 0
     while acc < len(drafts) and n0 + acc < len(forced) and drafts[acc] == forced[n0 + acc]:
         acc += 1
@@ -82,18 +54,11 @@ def replay_tokens(seq: ScheduledSeq) -> list[int]:
 
 
 @dataclasses.dataclass
-class SchedulerOutput:
-    seqs: list[ScheduledSeq]
-    preempted: list[str]  # request ids preempted while building this step
-    num_waiting: int  # still waiting after admission
+class SchedulerOutput(StepBatch):
+    """A step for the executor (the plain `StepBatch`) plus what the scheduler did to build it."""
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s.tokens) for s in self.seqs)
-
-    @property
-    def empty(self) -> bool:
-        return not self.seqs
+    preempted: list[str] = dataclasses.field(default_factory=list)  # request ids preempted meanwhile
+    num_waiting: int = 0  # still waiting after admission
 
 
 class SessionRetention:
@@ -207,7 +172,7 @@ class Scheduler:
         if self.retention is not None:
             self.retention.expire(now)
         budget = self.config.max_tokens_per_step
-        seqs: list[ScheduledSeq] = []
+        seqs: list[StepSeq] = []
         preempted: list[str] = []
 
         # Running requests first, oldest first; growth may preempt the newest.
@@ -244,17 +209,21 @@ class Scheduler:
         return SchedulerOutput(seqs, preempted, len(self.waiting))
 
     def update(self, output: SchedulerOutput, new_tokens: dict[str, Sequence[int]]) -> list[Request]:
-        """Applies an executed step. `new_tokens[id]`: accepted drafts + one sampled token (sampling
-        seqs only). Returns the requests that finished in this step."""
+        """Applies an executed step. `new_tokens[id]`: the model's accepted drafts + one sampled token
+        (sampling seqs only). A request with `forced_output` (trace replay) emits its record instead:
+        the one place replay overrides the model. Returns the requests that finished in this step."""
         now = self.clock()
         finished = []
         for seq in output.seqs:
-            req = seq.request
-            if req.done or req.state is not RequestState.RUNNING:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.done or req.state is not RequestState.RUNNING:
                 continue  # aborted while the step ran
             toks = list(new_tokens.get(req.request_id, ())) if seq.samples else []
             if seq.samples and not toks:
                 raise RuntimeError(f"executor returned no token for sampling request {req.request_id}")
+            if seq.samples and req.forced_output is not None:
+                # Past the record (max_tokens larger than the trace): the model's own next token.
+                toks = replay_tokens(seq, req) or toks[:1]
             num_acc = max(0, len(toks) - 1) if seq.num_draft else 0
             if len(toks) > 1 + seq.num_draft:
                 raise RuntimeError(f"executor returned {len(toks)} tokens for {seq.num_draft} drafts")
@@ -338,7 +307,7 @@ class Scheduler:
                                        tokens_fed=max(step_tokens, 1))
         return max(0, k)
 
-    def _plan_running(self, req: Request, budget: int, step_tokens: int = 1) -> ScheduledSeq | None:
+    def _plan_running(self, req: Request, budget: int, step_tokens: int = 1) -> StepSeq | None:
         """The request's next feed within `budget`, with blocks allocated; None if blocks ran out.
         `step_tokens`: the step's tokens without this request's drafts (an estimate, for pricing k)."""
         start = req.num_computed_tokens
@@ -355,7 +324,9 @@ class Scheduler:
         if new is None:
             return None
         req.block_ids.extend(new)
-        return ScheduledSeq(req, start, tokens, len(drafts), list(req.block_ids))
+        return StepSeq(req.request_id, start, tuple(tokens), len(drafts), tuple(req.block_ids),
+                       SeqSampling.resolve(req.sampling, req.request_id),
+                       samples=start + len(tokens) - len(drafts) == req.num_tokens)
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks of the request's tokens, leaving at least one token to compute."""
@@ -365,7 +336,7 @@ class Scheduler:
         hit = self.prefix_cache.match(toks, namespace=req.namespace)
         return hit[: (len(toks) - 1) // self.config.block_size]
 
-    def _admit(self, now: float, budget: int, seqs: list[ScheduledSeq]) -> int:
+    def _admit(self, now: float, budget: int, seqs: list[StepSeq]) -> int:
         bs = self.config.block_size
         cands = []
         for req in self.waiting:

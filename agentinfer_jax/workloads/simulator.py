@@ -1,11 +1,12 @@
 """Replays agent sessions through the real scheduler on a virtual clock.
 
 Two executors share everything but the forward pass:
-- `SimulatedExecutor`: emits the recorded tokens and advances the clock by a `StepCostModel`'s
-  prediction for the step (paper-scale sweeps on 2 CPU cores);
-- `TimedEngineExecutor`: runs the JAX engine for real (tokens forced to the record, so the cost and
-  cache behaviour are real while the text follows the trace) and advances the clock by the measured
-  step time.
+- `SimulatedExecutor`: advances the clock by a `StepCostModel`'s prediction for the step
+  (paper-scale sweeps on 2 CPU cores) and returns placeholder tokens;
+- `TimedEngineExecutor`: runs the JAX engine for real and advances the clock by the measured step
+  time (cost and cache behaviour are real).
+In both, the scheduler's `update` forces the emitted tokens to the record (`forced_output`), so the
+text follows the trace.
 Both go through the same `Scheduler`, `BlockPool` and `PrefixCache`; the simulator re-implements
 neither. Tool calls take simulated time (no sleeping), so sessions interleave as in production.
 """
@@ -20,8 +21,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from agentinfer_jax.engine.step_batch import StepBatch
 from agentinfer_jax.serving.request import Request, SamplingParams
-from agentinfer_jax.serving.scheduler import Scheduler, SchedulerOutput, replay_tokens
+from agentinfer_jax.serving.scheduler import Scheduler
 from agentinfer_jax.workloads.cost_model import StepCostModel, StepFeatures
 from agentinfer_jax.workloads.sessions import TokenizedSession
 
@@ -39,9 +41,10 @@ class VirtualClock:
         self.now += max(0.0, seconds)
 
 
-def forced_tokens(out: SchedulerOutput) -> dict[str, list[int]]:
-    """The recorded continuation for every sampling sequence (drafts count where they match it)."""
-    return {s.request.request_id: replay_tokens(s) or [0] for s in out.seqs if s.samples}
+def placeholder_tokens(batch: StepBatch) -> dict[str, list[int]]:
+    """A stand-in model token for every sampling sequence; the scheduler's update replaces it by the
+    recorded continuation (`forced_output`), so the simulator needs no model and no replay logic."""
+    return {s.request_id: [0] for s in batch.seqs if s.samples}
 
 
 class SimulatedExecutor:
@@ -50,11 +53,11 @@ class SimulatedExecutor:
         self.clock = clock
         self.busy_s = 0.0
 
-    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
-        dt = float(self.cost_model.predict(StepFeatures.from_scheduler_output(out)))
+    def execute(self, batch: StepBatch) -> dict[str, list[int]]:
+        dt = float(self.cost_model.predict(StepFeatures.from_scheduler_output(batch)))
         self.clock.advance(dt)
         self.busy_s += dt
-        return forced_tokens(out)
+        return placeholder_tokens(batch)
 
 
 class TimedEngineExecutor:
@@ -64,11 +67,11 @@ class TimedEngineExecutor:
         self.busy_s = 0.0
         self.samples: list[tuple[StepFeatures, float]] = []  # (features, measured seconds)
 
-    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
+    def execute(self, batch: StepBatch) -> dict[str, list[int]]:
         t0 = time.perf_counter()
-        result = self.engine.execute(out)
+        result = self.engine.execute(batch)
         dt = time.perf_counter() - t0
-        self.samples.append((StepFeatures.from_scheduler_output(out), dt))
+        self.samples.append((StepFeatures.from_scheduler_output(batch), dt))
         self.clock.advance(dt)
         self.busy_s += dt
         return result
