@@ -30,9 +30,9 @@ KV_CHUNK = 128
 
 
 def reference_block_q(num_tokens: int, max_seqs: int) -> int:
-    """Rows per block on CPU: the padded tokens per sequence (1 for decode), at most 64.
+    """Rows per block on CPU: the padded tokens per sequence, at most 64 (<= 2: the row path).
 
-    Unlike a GPU matmul, a CPU matmul gains nothing from padding rows, so decode blocks are 1 row.
+    Unlike a GPU matmul, a CPU matmul gains nothing from padding rows, so blocks stay small.
     """
     return int(min(64, ragged.next_pow2(-(-num_tokens // max(1, max_seqs)))))
 
