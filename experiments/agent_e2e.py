@@ -38,7 +38,6 @@ import os
 import pathlib
 import random
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -53,9 +52,9 @@ from agentinfer_jax.agents.loop import AgentConfig, AgentFeatures, AgentResult, 
 from agentinfer_jax.agents.react import DEFAULT_INSTRUCTION
 from agentinfer_jax.agents.spagent import SpeculationConfig
 from agentinfer_jax.agents.tools import ToolLatency
-from agentinfer_jax.engine.engine import EngineConfig
+from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR, EngineConfig, enable_compilation_cache
 from agentinfer_jax.model.transformer import init_model
-from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack, load_model_config
+from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_engine, build_stack, load_model_config
 from agentinfer_jax.speculation import SessionMemory
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 from agentinfer_jax.workloads.cost_model import StepCostModel, StepFeatures
@@ -81,7 +80,7 @@ flags.DEFINE_integer("memory_sessions", 60, "other trace sessions pre-loaded int
 flags.DEFINE_list("configs", list(CONFIG_NAMES), "configs to run (baseline always runs)")
 flags.DEFINE_integer("repeats", 1, "rounds per config, in alternating order; fields are medians over rounds")
 flags.DEFINE_integer("seed", 0, "seed of arrivals, tool latencies and action guesses")
-flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/agentinfer_jax/jax"),
+flags.DEFINE_string("compilation_cache", DEFAULT_CACHE_DIR,
                     "JAX persistent compilation cache dir ('' = off)")
 flags.DEFINE_string("derive_hit_rates_from", None,
                     "speculative-action run_metrics dir: re-derive the bundled hit-rate JSON from it and exit")
@@ -272,52 +271,15 @@ def reasoning_outputs(client: EngineClient) -> dict[str, list[tuple[int, ...]]]:
     return dict(out)
 
 
-def warm_up(setup: Setup, cfgs: list[RunConfig]) -> None:
-    """Compiles every step shape of each model once (the jit cache is shared by engines of equal shape)."""
-    from agentinfer_jax.serving.request import Request, SamplingParams
+def warm_up(setup: Setup, cfgs: list[RunConfig]) -> int:
+    """Compiles every step shape each model's engine can produce (Engine.compile_all), so the measured
+    rounds compile nothing; engines of equal shape share the jit cache. Returns the compilations."""
+    import bm25s  # noqa: F401 - its import compiles a jax top_k probe; do that here, not while measuring
 
     models = [setup.large] + ([setup.small] if any(c.collab for c in cfgs) else [])
-    # Steps without drafts and, when a config drafts, steps with the full draft width (the engine
-    # compiles each width separately).
-    widths = [0] + ([setup.num_draft_tokens] if any(c.sam for c in cfgs) else [])
-    for model in models:
-        for k in widths:
-            # Every step drafts k (adaptive switch off), so the verify width compiles.
-            config = ServerConfig.from_engine_config(setup.engine_config, model_name="warmup",
-                                                     drafter="custom" if k else "none", num_draft_tokens=max(1, k),
-                                                     adaptive_draft=False)
-            eng = build_stack(config, model=model, tokenizer=setup.tokenizer, drafter=_RepeatDrafter() if k else None)
-            eng.start()
-            try:
-                rng = random.Random(0)
-                for n in (8, 24, 56, 120, 250):  # one request per token bucket, run one after the other
-                    finished = threading.Event()
-                    req = Request(f"w{n}", [rng.randrange(5, 4000) for _ in range(n)],
-                                  SamplingParams(max_tokens=3))
-                    eng.loop.submit(req, lambda ev, done=finished: done.set() if ev.finished else None)
-                    finished.wait()
-            finally:
-                eng.shutdown()
-
-
-class _RepeatDrafter:
-    """Warm-up drafter: always proposes k copies of the last token (so verify steps compile)."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, int] = {}
-
-    def begin(self, request_id, prompt_tokens, session_id=None) -> None:
-        self._last[request_id] = prompt_tokens[-1]
-
-    def extend(self, request_id, tokens) -> None:
-        if tokens:
-            self._last[request_id] = tokens[-1]
-
-    def propose(self, request_id, k) -> list[int]:
-        return [self._last[request_id]] * k
-
-    def end(self, request_id) -> None:
-        self._last.pop(request_id, None)
+    drafting = any(c.sam for c in cfgs)
+    config = ServerConfig.from_engine_config(setup.engine_config, model_name="warmup")
+    return sum(build_engine(config, model).compile_all(drafting) for model in models)
 
 
 def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: int, tool_latency_mean: float,
@@ -353,7 +315,7 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
     arrivals = [float(t) for t in poisson_arrivals(len(chosen), arrival_rate, seed=seed)]
 
     t0 = time.perf_counter()
-    warm_up(setup, cfgs)
+    warmup_compilations = warm_up(setup, cfgs)
     compile_s = time.perf_counter() - t0
     by_id = {s.session_id: s for s in chosen}
     report: dict[str, Any] = {"configs": {}}
@@ -431,6 +393,7 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
         "tool_latency_mean_s": tool_latency_mean, "arrival_rate_per_s": arrival_rate, "seed": seed,
         "num_draft_tokens": num_draft_tokens, "memory_sessions": len(setup.memory_contexts),
         "engine": dataclasses.asdict(setup.engine_config), "compile_s": compile_s,
+        "warmup_compilations": warmup_compilations,
         "large_params": "tiny config (random weights)", "small": "1 layer, width 64 (random weights)",
         "mode": "replay: real forward passes, every token forced to the recorded response",
     }
@@ -485,10 +448,7 @@ def main(argv: list[str]) -> None:
         print(f"wrote {HIT_RATES_PATH} from {table['num_logs']} logs")
         return
     if FLAGS.compilation_cache:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        enable_compilation_cache(FLAGS.compilation_cache)
     quick = FLAGS.quick
     report = experiment(
         FLAGS.configs,

@@ -47,7 +47,10 @@ class _Bm25Index:
 
     def search(self, query: list[str], k: int) -> list[tuple[str, float]]:
         n = min(len(self.session_ids), k)
-        docs, scores = self.index.retrieve([query], k=n, show_progress=False, n_threads=1)
+        # numpy selection: bm25s would otherwise pick jax.lax.top_k and compile for every new
+        # (documents, k) shape while the engine is serving.
+        docs, scores = self.index.retrieve([query], k=n, show_progress=False, n_threads=1,
+                                           backend_selection="numpy")
         return [(self.session_ids[int(d)], float(sc)) for d, sc in zip(docs[0], scores[0]) if sc > 0]
 
 
