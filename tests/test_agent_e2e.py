@@ -38,3 +38,5 @@ def test_replay_keeps_answers_and_lossless_outputs_identical():
     assert sam["tokens_per_verify_step"] > 1.0  # drafting really ran and accepted tokens
     assert sam["output_tokens"] == base["output_tokens"]
     assert report["configs"]["all"]["small_model_steps"] > 0  # AgentCollab really used the small model
+    assert report["compilations_in_measured_rounds"] == 0  # warm-up compiled every step shape
+    assert report["projection"]["speedup"]["baseline"] == 1.0 and report["projection"]["speedup_all"] > 0

@@ -11,6 +11,7 @@ import random
 
 import jax
 import pytest
+from test_engine import EchoDrafter  # proposes the reference continuation: every draft is accepted
 
 from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.engine.engine import Engine, EngineConfig
@@ -43,26 +44,6 @@ def _requests(seed: int) -> list[tuple[list[int], int]]:
             for _ in range(10)]
 
 
-class _RightDrafter:
-    """Proposes the reference continuation: every draft is accepted."""
-
-    def __init__(self, refs):
-        self.refs, self.done = refs, {}
-
-    def begin(self, rid, prompt, session_id=None):
-        self.done[rid] = 0
-
-    def extend(self, rid, toks):
-        self.done[rid] += len(toks)
-
-    def propose(self, rid, k):
-        ref = self.refs[int(rid[1:])]
-        return ref[self.done[rid]:self.done[rid] + k]
-
-    def end(self, rid):
-        pass
-
-
 def _serve(model, config, requests, drafter, mesh):
     engine = Engine(model, EC, mesh=mesh)
     pool = BlockPool(EC.num_blocks)
@@ -88,7 +69,7 @@ def test_sharded_engine_equals_single_device(num_kv_heads, drafter):
     reference = [row[:n] for row, (_, n) in zip(rows, requests)]
 
     def make_drafter():
-        return SAMDrafter(SessionMemory(top_k=2)) if drafter == "sam" else _RightDrafter(reference)
+        return SAMDrafter(SessionMemory(top_k=2)) if drafter == "sam" else EchoDrafter(reference)
 
     single, cached_1, accepted_1, _ = _serve(model, config, requests, make_drafter(), mesh=None)
     mesh = make_mesh(data=2, model=4)
