@@ -131,8 +131,8 @@ class DecodeState:
 _GENERATE_TRACES = [0]  # incremented at trace time of _generate_step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "backend"), donate_argnames=("kv",))
-def _generate_step(graphdef, backend, state, kv, next_token, inserted_token, seq_slot, step, meta, sampling, active,
+@functools.partial(jax.jit, static_argnames=("graph", "backend"), donate_argnames=("kv",))
+def _generate_step(graph, backend, state, kv, next_token, inserted_token, seq_slot, step, meta, sampling, active,
                    num_sampled):
     """One decode token per active slot. Sequence i of the ragged step (`pack_step`'s arrays `step`,
     tokens left as placeholders) is slot seq_slot[i] (i < meta.num_seqs) and owns query row i; its
@@ -145,7 +145,7 @@ def _generate_step(graphdef, backend, state, kv, next_token, inserted_token, seq
     live = jnp.arange(seqs) < meta.num_seqs
     fed = jnp.where(live, fed_by_slot[seq_slot], 0)
     tokens = step.tokens.at[:seqs].set(fed)
-    out, kv = _engine_step(graphdef, backend, state, kv, tokens, step.positions, meta, step.rows, step.drafts,
+    out, kv = _engine_step(graph, backend, state, kv, tokens, step.positions, meta, step.rows, step.drafts,
                            step.num_drafts, step.sample_pos, sampling)
     target = jnp.where(live, seq_slot, num_slots)  # padding sequences scatter nowhere
     new_token = next_token.at[target].set(out[:, 1], mode="drop")
@@ -274,7 +274,7 @@ class SlotEngine:
             sampling_arrays = SamplingArrays(jnp.asarray(a.temperature), jnp.asarray(a.top_k), jnp.asarray(a.top_p),
                                              jnp.asarray(a.seed))
             [result] = self._count(lambda: _engine_step(
-                eng.graphdef, eng.backend, eng.state if params is None else params, eng.kv,
+                eng.graph, eng.backend, eng.state if params is None else params, eng.kv,
                 jnp.asarray(a.tokens), jnp.asarray(a.positions), meta, jnp.asarray(a.rows), jnp.asarray(a.drafts),
                 jnp.asarray(a.num_drafts), jnp.asarray(a.sample_pos), sampling_arrays))
         return result
@@ -393,7 +393,7 @@ class SlotEngine:
                           top_p=None, seed=None)  # those travel in meta / sampling
         step = jax.tree.map(jnp.asarray, step)
         result, next_token = self._count(lambda: _generate_step(
-            eng.graphdef, eng.backend, eng.state if params is None else params, eng.kv,
+            eng.graph, eng.backend, eng.state if params is None else params, eng.kv,
             new.next_token, jnp.asarray(new.inserted_token), jnp.asarray(seq_slot), step, meta, sampling,
             jnp.asarray(active), jnp.asarray(new.num_sampled)))
         return result, next_token
