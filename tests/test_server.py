@@ -239,3 +239,29 @@ def test_text_deltas_never_retract_and_concatenate_to_the_final_text():
                 out.append(deltas.push(shown, final=False))
         out.append(deltas.push(target, final=True))
         assert "".join(out) == target
+
+
+def test_any_int64_seed_is_folded_and_out_of_range_is_a_400_naming_seed(server, client):
+    """Seeds outside uint32 used to reach the engine (500, batch re-run, client retries)."""
+    from agentinfer_jax.sampling_params import fold_seed
+
+    prompt = random_prompt(random.Random(8), 12)
+    kw = dict(model=model_name(server), prompt=prompt, max_tokens=6, temperature=1.0,
+              extra_body={"return_token_ids": True, "ignore_eos": True})
+
+    def sample(seed):
+        return client.completions.create(seed=seed, **kw).choices[0].model_extra["token_ids"]
+
+    for seed in (-1, 2**32, 2**63 - 1, -(2**63)):
+        folded = fold_seed(seed)
+        assert 0 <= folded < 2**32
+        # Deterministic, and exactly the draws of the folded uint32 seed (the engine's own seeding).
+        assert sample(seed) == sample(seed) == sample(folded)
+    assert fold_seed(7) == 7 and fold_seed(-1) != fold_seed(-2)
+    with httpx.Client(base_url=server.base_url, timeout=120) as http:
+        for seed in (2**63, -(2**63) - 1, 10**30):
+            res = http.post("/v1/completions", json={"model": model_name(server), "prompt": prompt,
+                                                     "max_tokens": 2, "seed": seed})
+            assert res.status_code == 400, res.text
+            assert "seed" in res.json()["error"]["message"]
+    assert server.stack.loop.is_running

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentinfer_jax.serving.builder import ServingStack
 from agentinfer_jax.serving.loop import StreamEvent
+from agentinfer_jax.sampling_params import fold_seed
 from agentinfer_jax.serving.request import InvalidRequestError, Request, SamplingParams
 
 __all__ = ["ApiError", "ServerLimits", "create_app", "serve", "BackgroundServer"]
@@ -137,7 +138,7 @@ class BodyParser:
             temperature=float(_get(body, "temperature", float, 1.0)),
             top_k=max(0, _get(body, "top_k", int, 0)),  # OpenAI-style -1 also means "off"
             top_p=float(_get(body, "top_p", float, 1.0)),
-            seed=_get(body, "seed", int, None),
+            seed=self._seed(body),
             stop=self._stop(body.get("stop")),
             ignore_eos=_get(body, "ignore_eos", bool, False),
         )
@@ -150,6 +151,17 @@ class BodyParser:
                              _get(body, "return_token_ids", bool, False),
                              _get(body, "session_id", str, None), _get(body, "priority", int, 0),
                              _get(body, "speculative", bool, False), _get(body, "cache_salt", str, None) or "")
+
+    @staticmethod
+    def _seed(body: Mapping[str, Any]) -> int | None:
+        """Any int64 seed, folded into the engine's 32 bits (others: 400 naming 'seed')."""
+        seed = _get(body, "seed", int, None)
+        if seed is None:
+            return None
+        try:
+            return fold_seed(seed)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "invalid_seed") from e
 
     def _check_model(self, body: Mapping[str, Any]) -> None:
         model = _get(body, "model", str, None)
