@@ -265,3 +265,40 @@ def test_any_int64_seed_is_folded_and_out_of_range_is_a_400_naming_seed(server, 
             assert res.status_code == 400, res.text
             assert "seed" in res.json()["error"]["message"]
     assert server.stack.loop.is_running
+
+
+def _slow_steps(stack, seconds):
+    """Makes every step take at least `seconds` (a step observer), so a long request stays running."""
+    def observer(*_):
+        time.sleep(seconds)
+    stack.loop.step_observers.append(observer)
+    return observer
+
+
+def test_non_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
+    import socket
+
+    stack = server.stack
+    observer = _slow_steps(stack, 0.05)  # 200 tokens >= 10 s: only an abort ends it early
+    try:
+        body = json.dumps({"model": model_name(server), "prompt": random_prompt(random.Random(21), 40),
+                           "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0, "ignore_eos": True}).encode()
+        before = {m.request_id for m in stack.loop.metrics.finished}
+        sock = socket.create_connection((server.host, server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: stack.scheduler.running), "the request never started"
+        assert wait_until(lambda: any(len(r.output_tokens) >= 3 for r in stack.scheduler.running))
+        sock.close()  # the client goes away (as kill -9 would) without reading the reply
+        closed = time.monotonic()
+
+        def aborted():
+            return [m for m in stack.loop.metrics.finished if m.request_id not in before]
+
+        assert wait_until(aborted, timeout_s=8.0), "the disconnected request kept running"
+        assert time.monotonic() - closed < 8.0
+        m = aborted()[0]
+        assert m.finish_reason == "abort" and m.output_tokens < MAX_TOKENS_LIMIT
+        assert wait_until(lambda: not stack.scheduler.running and stack.pool.num_used == len(stack.prefix_cache))
+    finally:
+        stack.loop.step_observers.remove(observer)

@@ -38,6 +38,7 @@ __all__ = ["ApiError", "ServerLimits", "create_app", "serve", "BackgroundServer"
 
 log = logging.getLogger(__name__)
 _MAX_STOP_STRINGS = 16
+_DISCONNECT_POLL_S = 0.25  # a non-streaming request's client is checked this often while it runs
 
 
 class ApiError(Exception):
@@ -357,14 +358,20 @@ class _OpenAIRoutes:
 
     async def _complete(self, http: HttpRequest, gen: _Generation, chat: bool) -> dict[str, Any]:
         # One pending get at a time (never wait_for on queue.get: a timeout could drop an event).
+        # The disconnect check runs on a clock, not only when no event came: a decoding request
+        # delivers an event every step, and its client may be long gone.
         pending: asyncio.Future[StreamEvent] | None = None
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + _DISCONNECT_POLL_S
         try:
             while True:
                 pending = pending or asyncio.ensure_future(gen.next_event())
-                done, _ = await asyncio.wait({pending}, timeout=1.0)
-                if not done:
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, next_check - loop.time()))
+                if loop.time() >= next_check:
                     if await http.is_disconnected():
                         raise ApiError(499, "client disconnected", "client_disconnected")
+                    next_check = loop.time() + _DISCONNECT_POLL_S
+                if not done:
                     continue
                 ev, pending = pending.result(), None
                 if ev.finished:
