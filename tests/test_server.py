@@ -302,3 +302,14 @@ def test_non_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
         assert wait_until(lambda: not stack.scheduler.running and stack.pool.num_used == len(stack.prefix_cache))
     finally:
         stack.loop.step_observers.remove(observer)
+
+
+def test_chat_without_max_tokens_may_use_the_rest_of_the_context(server, client):
+    messages = [{"role": "user", "content": "Find the magazine that was started first and say why. " * 6}]
+    prompt_len = len(server.stack.tokenizer.encode_chat(messages))
+    assert MAX_MODEL_LEN - MAX_TOKENS_LIMIT < prompt_len < MAX_MODEL_LEN - 8  # the context binds, not the limit
+    res = client.chat.completions.create(model=model_name(server), messages=messages, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert res.usage.prompt_tokens == prompt_len
+    assert res.usage.completion_tokens == MAX_MODEL_LEN - prompt_len
+    assert res.choices[0].finish_reason == "length"

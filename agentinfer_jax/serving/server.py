@@ -64,7 +64,7 @@ class ServerLimits:
 
     max_body_bytes: int = 1 << 20  # request body size (413 beyond)
     max_tokens_limit: int | None = None  # max_tokens at most; None = the model's max_model_len
-    default_max_tokens: int = 256  # when the body gives none (completions and chat)
+    default_max_tokens: int = 256  # completions without max_tokens (chat: the rest of the context)
 
 
 # ---- request parsing -------------------------------------------------------------------------
@@ -126,6 +126,9 @@ class BodyParser:
         max_tokens = _get(body, "max_tokens", int, None)
         if max_tokens is None and max_tokens_field is not None:
             max_tokens = _get(body, max_tokens_field, int, None)
+        if max_tokens is None and max_tokens_field is not None:
+            # chat: the rest of the context (as vLLM), within the server's max_tokens limit
+            max_tokens = max(1, min(self.max_tokens_limit, self.stack.config.max_model_len - len(prompt)))
         if max_tokens is None:
             max_tokens = self.limits.default_max_tokens
         if max_tokens <= 0:
