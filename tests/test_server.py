@@ -313,3 +313,27 @@ def test_chat_without_max_tokens_may_use_the_rest_of_the_context(server, client)
     assert res.usage.prompt_tokens == prompt_len
     assert res.usage.completion_tokens == MAX_MODEL_LEN - prompt_len
     assert res.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_at_a_stop_string_counts_every_emitted_token(server, client, stream):
+    tok = server.stack.tokenizer
+    prompt = random_prompt(random.Random(17), 30)
+    kw = dict(model=model_name(server), prompt=prompt, max_tokens=24, temperature=0)
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    ref = client.completions.create(extra_body=extra, **kw).choices[0].model_extra["token_ids"]
+    text = tok.decode(ref, skip_special_tokens=True)
+    stop = text[len(text) // 4:len(text) // 2]  # long: the tiny model repeats itself
+    # Reference: the fewest tokens whose text contains the stop string.
+    need = next(n for n in range(1, len(ref) + 1) if stop in tok.decode(ref[:n], skip_special_tokens=True))
+    if stream:
+        chunks = list(client.completions.create(stream=True, stop=stop, extra_body=extra,
+                                                stream_options={"include_usage": True}, **kw))
+        ids = [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]]
+        usage, reason = chunks[-1].usage, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        res = client.completions.create(stop=stop, extra_body=extra, **kw)
+        ids, usage, reason = res.choices[0].model_extra["token_ids"], res.usage, res.choices[0].finish_reason
+    assert reason == "stop" and need > 4
+    assert ids == ref[:len(ids)] and len(ids) >= need  # the step that hit the stop string is counted
+    assert usage.completion_tokens == len(ids)

@@ -138,7 +138,7 @@ class ServingLoop:
                 continue
             if last is not None and req.last_token_s is not None:
                 self.metrics.on_tokens(req.last_token_s - last)
-            text = self._check_stop_strings(req)
+            text = self._check_stop_strings(req, fresh)
             if req.done:
                 continue  # delivered below or by stop handling
             self._emit(StreamEvent(req.request_id, fresh, text=text))
@@ -172,7 +172,9 @@ class ServingLoop:
 
     # ---- delivery --------------------------------------------------------------------------------
 
-    def _check_stop_strings(self, req: Request) -> str | None:
+    def _check_stop_strings(self, req: Request, fresh: list[int]) -> str | None:
+        """The output text so far, cut before a matched stop string; a match finishes the request
+        with this step's tokens (`fresh`) in its last event, so usage counts every emitted token."""
         if self.detokenize is None:
             return None
         text = self.detokenize(req.output_tokens)
@@ -182,7 +184,7 @@ class ServingLoop:
                 text = text[:idx]
                 req.stop_text = text
                 self.scheduler.stop(req.request_id)
-                self._deliver_finish(req, new=[], text=text)
+                self._deliver_finish(req, new=fresh, text=text)
                 return text
         return text
 

@@ -416,7 +416,7 @@ class _OpenAIRoutes:
             return c
 
         try:
-            first = True
+            first, ids = True, []
             while True:
                 try:
                     ev = await gen.next_event()
@@ -424,9 +424,10 @@ class _OpenAIRoutes:
                     yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.code}})}\n\n"
                     break
                 text = deltas.push(ev.text, ev.finished)
+                ids.extend(ev.new_tokens)  # ids of held-back text go out with the next chunk
                 if text or ev.finished or (first and chat):
-                    yield chunk([choice(text, ev.finish_reason if ev.finished else None, first, ev.new_tokens)])
-                    first = False
+                    yield chunk([choice(text, ev.finish_reason if ev.finished else None, first, ids)])
+                    first, ids = False, []
                 if ev.finished:
                     if gen.parsed.include_usage:
                         yield chunk([], gen.usage())
