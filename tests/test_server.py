@@ -337,3 +337,43 @@ def test_usage_at_a_stop_string_counts_every_emitted_token(server, client, strea
     assert reason == "stop" and need > 4
     assert ids == ref[:len(ids)] and len(ids) >= need  # the step that hit the stop string is counted
     assert usage.completion_tokens == len(ids)
+
+
+def _gauges(server):
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        text = http.get("/metrics").text
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line.startswith("agentinfer_") and "{" not in line}
+
+
+def test_gauges_follow_every_state_change_and_exclude_evictable_cache_blocks(server):
+    stack = server.stack
+    capacity = stack.pool.num_blocks - 1
+    observer = _slow_steps(stack, 0.05)
+    try:
+        body = {"model": model_name(server), "prompt": random_prompt(random.Random(33), 40),
+                "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.base_url, timeout=120) as http:
+            with http.stream("POST", "/v1/completions", json=body) as res:
+                lines = res.iter_lines()
+                for _ in range(4):
+                    next(line for line in lines if line.startswith("data: "))
+                g = _gauges(server)
+                assert g["agentinfer_running_requests"] == 1
+                assert g["agentinfer_blocks_capacity"] == capacity
+                assert 3 <= g["agentinfer_blocks_in_use"] <= capacity  # 40 + tokens in 16-token blocks
+                assert g["agentinfer_kv_cache_usage"] == pytest.approx(g["agentinfer_blocks_in_use"] / capacity)
+        # Cancelled by the disconnect; no step runs after it, yet the gauges must say idle.
+        assert wait_until(lambda: not stack.scheduler.has_unfinished)
+
+        def idle():
+            g = _gauges(server)
+            return (g["agentinfer_running_requests"] == 0 and g["agentinfer_waiting_requests"] == 0
+                    and g["agentinfer_blocks_in_use"] == 0 and g["agentinfer_kv_cache_usage"] == 0)
+
+        assert wait_until(idle, timeout_s=10), _gauges(server)
+        # Reference: the pool itself. Idle and no retention, so every used block is the cache's, evictable.
+        g = _gauges(server)
+        assert g["agentinfer_blocks_cached_evictable"] == stack.pool.num_used == len(stack.prefix_cache) > 0
+    finally:
+        stack.loop.step_observers.remove(observer)

@@ -92,11 +92,15 @@ class ServingLoop:
     # ---- loop thread ---------------------------------------------------------------------------
 
     def _drain_inbox(self) -> None:
+        changed = False
         while True:
             try:
                 op, arg, cb = self._inbox.get_nowait()
             except queue.Empty:
+                if changed:  # added or cancelled with no step to follow: gauges must not go stale
+                    self._update_gauges()
                 return
+            changed = True
             if op == "add":
                 try:
                     self.scheduler.add_request(arg)
@@ -116,6 +120,7 @@ class ServingLoop:
             return False
         out = self.scheduler.schedule()
         if out.empty:
+            self._update_gauges()
             return bool(self.scheduler.has_unfinished)
         reqs = {s.request_id: self.scheduler.requests[s.request_id] for s in out.seqs}
         before = {rid: (len(r.output_tokens), r.last_token_s) for rid, r in reqs.items()}
@@ -144,8 +149,15 @@ class ServingLoop:
             self._emit(StreamEvent(req.request_id, fresh, text=text))
         for req in finished:
             self._deliver_finish(req, new=req.output_tokens[before[req.request_id][0]:])
-        self.metrics.on_step(self.scheduler.pool.num_used, len(self.scheduler.running), len(self.scheduler.waiting))
+        self._update_gauges()
         return True
+
+    def _update_gauges(self) -> None:
+        """Blocks in use exclude those only the prefix cache holds (evictable: free on demand)."""
+        sched = self.scheduler
+        evictable = sched.prefix_cache.num_evictable() if sched.prefix_cache is not None else 0
+        self.metrics.on_state(sched.pool.num_used - evictable, evictable, sched.pool.num_blocks - 1,
+                              len(sched.running), len(sched.waiting))
 
     def _isolate_failure(self, out: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, Sequence[int]]]:
         """Runs each sequence of a failed step alone; aborts only those that fail by themselves."""
