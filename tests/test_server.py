@@ -377,3 +377,25 @@ def test_gauges_follow_every_state_change_and_exclude_evictable_cache_blocks(ser
         assert g["agentinfer_blocks_cached_evictable"] == stack.pool.num_used == len(stack.prefix_cache) > 0
     finally:
         stack.loop.step_observers.remove(observer)
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server, client):
+    """A huge prompt's tokenization must not stall the event loop (every other stream waits on it)."""
+    tok = server.stack.tokenizer
+    threads = []
+
+    def recording(fn):
+        def wrapped(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    tok.encode, tok.encode_chat = recording(tok.encode), recording(tok.encode_chat)
+    try:
+        client.completions.create(model=model_name(server), prompt="Thought: search it", max_tokens=2)
+        client.chat.completions.create(model=model_name(server), max_tokens=2,
+                                       messages=[{"role": "user", "content": "hi"}])
+    finally:
+        del tok.encode, tok.encode_chat  # back to the class's methods
+    assert len(threads) >= 2
+    assert "http-server" not in threads  # the event loop's thread (BackgroundServer runs uvicorn there)

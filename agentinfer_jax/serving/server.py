@@ -23,6 +23,8 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -341,11 +343,12 @@ class _OpenAIRoutes:
         return body
 
     async def completions(self, http: HttpRequest) -> Response:
-        parsed = self.parser.completion(await self.read_json(http))
+        # Parsing tokenizes: a worker thread, so a huge prompt does not stall other streams.
+        parsed = await anyio.to_thread.run_sync(self.parser.completion, await self.read_json(http))
         return await self._respond(http, parsed, chat=False)
 
     async def chat_completions(self, http: HttpRequest) -> Response:
-        parsed = self.parser.chat(await self.read_json(http))
+        parsed = await anyio.to_thread.run_sync(self.parser.chat, await self.read_json(http))
         return await self._respond(http, parsed, chat=True)
 
     async def _respond(self, http: HttpRequest, parsed: ParsedRequest, chat: bool) -> Response:
