@@ -399,3 +399,18 @@ def test_prompts_are_tokenized_off_the_event_loop(server, client):
         del tok.encode, tok.encode_chat  # back to the class's methods
     assert len(threads) >= 2
     assert "http-server" not in threads  # the event loop's thread (BackgroundServer runs uvicorn there)
+
+
+def test_start_up_logs_one_summary_line(caplog):
+    config = ServerConfig(config="tiny", num_blocks=40, block_size=16, max_num_seqs=1, max_tokens_per_step=16,
+                          max_model_len=128, drafter="sam", num_draft_tokens=3, policy="lpm")
+    stack = build_stack(config)
+    with caplog.at_level("INFO", logger="agentinfer_jax.serving.server"):
+        with BackgroundServer(stack):
+            pass
+    lines = [r.getMessage() for r in caplog.records if "agentinfer-serve:" in r.getMessage()]
+    assert len(lines) == 1
+    line = lines[0]
+    for part in ("model tiny", f"dtype {stack.model_config.dtype}", "KV pages 39 x 16", "policy lpm",
+                 "drafter sam (k<=3, adaptive)", "max_model_len 128"):
+        assert part in line, (part, line)

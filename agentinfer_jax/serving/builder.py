@@ -123,6 +123,21 @@ class ServingStack:
     def start(self) -> None:
         self.loop.start()
 
+    def summary(self) -> str:
+        """One line for the start-up log: model, dtypes, KV pages, limits, policy, drafter."""
+        c, m = self.config, self.model_config
+        usable = c.num_blocks - 1
+        if c.drafter == "none":
+            drafter = "none"
+        else:
+            drafter = f"{c.drafter} (k<={c.num_draft_tokens}, {'adaptive' if self.scheduler.adaptive else 'fixed'})"
+        return (f"model {self.model_name} ({c.checkpoint or 'configs/' + str(c.config)}), "
+                f"dtype {m.dtype} (weights {m.param_dtype}, KV {c.kv_dtype or m.dtype}), "
+                f"KV pages {usable} x {c.block_size} tokens ({usable * c.block_size} tokens), "
+                f"max_model_len {c.max_model_len}, max_num_seqs {c.max_num_seqs}, policy {c.policy}, "
+                f"drafter {drafter}, prefix cache {'on' if self.prefix_cache is not None else 'off'}, "
+                f"mesh {c.mesh_shape or 'none'}")
+
     def shutdown(self) -> None:
         self.loop.shutdown()
         if self.session_memory is not None:

@@ -488,6 +488,7 @@ def serve(stack: ServingStack, host: str = "127.0.0.1", port: int = 8000, limits
           log_level: str = "info") -> None:
     """Starts the serving loop and runs uvicorn until interrupted; shuts the loop down after."""
     stack.start()
+    log.info("agentinfer-serve: %s", stack.summary())
     try:
         uvicorn.run(create_app(stack, limits), host=host, port=port, log_level=log_level)
     finally:
@@ -518,6 +519,7 @@ class BackgroundServer:
 
     def start(self, timeout_s: float = 30.0) -> BackgroundServer:
         self.stack.start()
+        log.info("agentinfer-serve: %s", self.stack.summary())
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
