@@ -56,10 +56,10 @@ class ServingLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Called on the loop thread after each executed step as (batch, start_s, end_s), perf_counter
-        # seconds: step timelines for cost models and projections.
         self._block_gauges_s = -float("inf")  # when _block_gauges was last counted (monotonic)
         self._block_gauges = (0, 0)  # (blocks in use, evictable cached blocks)
+        # Called on the loop thread after each executed step as (batch, start_s, end_s), perf_counter
+        # seconds: step timelines for cost models and projections.
         self.step_observers: list[Callable[[SchedulerOutput, float, float], None]] = []
 
     # ---- any thread ----------------------------------------------------------------------------

@@ -31,9 +31,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from agentinfer_jax.sampling_params import fold_seed
 from agentinfer_jax.serving.builder import ServingStack
 from agentinfer_jax.serving.loop import StreamEvent
-from agentinfer_jax.sampling_params import fold_seed
 from agentinfer_jax.serving.request import InvalidRequestError, Request, SamplingParams
 
 __all__ = ["ApiError", "ServerLimits", "create_app", "serve", "BackgroundServer"]
