@@ -313,6 +313,10 @@ def test_chat_without_max_tokens_may_use_the_rest_of_the_context(server, client)
     assert res.usage.prompt_tokens == prompt_len
     assert res.usage.completion_tokens == MAX_MODEL_LEN - prompt_len
     assert res.choices[0].finish_reason == "length"
+    # Completions keep a fixed default, cut to the server's max_tokens limit (not a 400).
+    res = client.completions.create(model=model_name(server), prompt=[7, 8, 9], temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert res.usage.completion_tokens == min(256, MAX_TOKENS_LIMIT)
 
 
 @pytest.mark.parametrize("stream", [False, True])

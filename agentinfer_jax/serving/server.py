@@ -66,7 +66,7 @@ class ServerLimits:
 
     max_body_bytes: int = 1 << 20  # request body size (413 beyond)
     max_tokens_limit: int | None = None  # max_tokens at most; None = the model's max_model_len
-    default_max_tokens: int = 256  # completions without max_tokens (chat: the rest of the context)
+    default_max_tokens: int = 256  # completions without max_tokens, within the limit (chat: the rest of the context)
 
 
 # ---- request parsing -------------------------------------------------------------------------
@@ -131,8 +131,8 @@ class BodyParser:
         if max_tokens is None and max_tokens_field is not None:
             # chat: the rest of the context (as vLLM), within the server's max_tokens limit
             max_tokens = max(1, min(self.max_tokens_limit, self.stack.config.max_model_len - len(prompt)))
-        if max_tokens is None:
-            max_tokens = self.limits.default_max_tokens
+        if max_tokens is None:  # completions: a default, never over the limit (the client set none)
+            max_tokens = min(self.limits.default_max_tokens, self.max_tokens_limit)
         if max_tokens <= 0:
             raise ApiError(400, f"max_tokens must be positive, got {max_tokens}", "invalid_max_tokens")
         if max_tokens > self.max_tokens_limit:
