@@ -7,6 +7,23 @@ not import serving, which owns the request life cycle (serving.request re-export
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+
+SEED_MAX = 2**32 - 1  # the engine's per-request seed is a uint32
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def fold_seed(seed: int) -> int:
+    """Any int64 seed as the engine's uint32: 0..2^32-1 unchanged, others hashed (deterministic).
+
+    Raises InvalidRequestError outside the int64 range (the range OpenAI clients send).
+    """
+    if not INT64_MIN <= seed <= INT64_MAX:
+        raise InvalidRequestError(f"seed must be a 64-bit integer, got {seed}")
+    if 0 <= seed <= SEED_MAX:
+        return seed
+    digest = hashlib.blake2b(seed.to_bytes(8, "little", signed=True), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 class InvalidRequestError(ValueError):
@@ -35,6 +52,9 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
+            raise InvalidRequestError(f"seed must be in 0..{SEED_MAX} (fold wider seeds with fold_seed), "
+                                      f"got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -182,3 +182,16 @@ def test_slot_engine_is_built_from_the_same_config():
     slots = build_slot_engine(config)
     assert isinstance(slots, SlotEngine) and slots.engine.config == config.engine_config()
     assert slots.num_slots == config.max_num_seqs and slots.num_free_pages == config.num_blocks - 1
+
+
+def test_a_checkpoint_without_tokenizer_json_needs_the_builtin_tokenizer_asked_for(tmp_path):
+    config = tiny_config()
+    ckpt = tmp_path / "no-tok"
+    save_hf_checkpoint(init_model(config, seed=7), config, ckpt)  # config.json + safetensors, no tokenizer
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        build_stack(ServerConfig(checkpoint=str(ckpt), config=None, **SMALL))
+    stack = build_stack(ServerConfig(checkpoint=str(ckpt), config=None, tokenizer="builtin", **SMALL))
+    text = "Thought: search the magazine"
+    assert stack.tokenizer.encode(text) == load_tokenizer().encode(text)  # the bundled tokenizer
+    # A random-weight config keeps the built-in tokenizer by default.
+    assert build_stack(ServerConfig(config="tiny", **SMALL)).tokenizer.encode(text) == load_tokenizer().encode(text)

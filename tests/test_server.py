@@ -239,3 +239,182 @@ def test_text_deltas_never_retract_and_concatenate_to_the_final_text():
                 out.append(deltas.push(shown, final=False))
         out.append(deltas.push(target, final=True))
         assert "".join(out) == target
+
+
+def test_any_int64_seed_is_folded_and_out_of_range_is_a_400_naming_seed(server, client):
+    """Seeds outside uint32 used to reach the engine (500, batch re-run, client retries)."""
+    from agentinfer_jax.sampling_params import fold_seed
+
+    prompt = random_prompt(random.Random(8), 12)
+    kw = dict(model=model_name(server), prompt=prompt, max_tokens=6, temperature=1.0,
+              extra_body={"return_token_ids": True, "ignore_eos": True})
+
+    def sample(seed):
+        return client.completions.create(seed=seed, **kw).choices[0].model_extra["token_ids"]
+
+    for seed in (-1, 2**32, 2**63 - 1, -(2**63)):
+        folded = fold_seed(seed)
+        assert 0 <= folded < 2**32
+        # Deterministic, and exactly the draws of the folded uint32 seed (the engine's own seeding).
+        assert sample(seed) == sample(seed) == sample(folded)
+    assert fold_seed(7) == 7 and fold_seed(-1) != fold_seed(-2)
+    with httpx.Client(base_url=server.base_url, timeout=120) as http:
+        for seed in (2**63, -(2**63) - 1, 10**30):
+            res = http.post("/v1/completions", json={"model": model_name(server), "prompt": prompt,
+                                                     "max_tokens": 2, "seed": seed})
+            assert res.status_code == 400, res.text
+            assert "seed" in res.json()["error"]["message"]
+    assert server.stack.loop.is_running
+
+
+def _slow_steps(stack, seconds):
+    """Makes every step take at least `seconds` (a step observer), so a long request stays running."""
+    def observer(*_):
+        time.sleep(seconds)
+    stack.loop.step_observers.append(observer)
+    return observer
+
+
+def test_non_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
+    import socket
+
+    stack = server.stack
+    observer = _slow_steps(stack, 0.05)  # 200 tokens >= 10 s: only an abort ends it early
+    try:
+        body = json.dumps({"model": model_name(server), "prompt": random_prompt(random.Random(21), 40),
+                           "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0, "ignore_eos": True}).encode()
+        before = {m.request_id for m in stack.loop.metrics.finished}
+        sock = socket.create_connection((server.host, server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_until(lambda: stack.scheduler.running), "the request never started"
+        assert wait_until(lambda: any(len(r.output_tokens) >= 3 for r in stack.scheduler.running))
+        sock.close()  # the client goes away (as kill -9 would) without reading the reply
+        closed = time.monotonic()
+
+        def aborted():
+            return [m for m in stack.loop.metrics.finished if m.request_id not in before]
+
+        assert wait_until(aborted, timeout_s=8.0), "the disconnected request kept running"
+        assert time.monotonic() - closed < 8.0
+        m = aborted()[0]
+        assert m.finish_reason == "abort" and m.output_tokens < MAX_TOKENS_LIMIT
+        assert wait_until(lambda: not stack.scheduler.running and stack.pool.num_used == len(stack.prefix_cache))
+    finally:
+        stack.loop.step_observers.remove(observer)
+
+
+def test_chat_without_max_tokens_may_use_the_rest_of_the_context(server, client):
+    messages = [{"role": "user", "content": "Find the magazine that was started first and say why. " * 6}]
+    prompt_len = len(server.stack.tokenizer.encode_chat(messages))
+    assert MAX_MODEL_LEN - MAX_TOKENS_LIMIT < prompt_len < MAX_MODEL_LEN - 8  # the context binds, not the limit
+    res = client.chat.completions.create(model=model_name(server), messages=messages, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert res.usage.prompt_tokens == prompt_len
+    assert res.usage.completion_tokens == MAX_MODEL_LEN - prompt_len
+    assert res.choices[0].finish_reason == "length"
+    # Completions keep a fixed default, cut to the server's max_tokens limit (not a 400).
+    res = client.completions.create(model=model_name(server), prompt=[7, 8, 9], temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert res.usage.completion_tokens == min(256, MAX_TOKENS_LIMIT)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_at_a_stop_string_counts_every_emitted_token(server, client, stream):
+    tok = server.stack.tokenizer
+    prompt = random_prompt(random.Random(17), 30)
+    kw = dict(model=model_name(server), prompt=prompt, max_tokens=24, temperature=0)
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    ref = client.completions.create(extra_body=extra, **kw).choices[0].model_extra["token_ids"]
+    text = tok.decode(ref, skip_special_tokens=True)
+    stop = text[len(text) // 4:len(text) // 2]  # long: the tiny model repeats itself
+    # Reference: the fewest tokens whose text contains the stop string.
+    need = next(n for n in range(1, len(ref) + 1) if stop in tok.decode(ref[:n], skip_special_tokens=True))
+    if stream:
+        chunks = list(client.completions.create(stream=True, stop=stop, extra_body=extra,
+                                                stream_options={"include_usage": True}, **kw))
+        ids = [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]]
+        usage, reason = chunks[-1].usage, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        res = client.completions.create(stop=stop, extra_body=extra, **kw)
+        ids, usage, reason = res.choices[0].model_extra["token_ids"], res.usage, res.choices[0].finish_reason
+    assert reason == "stop" and need > 4
+    assert ids == ref[:len(ids)] and len(ids) >= need  # the step that hit the stop string is counted
+    assert usage.completion_tokens == len(ids)
+
+
+def _gauges(server):
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        text = http.get("/metrics").text
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line.startswith("agentinfer_") and "{" not in line}
+
+
+def test_gauges_follow_every_state_change_and_exclude_evictable_cache_blocks(server):
+    stack = server.stack
+    capacity = stack.pool.num_blocks - 1
+    observer = _slow_steps(stack, 0.05)
+    try:
+        body = {"model": model_name(server), "prompt": random_prompt(random.Random(33), 40),
+                "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.base_url, timeout=120) as http:
+            with http.stream("POST", "/v1/completions", json=body) as res:
+                lines = res.iter_lines()
+                for _ in range(4):
+                    next(line for line in lines if line.startswith("data: "))
+                g = _gauges(server)
+                assert g["agentinfer_running_requests"] == 1
+                assert g["agentinfer_blocks_capacity"] == capacity
+                assert 3 <= g["agentinfer_blocks_in_use"] <= capacity  # 40 + tokens in 16-token blocks
+                assert g["agentinfer_kv_cache_usage"] == pytest.approx(g["agentinfer_blocks_in_use"] / capacity)
+        # Cancelled by the disconnect; no step runs after it, yet the gauges must say idle.
+        assert wait_until(lambda: not stack.scheduler.has_unfinished)
+
+        def idle():
+            g = _gauges(server)
+            return (g["agentinfer_running_requests"] == 0 and g["agentinfer_waiting_requests"] == 0
+                    and g["agentinfer_blocks_in_use"] == 0 and g["agentinfer_kv_cache_usage"] == 0)
+
+        assert wait_until(idle, timeout_s=10), _gauges(server)
+        # Reference: the pool itself. Idle and no retention, so every used block is the cache's, evictable.
+        g = _gauges(server)
+        assert g["agentinfer_blocks_cached_evictable"] == stack.pool.num_used == len(stack.prefix_cache) > 0
+    finally:
+        stack.loop.step_observers.remove(observer)
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server, client):
+    """A huge prompt's tokenization must not stall the event loop (every other stream waits on it)."""
+    tok = server.stack.tokenizer
+    threads = []
+
+    def recording(fn):
+        def wrapped(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    tok.encode, tok.encode_chat = recording(tok.encode), recording(tok.encode_chat)
+    try:
+        client.completions.create(model=model_name(server), prompt="Thought: search it", max_tokens=2)
+        client.chat.completions.create(model=model_name(server), max_tokens=2,
+                                       messages=[{"role": "user", "content": "hi"}])
+    finally:
+        del tok.encode, tok.encode_chat  # back to the class's methods
+    assert len(threads) >= 2
+    assert "http-server" not in threads  # the event loop's thread (BackgroundServer runs uvicorn there)
+
+
+def test_start_up_logs_one_summary_line(caplog):
+    config = ServerConfig(config="tiny", num_blocks=40, block_size=16, max_num_seqs=1, max_tokens_per_step=16,
+                          max_model_len=128, drafter="sam", num_draft_tokens=3, policy="lpm")
+    stack = build_stack(config)
+    with caplog.at_level("INFO", logger="agentinfer_jax.serving.server"):
+        with BackgroundServer(stack):
+            pass
+    lines = [r.getMessage() for r in caplog.records if "agentinfer-serve:" in r.getMessage()]
+    assert len(lines) == 1
+    line = lines[0]
+    for part in ("model tiny", f"dtype {stack.model_config.dtype}", "KV pages 39 x 16", "policy lpm",
+                 "drafter sam (k<=3, adaptive)", "max_model_len 128"):
+        assert part in line, (part, line)

@@ -35,8 +35,9 @@ from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["ServerConfig", "ServingStack", "build_stack", "build_engine", "build_slot_engine", "build_jetstream_engine",
-           "load_model_config", "SafeDetokenizer", "DRAFTERS"]
+           "load_model_config", "SafeDetokenizer", "DRAFTERS", "BUILTIN_TOKENIZER"]
 
+BUILTIN_TOKENIZER = "builtin"  # ServerConfig.tokenizer / --tokenizer naming the bundled tokenizer
 DRAFTERS = ("none", "ngram", "sam")  # by name (CLI); "custom" = a Drafter object given to build_stack
 _CONFIG_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -47,7 +48,7 @@ class ServerConfig:
 
     checkpoint: str | None = None  # HF safetensors dir (config.json + *.safetensors [+ tokenizer.json])
     config: str | None = "tiny"  # configs/<name>.py with random weights (used when checkpoint is None)
-    tokenizer: str | None = None  # tokenizer dir/file; None = the checkpoint's, else the built-in one
+    tokenizer: str | None = None  # dir/file, or "builtin"; None = the checkpoint's (required), else the built-in one
     model_name: str | None = None  # id in /v1/models; default: checkpoint dir name or config name
     seed: int = 0  # random-weight init seed
     dtype: str | None = None  # activation dtype override (e.g. "float32" on CPU)
@@ -122,6 +123,21 @@ class ServingStack:
     def start(self) -> None:
         self.loop.start()
 
+    def summary(self) -> str:
+        """One line for the start-up log: model, dtypes, KV pages, limits, policy, drafter."""
+        c, m = self.config, self.model_config
+        usable = c.num_blocks - 1
+        if c.drafter == "none":
+            drafter = "none"
+        else:
+            drafter = f"{c.drafter} (k<={c.num_draft_tokens}, {'adaptive' if self.scheduler.adaptive else 'fixed'})"
+        return (f"model {self.model_name} ({c.checkpoint or 'configs/' + str(c.config)}), "
+                f"dtype {m.dtype} (weights {m.param_dtype}, KV {c.kv_dtype or m.dtype}), "
+                f"KV pages {usable} x {c.block_size} tokens ({usable * c.block_size} tokens), "
+                f"max_model_len {c.max_model_len}, max_num_seqs {c.max_num_seqs}, policy {c.policy}, "
+                f"drafter {drafter}, prefix cache {'on' if self.prefix_cache is not None else 'off'}, "
+                f"mesh {c.mesh_shape or 'none'}")
+
     def shutdown(self) -> None:
         self.loop.shutdown()
         if self.session_memory is not None:
@@ -174,12 +190,19 @@ def _load_model(config: ServerConfig, model_config: ModelConfig) -> tuple[Transf
 
 
 def _tokenizer_path(config: ServerConfig) -> str | None:
-    """The tokenizer `config` names: its own, else the checkpoint's, else None (the built-in one)."""
+    """The tokenizer `config` names: None for the built-in one (asked for as "builtin", or the
+    default of a `config` model), a path given, else the checkpoint's tokenizer.json. A checkpoint
+    without one is an error: silently tokenizing with the built-in vocabulary serves garbage."""
+    if config.tokenizer == BUILTIN_TOKENIZER:
+        return None
     if config.tokenizer is not None:
         return config.tokenizer
-    if config.checkpoint is not None and os.path.isfile(os.path.join(config.checkpoint, "tokenizer.json")):
-        return config.checkpoint
-    return None
+    if config.checkpoint is None:
+        return None
+    if not os.path.isfile(os.path.join(config.checkpoint, "tokenizer.json")):
+        raise ValueError(f"checkpoint {config.checkpoint} has no tokenizer.json: give a tokenizer path, or "
+                         f"tokenizer={BUILTIN_TOKENIZER!r} (--tokenizer {BUILTIN_TOKENIZER}) for the built-in one")
+    return config.checkpoint
 
 
 def _load_tokenizer(config: ServerConfig) -> Tokenizer:

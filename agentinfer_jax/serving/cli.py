@@ -32,7 +32,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", help="HF safetensors checkpoint directory (config.json, *.safetensors)")
     model.add_argument("--config", help="configs/<name>.py with random weights (default: tiny)")
-    p.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json (default: the checkpoint's, else built-in)")
+    p.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json, or 'builtin' for the bundled one "
+                   "(default: the checkpoint's tokenizer.json, required; --config: built-in)")
     p.add_argument("--model-name", help="model id served in /v1/models")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)

@@ -64,7 +64,15 @@ class ServingMetrics:
         self.p_drafted = Counter("agentinfer_drafted_tokens", "Drafted tokens sent to verification", registry=r)
         self.p_accepted = Counter("agentinfer_accepted_tokens", "Drafted tokens accepted", registry=r)
         self.p_preempt = Counter("agentinfer_preemptions", "Preemptions", registry=r)
-        self.g_blocks = Gauge("agentinfer_blocks_in_use", "KV blocks referenced", registry=r)
+        self.g_blocks = Gauge("agentinfer_blocks_in_use",
+                              "KV blocks held by requests or retained sessions (evictable cache blocks excluded)",
+                              registry=r)
+        self.g_cached = Gauge("agentinfer_blocks_cached_evictable",
+                              "KV blocks only the prefix cache holds (freed on demand)", registry=r)
+        self.g_capacity = Gauge("agentinfer_blocks_capacity", "Usable KV blocks (the pool less the null page)",
+                                registry=r)
+        self.g_kv_usage = Gauge("agentinfer_kv_cache_usage",
+                                "Fraction of usable KV blocks in use (evictable cache blocks excluded)", registry=r)
         self.g_running = Gauge("agentinfer_running_requests", "Running requests", registry=r)
         self.g_waiting = Gauge("agentinfer_waiting_requests", "Waiting requests", registry=r)
         self.g_hit_rate = Gauge("agentinfer_prefix_hit_rate", "Cached prompt tokens / prompt tokens", registry=r)
@@ -74,8 +82,13 @@ class ServingMetrics:
             self.inter_token_s.append(gap_s)
         self.p_itl.observe(gap_s)
 
-    def on_step(self, blocks_in_use: int, running: int, waiting: int) -> None:
+    def on_state(self, blocks_in_use: int, cached_evictable: int, capacity: int, running: int,
+                 waiting: int) -> None:
+        """The scheduler's state now (the loop calls this after every change: step, add, cancel)."""
         self.g_blocks.set(blocks_in_use)
+        self.g_cached.set(cached_evictable)
+        self.g_capacity.set(capacity)
+        self.g_kv_usage.set(blocks_in_use / capacity if capacity > 0 else 0.0)
         self.g_running.set(running)
         self.g_waiting.set(waiting)
 

@@ -23,12 +23,15 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from agentinfer_jax.sampling_params import fold_seed
 from agentinfer_jax.serving.builder import ServingStack
 from agentinfer_jax.serving.loop import StreamEvent
 from agentinfer_jax.serving.request import InvalidRequestError, Request, SamplingParams
@@ -37,6 +40,7 @@ __all__ = ["ApiError", "ServerLimits", "create_app", "serve", "BackgroundServer"
 
 log = logging.getLogger(__name__)
 _MAX_STOP_STRINGS = 16
+_DISCONNECT_POLL_S = 0.25  # a non-streaming request's client is checked this often while it runs
 
 
 class ApiError(Exception):
@@ -62,7 +66,7 @@ class ServerLimits:
 
     max_body_bytes: int = 1 << 20  # request body size (413 beyond)
     max_tokens_limit: int | None = None  # max_tokens at most; None = the model's max_model_len
-    default_max_tokens: int = 256  # when the body gives none (completions and chat)
+    default_max_tokens: int = 256  # completions without max_tokens, within the limit (chat: the rest of the context)
 
 
 # ---- request parsing -------------------------------------------------------------------------
@@ -124,8 +128,11 @@ class BodyParser:
         max_tokens = _get(body, "max_tokens", int, None)
         if max_tokens is None and max_tokens_field is not None:
             max_tokens = _get(body, max_tokens_field, int, None)
-        if max_tokens is None:
-            max_tokens = self.limits.default_max_tokens
+        if max_tokens is None and max_tokens_field is not None:
+            # chat: the rest of the context (as vLLM), within the server's max_tokens limit
+            max_tokens = max(1, min(self.max_tokens_limit, self.stack.config.max_model_len - len(prompt)))
+        if max_tokens is None:  # completions: a default, never over the limit (the client set none)
+            max_tokens = min(self.limits.default_max_tokens, self.max_tokens_limit)
         if max_tokens <= 0:
             raise ApiError(400, f"max_tokens must be positive, got {max_tokens}", "invalid_max_tokens")
         if max_tokens > self.max_tokens_limit:
@@ -137,7 +144,7 @@ class BodyParser:
             temperature=float(_get(body, "temperature", float, 1.0)),
             top_k=max(0, _get(body, "top_k", int, 0)),  # OpenAI-style -1 also means "off"
             top_p=float(_get(body, "top_p", float, 1.0)),
-            seed=_get(body, "seed", int, None),
+            seed=self._seed(body),
             stop=self._stop(body.get("stop")),
             ignore_eos=_get(body, "ignore_eos", bool, False),
         )
@@ -150,6 +157,17 @@ class BodyParser:
                              _get(body, "return_token_ids", bool, False),
                              _get(body, "session_id", str, None), _get(body, "priority", int, 0),
                              _get(body, "speculative", bool, False), _get(body, "cache_salt", str, None) or "")
+
+    @staticmethod
+    def _seed(body: Mapping[str, Any]) -> int | None:
+        """Any int64 seed, folded into the engine's 32 bits (others: 400 naming 'seed')."""
+        seed = _get(body, "seed", int, None)
+        if seed is None:
+            return None
+        try:
+            return fold_seed(seed)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "invalid_seed") from e
 
     def _check_model(self, body: Mapping[str, Any]) -> None:
         model = _get(body, "model", str, None)
@@ -325,11 +343,12 @@ class _OpenAIRoutes:
         return body
 
     async def completions(self, http: HttpRequest) -> Response:
-        parsed = self.parser.completion(await self.read_json(http))
+        # Parsing tokenizes: a worker thread, so a huge prompt does not stall other streams.
+        parsed = await anyio.to_thread.run_sync(self.parser.completion, await self.read_json(http))
         return await self._respond(http, parsed, chat=False)
 
     async def chat_completions(self, http: HttpRequest) -> Response:
-        parsed = self.parser.chat(await self.read_json(http))
+        parsed = await anyio.to_thread.run_sync(self.parser.chat, await self.read_json(http))
         return await self._respond(http, parsed, chat=True)
 
     async def _respond(self, http: HttpRequest, parsed: ParsedRequest, chat: bool) -> Response:
@@ -345,14 +364,20 @@ class _OpenAIRoutes:
 
     async def _complete(self, http: HttpRequest, gen: _Generation, chat: bool) -> dict[str, Any]:
         # One pending get at a time (never wait_for on queue.get: a timeout could drop an event).
+        # The disconnect check runs on a clock, not only when no event came: a decoding request
+        # delivers an event every step, and its client may be long gone.
         pending: asyncio.Future[StreamEvent] | None = None
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + _DISCONNECT_POLL_S
         try:
             while True:
                 pending = pending or asyncio.ensure_future(gen.next_event())
-                done, _ = await asyncio.wait({pending}, timeout=1.0)
-                if not done:
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, next_check - loop.time()))
+                if loop.time() >= next_check:
                     if await http.is_disconnected():
                         raise ApiError(499, "client disconnected", "client_disconnected")
+                    next_check = loop.time() + _DISCONNECT_POLL_S
+                if not done:
                     continue
                 ev, pending = pending.result(), None
                 if ev.finished:
@@ -394,7 +419,7 @@ class _OpenAIRoutes:
             return c
 
         try:
-            first = True
+            first, ids = True, []
             while True:
                 try:
                     ev = await gen.next_event()
@@ -402,9 +427,10 @@ class _OpenAIRoutes:
                     yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.code}})}\n\n"
                     break
                 text = deltas.push(ev.text, ev.finished)
+                ids.extend(ev.new_tokens)  # ids of held-back text go out with the next chunk
                 if text or ev.finished or (first and chat):
-                    yield chunk([choice(text, ev.finish_reason if ev.finished else None, first, ev.new_tokens)])
-                    first = False
+                    yield chunk([choice(text, ev.finish_reason if ev.finished else None, first, ids)])
+                    first, ids = False, []
                 if ev.finished:
                     if gen.parsed.include_usage:
                         yield chunk([], gen.usage())
@@ -462,6 +488,7 @@ def serve(stack: ServingStack, host: str = "127.0.0.1", port: int = 8000, limits
           log_level: str = "info") -> None:
     """Starts the serving loop and runs uvicorn until interrupted; shuts the loop down after."""
     stack.start()
+    log.info("agentinfer-serve: %s", stack.summary())
     try:
         uvicorn.run(create_app(stack, limits), host=host, port=port, log_level=log_level)
     finally:
@@ -492,6 +519,7 @@ class BackgroundServer:
 
     def start(self, timeout_s: float = 30.0) -> BackgroundServer:
         self.stack.start()
+        log.info("agentinfer-serve: %s", self.stack.summary())
         self._thread.start()
         deadline = time.monotonic() + timeout_s
         while not self._server.started:
