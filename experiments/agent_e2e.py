@@ -237,8 +237,10 @@ def percentile(xs: Sequence[float], q: float) -> float:
 def summarize(cfg: RunConfig, results: list[AgentResult], client: EngineClient, makespan_s: float) -> dict[str, Any]:
     m = [r.metrics for r in results]
     walls = [x.wall_s for x in m]
-    hits = sum(x.buffer_hits for x in m)
-    lookups = sum((x.speculation or {}).get("buffer_hits", 0) + (x.speculation or {}).get("buffer_misses", 0) for x in m)
+    # A hit: the real action found its speculated outcome buffered or still running (joined).
+    spec = [x.speculation or {} for x in m]
+    hits = sum(s.get("buffer_hits", 0) + s.get("inflight_hits", 0) for s in spec)
+    lookups = hits + sum(s.get("buffer_misses", 0) for s in spec)
     st = client.stats
     small_steps = sum((x.collab or {}).get("steps", {}).get("small", 0) for x in m)
     return {

@@ -159,11 +159,15 @@ def test_real_action_joins_inflight_speculation_and_survives_its_failure():
     tool = CountingSearch(latency={"beta": 0.05})
     result = asyncio.run(make_agent(_verified_client("Beta", "Beta", 0.01), tool, aggressive=False).run("q"))
     assert result.steps[0].observation == "Beta is a river." and tool.calls["beta"] == 1
+    spec = result.metrics.speculation
+    assert (spec["inflight_hits"], spec["buffer_hits"], spec["buffer_misses"]) == (1, 0, 0)
     # the same, but the speculative execution fails: the main path runs the tool itself
     tool = CountingSearch(latency={"beta": 0.05}, fail_first={"beta"})
     result = asyncio.run(make_agent(_verified_client("Beta", "Beta", 0.01), tool, aggressive=False).run("q"))
     assert result.steps[0].observation == "Beta is a river." and tool.calls["beta"] == 2
     assert result.metrics.tool_errors == 0
+    spec = result.metrics.speculation
+    assert (spec["inflight_hits"], spec["buffer_misses"]) == (0, 1)  # the failed speculation served nothing
     # failed speculation finished before the real action: nothing buffered, tool called again
     tool = CountingSearch(fail_first={"beta"})
     result = asyncio.run(make_agent(_verified_client("Beta", "Beta", 0.05), tool, aggressive=False).run("q"))

@@ -70,6 +70,11 @@ class ActionServer:
 
     async def execute(self, action: Action, state: ToolState, *, speculative: bool = False) -> ToolOutcome:
         """The outcome of `action` in `state`, sharing an identical in-flight execution if any."""
+        return (await self.execute_sharing(action, state, speculative=speculative))[0]
+
+    async def execute_sharing(self, action: Action, state: ToolState, *,
+                              speculative: bool = False) -> tuple[ToolOutcome, bool]:
+        """`execute`, and whether the outcome came from a speculative execution already in flight."""
         self.stats.submitted += 1
         key = action_cache_key(action, state)
         shared = self._in_flight.get(key)
@@ -77,12 +82,12 @@ class ActionServer:
             self.stats.deduplicated += 1
             outcome = await self._wait(shared)
             if outcome.ok or speculative or not shared.speculative:
-                return outcome
+                return outcome, shared.speculative
             self.stats.retried_after_failed_speculation += 1
         flight = _Flight(asyncio.create_task(self._run(action, state, speculative)), speculative)
         self._in_flight[key] = flight
         flight.task.add_done_callback(lambda t, key=key: self._forget(key, t))
-        return await self._wait(flight)
+        return await self._wait(flight), False
 
     @staticmethod
     async def _wait(flight: _Flight) -> ToolOutcome:

@@ -71,6 +71,7 @@ class SpeculationMetrics:
     skipped_reasoning_calls: int = 0
     speculative_executions: int = 0
     buffer_hits: int = 0
+    inflight_hits: int = 0  # not buffered yet, but its speculative execution was running: joined
     buffer_misses: int = 0
     speculation_errors: int = 0
     phase_switch_step: int | None = None
@@ -188,14 +189,19 @@ class ActionSpeculator:
         self._buffer.put(self.session_id, key, outcome)
 
     async def execute_real(self, action: Action, state: ToolState) -> tuple[ToolOutcome, bool]:
-        """The real action's outcome: from the buffer when speculated (True), else executed now (False)."""
+        """The real action's outcome and whether speculation served it: from the buffer, or by joining
+        its still-running speculative execution (True); else executed now (False)."""
         key = action_cache_key(action, state)
         cached = self._buffer.get(self.session_id, key)
         if cached is not None:
             self.metrics.buffer_hits += 1
             return cached, True
-        self.metrics.buffer_misses += 1
-        return await self._server.execute(action, state), False
+        outcome, joined = await self._server.execute_sharing(action, state)
+        if joined:
+            self.metrics.inflight_hits += 1
+        else:
+            self.metrics.buffer_misses += 1
+        return outcome, joined
 
     async def aclose(self) -> None:
         tasks = list(self._background)
