@@ -207,14 +207,17 @@ def projection_cost_models() -> dict[str, StepCostModel]:
             for role, name in PROJECTION_SHAPES.items()}
 
 
-def record_steps(roles: dict[str, ServingStack]) -> dict[str, list[TimedStep]]:
-    """Starts recording every executed step of every role's loop (wall clock and composition)."""
-    steps: dict[str, list[TimedStep]] = {name: [] for name in roles}
-    for name, stack in roles.items():
-        stack.loop.step_observers.append(
-            lambda out, t0, t1, log=steps[name]: log.append(
-                TimedStep(t0, t1, StepFeatures.from_scheduler_output(out))))
-    return steps
+def record_steps(roles: dict[str, ServingStack]) -> None:
+    """Turns on each role engine's step records (wall-clock window and composition of every step)."""
+    for stack in roles.values():
+        stack.engine.steps.clear()
+        stack.engine.record_steps = True
+
+
+def timed_steps(roles: dict[str, ServingStack]) -> dict[str, list[TimedStep]]:
+    return {name: [TimedStep(r.start_s, r.end_s, StepFeatures(r.prefill_tokens, r.decode_tokens, r.num_seqs,
+                                                              r.attended_pairs, r.context_tokens))
+                   for r in stack.engine.steps] for name, stack in roles.items()}
 
 
 def projected_latencies(results: list[AgentResult], client: EngineClient, steps: dict[str, list[TimedStep]],
@@ -339,7 +342,7 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
                 r.start()
             client = EngineClient({k: r.loop for k, r in roles.items()}, tokenizer, replay=TraceReplay(by_id),
                                   speculative_role="small")
-            steps = record_steps(roles)
+            record_steps(roles)
             try:
                 compiled_before = compilations.count
                 start = time.perf_counter()
@@ -350,6 +353,7 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
                 for r in roles.values():
                     r.shutdown()
             summary = summarize(cfg, results, client, makespan)
+            steps = timed_steps(roles)
             projected = projected_latencies(results, client, steps, cost_models)
             summary["projected_mean_session_latency_s"] = sum(projected) / len(projected)
             summary["steps"] = sum(len(v) for v in steps.values())

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import platform
 import time
@@ -255,7 +256,8 @@ def print_efficiency(eff: dict, summary: dict) -> None:
 def main(argv):
     del argv
     if FLAGS.compilation_cache_dir:
-        print(f"persistent compilation cache: {enable_compilation_cache(FLAGS.compilation_cache_dir)}")
+        cache = enable_compilation_cache(FLAGS.compilation_cache_dir)
+        print(f"persistent compilation cache: {cache.replace(os.path.expanduser('~'), '~', 1)}")
     eff = summary = None
     if FLAGS.efficiency:
         t0 = time.perf_counter()

@@ -129,6 +129,21 @@ def test_cancelled_complete_aborts_its_requests(stack):
     assert_no_leak(role)
 
 
+def test_request_of_a_closed_event_loop_is_cancelled_quietly(stack, caplog):
+    """The waiter's asyncio loop closes with the call still running (a background speculative call
+    when the agent's run returns): the request is cancelled, nothing is logged as a failure."""
+    _, tokenizer, role = stack
+    client = EngineClient({"large": role.loop}, tokenizer)
+    aio = asyncio.new_event_loop()
+    aio.create_task(client.complete(random_messages(random.Random(11)), max_tokens=400))
+    aio.run_until_complete(asyncio.sleep(0.3))  # submitted and streaming
+    aio.close()  # no cancellation reaches the task
+    with caplog.at_level("ERROR", logger="agentinfer_jax.serving.loop"):
+        assert_no_leak(role)
+    assert not [r for r in caplog.records if "callback failed" in r.getMessage()]
+    assert client.stats.requests == 0
+
+
 def test_bad_input_raises_clear_errors(stack):
     _, tokenizer, role = stack
     client = EngineClient({"large": role.loop}, tokenizer, fallback_role=None)

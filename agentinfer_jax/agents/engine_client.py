@@ -122,17 +122,24 @@ class EngineClientStats:
 class _PendingRequest:
     """One submitted request: its output so far and a future resolved on the asyncio loop."""
 
-    def __init__(self, req: Request, aio: asyncio.AbstractEventLoop,
+    def __init__(self, req: Request, aio: asyncio.AbstractEventLoop, cancel: Callable[[str], None],
                  on_event: Callable[[StreamEvent], None] | None = None) -> None:
         self.req = req
         self.tokens: list[int] = []
         self.done: asyncio.Future[StreamEvent] = aio.create_future()
         self._aio = aio
+        self._cancel = cancel
         self._on_event = on_event
 
     def callback(self, ev: StreamEvent) -> None:
-        """Runs on the serving thread; only hands the event over to the asyncio loop."""
-        self._aio.call_soon_threadsafe(self._deliver, ev)
+        """Runs on the serving thread; only hands the event over to the asyncio loop. When that loop
+        is closed (its owner returned while, say, a speculative call ran on), nobody waits: cancel."""
+        try:
+            self._aio.call_soon_threadsafe(self._deliver, ev)
+        except RuntimeError:
+            if not self._aio.is_closed():
+                raise
+            self._cancel(self.req.request_id)
 
     def _deliver(self, ev: StreamEvent) -> None:
         self.tokens.extend(ev.new_tokens)
@@ -254,7 +261,7 @@ class EngineClient:
         loop, reqs, served_role = self._requests(messages, role, max_tokens, stop, temperature, n, session_id,
                                                  priority, speculative)
         aio = asyncio.get_running_loop()
-        pending = [_PendingRequest(r, aio) for r in reqs]
+        pending = [_PendingRequest(r, aio, loop.cancel) for r in reqs]
         start = time.perf_counter()
         submitted: list[_PendingRequest] = []
         try:
@@ -296,7 +303,7 @@ class EngineClient:
         loop, reqs, served_role = self._requests(messages, role, max_tokens, stop, temperature, 1, session_id,
                                                  priority, False)
         queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        pending = _PendingRequest(reqs[0], asyncio.get_running_loop(), queue.put_nowait)
+        pending = _PendingRequest(reqs[0], asyncio.get_running_loop(), loop.cancel, queue.put_nowait)
         start = time.perf_counter()
         loop.submit(pending.req, pending.callback)
         sent = ""

@@ -167,7 +167,9 @@ class StepRecord:
     context_tokens: int  # sum of kv_len over sequences
     attended_pairs: int  # sum of q_len * kv_len
     padded_tokens: int
-    seconds: float
+    seconds: float  # the jitted step (dispatch, run, result copy)
+    start_s: float = 0.0  # time.perf_counter() when execute began (batch building included)
+    end_s: float = 0.0  # time.perf_counter() when its result was on host
 
 
 class Engine:
@@ -250,15 +252,16 @@ class Engine:
         t_done = time.perf_counter()
         self.last_timing = StepTiming(t0 - t_start, t_done - t0)
         if self.record_steps:
-            self.steps.append(self._record(seqs, t_pad, t_done - t0))
+            self.steps.append(self._record(seqs, t_pad, t_done - t0, t_start, t_done))
         return {s.request_id: result[i, 1:1 + result[i, 0]].tolist() for i, s in enumerate(seqs) if s.samples}
 
     @staticmethod
-    def _record(seqs: Sequence[StepSeq], t_pad: int, seconds: float) -> StepRecord:
+    def _record(seqs: Sequence[StepSeq], t_pad: int, seconds: float, start_s: float, end_s: float) -> StepRecord:
         prefill = sum(len(s.tokens) for s in seqs if len(s.tokens) - s.num_draft > 1)
         total = sum(len(s.tokens) for s in seqs)
         return StepRecord(prefill, total - prefill, len(seqs), sum(s.start_pos + len(s.tokens) for s in seqs),
-                          sum(len(s.tokens) * (s.start_pos + len(s.tokens)) for s in seqs), t_pad, seconds)
+                          sum(len(s.tokens) * (s.start_pos + len(s.tokens)) for s in seqs), t_pad, seconds,
+                          start_s, end_s)
 
     def warmup(self) -> None:
         """Compiles the smallest step (used before timing)."""

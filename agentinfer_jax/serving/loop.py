@@ -58,9 +58,6 @@ class ServingLoop:
         self._thread: threading.Thread | None = None
         self._block_gauges_s = -float("inf")  # when _block_gauges was last counted (monotonic)
         self._block_gauges = (0, 0)  # (blocks in use, evictable cached blocks)
-        # Called on the loop thread after each executed step as (batch, start_s, end_s), perf_counter
-        # seconds: step timelines for cost models and projections.
-        self.step_observers: list[Callable[[SchedulerOutput, float, float], None]] = []
 
     # ---- any thread ----------------------------------------------------------------------------
 
@@ -130,10 +127,7 @@ class ServingLoop:
         try:
             t0 = time.perf_counter()
             new_tokens = self.executor.execute(out)
-            t1 = time.perf_counter()
-            self.scheduler.observe_step(out, t1 - t0)
-            for observe in self.step_observers:
-                observe(out, t0, t1)
+            self.scheduler.observe_step(out, time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - one bad request must not take the loop or its batch down
             log.exception("step failed; re-running its %d sequences one by one", len(out.seqs))
             out, new_tokens = self._isolate_failure(out)
