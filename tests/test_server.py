@@ -267,19 +267,26 @@ def test_any_int64_seed_is_folded_and_out_of_range_is_a_400_naming_seed(server, 
     assert server.stack.loop.is_running
 
 
-def _slow_steps(stack, seconds):
-    """Makes every step take at least `seconds` (a step observer), so a long request stays running."""
-    def observer(*_):
-        time.sleep(seconds)
-    stack.loop.step_observers.append(observer)
-    return observer
+class _SlowExecutor:
+    """Wraps the loop's executor so that every step takes `seconds` more (a long request stays running)."""
+
+    def __init__(self, stack, seconds):
+        self.stack, self.inner, self.seconds = stack, stack.loop.executor, seconds
+        stack.loop.executor = self
+
+    def execute(self, batch):
+        time.sleep(self.seconds)
+        return self.inner.execute(batch)
+
+    def restore(self):
+        self.stack.loop.executor = self.inner
 
 
 def test_non_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
     import socket
 
     stack = server.stack
-    observer = _slow_steps(stack, 0.05)  # 200 tokens >= 10 s: only an abort ends it early
+    slow = _SlowExecutor(stack, 0.05)  # 200 tokens >= 10 s: only an abort ends it early
     try:
         body = json.dumps({"model": model_name(server), "prompt": random_prompt(random.Random(21), 40),
                            "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0, "ignore_eos": True}).encode()
@@ -301,7 +308,7 @@ def test_non_stream_disconnect_aborts_the_request_and_frees_its_blocks(server):
         assert m.finish_reason == "abort" and m.output_tokens < MAX_TOKENS_LIMIT
         assert wait_until(lambda: not stack.scheduler.running and stack.pool.num_used == len(stack.prefix_cache))
     finally:
-        stack.loop.step_observers.remove(observer)
+        slow.restore()
 
 
 def test_chat_without_max_tokens_may_use_the_rest_of_the_context(server, client):
@@ -353,7 +360,7 @@ def _gauges(server):
 def test_gauges_follow_every_state_change_and_exclude_evictable_cache_blocks(server):
     stack = server.stack
     capacity = stack.pool.num_blocks - 1
-    observer = _slow_steps(stack, 0.05)
+    slow = _SlowExecutor(stack, 0.05)
     try:
         body = {"model": model_name(server), "prompt": random_prompt(random.Random(33), 40),
                 "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -380,7 +387,7 @@ def test_gauges_follow_every_state_change_and_exclude_evictable_cache_blocks(ser
         g = _gauges(server)
         assert g["agentinfer_blocks_cached_evictable"] == stack.pool.num_used == len(stack.prefix_cache) > 0
     finally:
-        stack.loop.step_observers.remove(observer)
+        slow.restore()
 
 
 def test_prompts_are_tokenized_off_the_event_loop(server, client):
