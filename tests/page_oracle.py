@@ -8,8 +8,10 @@ request's true token sequence, computed without any paging: the independent refe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
+from agentinfer_jax.engine.step_batch import PREVIOUS_TOKEN, StepBatch
 from agentinfer_jax.serving.scheduler import Scheduler, SchedulerOutput
 
 _MOD = (1 << 61) - 1
@@ -65,6 +67,33 @@ class PageOracleExecutor:
                     break
             result[seq.request_id] = toks
         return result
+
+
+class PipelinedOracleExecutor(PageOracleExecutor):
+    """The oracle with the engine's overlap contract: `dispatch` a step whose sequences may start
+    with PREVIOUS_TOKEN (the request's newest token from the step dispatched just before, which the
+    planner could not know), `collect` it later. A placeholder resolved wrongly changes the pages
+    and so every later token."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._last: dict[str, int] = {}
+        self.placeholders = 0
+
+    def dispatch(self, out: StepBatch) -> dict[str, list[int]]:
+        seqs = []
+        for s in out.seqs:
+            if PREVIOUS_TOKEN in s.tokens:
+                assert s.tokens.index(PREVIOUS_TOKEN) == 0 and s.request_id in self._last
+                s = dataclasses.replace(s, tokens=(self._last[s.request_id],) + s.tokens[1:])
+                self.placeholders += 1
+            seqs.append(s)
+        result = self.execute(StepBatch(seqs))
+        self._last = {rid: toks[-1] for rid, toks in result.items()}
+        return result
+
+    def collect(self, pending: dict[str, list[int]]) -> dict[str, list[int]]:
+        return pending
 
 
 def run_until_done(sched: Scheduler, ex: PageOracleExecutor, max_steps: int = 100_000, on_step=None) -> int:

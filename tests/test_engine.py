@@ -225,3 +225,45 @@ def test_compile_all_then_serving_compiles_nothing(model, requests, reference):
         out, _, _ = run(model, requests, subset=subset, drafter=drafter, k=k, ec=ec, engine=engine, blocks=24)
         assert out == [reference[i] for i in subset]
     assert engine.num_compilations == len(shapes)
+
+
+@pytest.mark.parametrize("variant", ["overlap", "overlap_tight_pool", "overlap_sam_adaptive", "overlap_sampled"])
+def test_overlapped_serving_loop_matches_reference(model, requests, reference, variant):
+    """Host/device overlap: the loop plans and dispatches step n+1 (feeding the tokens step n
+    samples straight from the device) before step n's result is on the host; lossless, no leaks."""
+    from agentinfer_jax.serving.loop import ServingLoop
+    memory = SessionMemory(top_k=2, global_min_rebuild=8)
+    kw = {"overlap": {}, "overlap_tight_pool": dict(blocks=14, budget=64),
+          "overlap_sam_adaptive": dict(k=4, drafter=SAMDrafter(memory),
+                                       adaptive=AdaptiveSpeculation(MeasuredStepCost(), k_choices=(1, 2, 4))),
+          "overlap_sampled": {}}[variant]
+    sampled = variant == "overlap_sampled"
+    subset = list(range(12))
+
+    def serve(overlap):
+        engine = Engine(model, EC)
+        pool = BlockPool(kw.get("blocks", 64))
+        cfg = dataclasses.replace(EC.scheduler_config(CFG, kw.get("k", 0)),
+                                  max_tokens_per_step=kw.get("budget", EC.max_tokens_per_step))
+        sched = Scheduler(cfg, pool, PrefixCache(8, pool), drafter=kw.get("drafter"), adaptive=kw.get("adaptive"))
+        loop = ServingLoop(sched, engine, overlap=overlap)
+        reqs = [Request(f"r{i}", requests[i][0],
+                        SamplingParams(max_tokens=requests[i][1], temperature=1.0 if sampled else 0.0, seed=i),
+                        session_id=f"s{i % 3}") for i in subset]
+        for r in reqs:
+            loop.submit(r)
+        loop.run_until_idle()
+        sched.prefix_cache.evict(pool.num_used)
+        assert pool.num_used == 0
+        if overlap and "drafter" not in kw:
+            assert engine.num_fed_on_device > 0
+        return [r.output_tokens for r in reqs], reqs
+
+    out, reqs = serve(True)
+    memory.close()
+    if sampled:
+        assert out == serve(False)[0]
+    else:
+        assert out == [reference[i] for i in subset]
+    if "drafter" in kw:  # drafting and planning ahead took turns
+        assert sum(r.num_verify_steps for r in reqs) > 0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import random
 import threading
+
+import pytest
 
 from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.serving.loop import ServingLoop
 from agentinfer_jax.serving.request import Request, SamplingParams
 from agentinfer_jax.serving.scheduler import Scheduler, SchedulerConfig
-from page_oracle import PageOracleExecutor, reference_generate
+from page_oracle import PageOracleExecutor, PipelinedOracleExecutor, reference_generate
 
 VOCAB = 50
 
@@ -102,3 +105,108 @@ def test_background_thread_serves_and_shuts_down():
     finally:
         loop.shutdown()
     assert out == reference_generate([3, 1, 4], 6, VOCAB)
+
+
+# ---- host/device overlap: step n+1 planned and dispatched before step n's tokens are on the host ----
+
+def _overlap_run(overlap: bool, seed: int, blocks: int = 22):
+    """Many requests (shared prefixes, stop ids, stop strings, cancels, a pool small enough to
+    preempt) through the loop; returns each request's streamed tokens, finish reason, the pool."""
+    rng = random.Random(seed)
+    pool = BlockPool(blocks)
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=6, max_tokens_per_step=24, max_model_len=120,
+                                      vocab_size=VOCAB, eos_token_ids=(7,)), pool, PrefixCache(4, pool))
+    ex = PipelinedOracleExecutor(blocks, 4, VOCAB)
+    loop = ServingLoop(sched, ex, detokenize=detok, overlap=overlap)
+    shared = [rng.randrange(1, VOCAB) for _ in range(9)]
+    streams, finals, specs = {}, {}, {}
+    for i in range(24):
+        prompt = (shared if i % 3 else []) + [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 14))]
+        sp = SamplingParams(max_tokens=rng.randint(1, 30), ignore_eos=i % 4 == 0,
+                            stop=("q",) if i % 5 == 0 else ())
+        cancel_after = rng.randint(1, 6) if i % 7 == 3 else None
+        specs[f"r{i}"] = (prompt, sp, cancel_after)
+
+        def cb(ev, rid=f"r{i}", cancel_after=cancel_after):
+            streams.setdefault(rid, []).extend(ev.new_tokens)
+            if ev.finished:
+                finals[rid] = ev
+            elif cancel_after is not None and len(streams[rid]) >= cancel_after:
+                loop.cancel(rid)
+
+        loop.submit(Request(f"r{i}", prompt, sp), cb)
+    loop.run_until_idle()
+    return streams, finals, specs, pool, sched, ex
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overlap_streams_exactly_what_the_synchronous_loop_streams(seed):
+    sync = _overlap_run(False, seed)
+    over = _overlap_run(True, seed)
+    streams, finals, specs, pool, sched, ex = over
+    assert ex.placeholders > 0, "no step was planned ahead"
+    assert sched.num_preemptions > 0  # preempted (synchronously) between steps planned ahead
+    for rid, (prompt, sp, cancel_after) in specs.items():
+        stops = () if sp.ignore_eos else (7,)
+        ref = reference_generate(prompt, sp.max_tokens, VOCAB, stop_ids=stops)
+        got = streams.get(rid, [])
+        assert got == ref[:len(got)], rid  # every streamed token is the model's
+        if cancel_after is None:
+            assert finals[rid].text == sync[1][rid].text and finals[rid].finish_reason == sync[1][rid].finish_reason
+            if "q" not in (finals[rid].text or "") and sp.stop == ():
+                assert got == ref, rid
+        else:
+            assert finals[rid].finish_reason in ("abort", "length", "stop")
+    sched.prefix_cache.evict(pool.num_used)
+    assert pool.num_used == 0  # nothing leaked, whatever ended mid-flight
+
+
+def test_overlap_replay_feeds_the_record_not_the_models_token():
+    """A replayed request emits its record; planned ahead, it must feed the record too, so its KV
+    (read back by a later request sharing that prefix) is the record's."""
+    pool = BlockPool(64)
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=4, max_tokens_per_step=16, max_model_len=100,
+                                      vocab_size=VOCAB), pool, PrefixCache(4, pool))
+    ex = PipelinedOracleExecutor(64, 4, VOCAB)
+    loop = ServingLoop(sched, ex, overlap=True)
+    prompt, record = [3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2]
+    rec = Request("rec", prompt, SamplingParams(max_tokens=len(record)), forced_output=record)
+    loop.submit(rec)
+    loop.run_until_idle()
+    assert rec.output_tokens == record
+    assert ex.placeholders == 0  # the record, never a placeholder, was fed
+    follow = Request("next", prompt + record, SamplingParams(max_tokens=5))
+    got = []
+    loop.submit(follow, lambda ev: got.extend(ev.new_tokens))
+    loop.run_until_idle()
+    assert follow.num_cached_tokens >= 12  # read the replayed blocks back from the prefix cache
+    assert got == reference_generate(prompt + record, 5, VOCAB)
+
+
+def test_overlap_dispatch_failure_isolates_the_bad_request():
+    class FlakyPipelined(PipelinedOracleExecutor):
+        def dispatch(self, out):
+            if any(s.request_id == "boom" for s in out.seqs):
+                raise RuntimeError("device fault")
+            return super().dispatch(out)
+
+        def execute(self, out):
+            if any(s.request_id == "boom" for s in out.seqs):
+                raise RuntimeError("device fault")
+            return super().execute(out)
+
+    pool = BlockPool(64)
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=8, max_tokens_per_step=32, max_model_len=200,
+                                      vocab_size=VOCAB), pool, PrefixCache(4, pool))
+    loop = ServingLoop(sched, FlakyPipelined(64, 4, VOCAB), overlap=True)
+    got, final = {}, {}
+    for rid, prompt, n in (("ok1", [1, 2, 3], 20), ("boom", [4, 5, 6], 5), ("ok2", [7, 8, 9], 12)):
+        loop.submit(Request(rid, prompt, SamplingParams(max_tokens=n)),
+                    lambda ev, rid=rid: (got.setdefault(rid, []).extend(ev.new_tokens),
+                                         ev.finished and final.setdefault(rid, ev)))
+    loop.run_until_idle()
+    assert final["boom"].finish_reason == "abort" and "device fault" in final["boom"].error
+    assert got["ok1"] == reference_generate([1, 2, 3], 20, VOCAB)
+    assert got["ok2"] == reference_generate([7, 8, 9], 12, VOCAB)
+    sched.prefix_cache.evict(pool.num_used)
+    assert pool.num_used == 0

@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from agentinfer_jax.engine.paged import PagedAttention, PagedMeta
 from agentinfer_jax.engine.sampling import SamplingArrays, verify_rows
-from agentinfer_jax.engine.step_batch import StepBatch, StepLimits, StepSeq, pack_step
+from agentinfer_jax.engine.step_batch import PREVIOUS_TOKEN, StepBatch, StepLimits, StepSeq, pack_step
 from agentinfer_jax.model.config import ModelConfig
 from agentinfer_jax.model.sharding import paged_cache_sharding, shard_state
 
@@ -143,18 +143,35 @@ class StaticGraph:
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "backend"), donate_argnames=("kv",))
-def _engine_step(graph, backend, state, kv, tokens, positions, meta, rows, drafts, num_drafts, sample_pos,
-                 sampling):
-    """Forward over the ragged batch, then verification/sampling; returns [S, 1 + K+1] on device:
-    column 0 the number of new tokens, then the tokens."""
+def _engine_step(graph, backend, state, kv, tokens, prev_last, prev_row, positions, meta, rows, drafts, num_drafts,
+                 sample_pos, sampling):
+    """Forward over the ragged batch, then verification/sampling; returns ([S, 1 + K+1], last, kv) on
+    device: column 0 the number of new tokens, then the tokens; `last` [max_num_seqs] each
+    sequence's newest token, which the next step can feed without a trip to the host (token rows
+    with prev_row >= 0 take prev_last[prev_row]: host/device overlap)."""
     _TRACES[0] += 1
+    tokens = jnp.where(prev_row >= 0, prev_last[jnp.maximum(prev_row, 0)], tokens)
     model = nnx.merge(graph.graphdef, state)
     x, kv = model.hidden(tokens[None], positions[None], kv, meta, backend)
     x = x[0]
     if rows.size < x.shape[0]:  # static: the LM head only on rows that predict a token (prefill)
         x, rows = x[rows.reshape(-1)], jnp.arange(rows.size, dtype=jnp.int32).reshape(rows.shape)
     out_tokens, num_new = verify_rows(model.logits(x), rows, drafts, num_drafts, sampling, sample_pos)
-    return jnp.concatenate([num_new[:, None], out_tokens], axis=1), kv
+    last = jnp.take_along_axis(out_tokens, (num_new - 1)[:, None], axis=1)[:, 0]
+    n = min(last.shape[0], prev_last.shape[0])
+    last = jnp.zeros_like(prev_last).at[:n].set(last[:n])
+    return jnp.concatenate([num_new[:, None], out_tokens], axis=1), last, kv
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A dispatched step whose result is still on the device (`Engine.collect` fetches it)."""
+
+    seqs: Sequence[StepSeq]
+    result: jax.Array  # [S, 1 + K+1] on device
+    t_pad: int
+    start_s: float  # perf_counter when dispatch began (batch building)
+    call_s: float  # perf_counter when the jitted call was made (the device may start then)
 
 
 @dataclasses.dataclass
@@ -168,7 +185,7 @@ class StepRecord:
     attended_pairs: int  # sum of q_len * kv_len
     padded_tokens: int
     seconds: float  # the jitted step (dispatch, run, result copy)
-    start_s: float = 0.0  # time.perf_counter() when execute began (batch building included)
+    start_s: float = 0.0  # perf_counter when its batch building began, or the step before it ended if later
     end_s: float = 0.0  # time.perf_counter() when its result was on host
 
 
@@ -208,6 +225,14 @@ class Engine:
         self.record_steps = record_steps
         self.steps: list[StepRecord] = []
         self.last_timing = StepTiming(0.0, 0.0)
+        # The newest token of each sequence of the last dispatched step, on device, and the row of
+        # each of its request ids: what a PREVIOUS_TOKEN placeholder in the next step reads.
+        self._prev_last = jnp.zeros(self.seq_buckets[-1], jnp.int32)
+        if mesh is not None:
+            self._prev_last = jax.device_put(self._prev_last, jax.sharding.NamedSharding(mesh, jax.P()))
+        self._prev_rows: dict[str, int] = {}
+        self._last_done_s = 0.0  # when the last collected step's result reached the host
+        self.num_fed_on_device = 0  # PREVIOUS_TOKEN feeds (tokens that never waited for the host)
         cache_dir = config.compilation_cache_dir or os.environ.get("AGENTINFER_JAX_CACHE_DIR")
         if cache_dir:
             enable_compilation_cache(cache_dir)
@@ -216,10 +241,20 @@ class Engine:
 
     def execute(self, batch: StepBatch) -> dict[str, list[int]]:
         """Runs one step; returns the model's tokens (accepted drafts + one) per sampling request id."""
+        pending = self.dispatch(batch)
+        return {} if pending is None else self.collect(pending)
+
+    def dispatch(self, batch: StepBatch) -> PendingStep | None:
+        """Starts one step on the device and returns without waiting for it (None for an empty batch).
+
+        A sequence whose tokens[0] is PREVIOUS_TOKEN feeds the token its request got from the step
+        dispatched just before this one, read on the device: the host can plan and dispatch step
+        n+1 while step n runs. Steps run in dispatch order; collect each one exactly once.
+        """
         t_start = time.perf_counter()
         seqs = batch.seqs
         if not seqs:
-            return {}
+            return None
         cfg, bs = self.config, self.config.block_size
         # Draft width: K when any slot drafts, else 0. A K-wide step scores K+1 rows per slot even
         # without drafts, which on CPU costs ~1.6x a plain decode step; two widths double the
@@ -229,9 +264,18 @@ class Engine:
         t_pad = _bucket(t_real, self.token_buckets)
         s_pad = _bucket(len(seqs), self.seq_buckets)
 
+        prev_row = np.full(t_pad, -1, np.int32)
+        at = 0
         for s in seqs:
             if s.num_draft > cfg.max_draft_tokens:
                 raise ValueError(f"{s.num_draft} drafts exceed the engine's max_draft_tokens={cfg.max_draft_tokens}")
+            if PREVIOUS_TOKEN in s.tokens:
+                if s.tokens.index(PREVIOUS_TOKEN) != 0 or s.request_id not in self._prev_rows:
+                    raise ValueError(f"{s.request_id}: PREVIOUS_TOKEN must be the first token of a request "
+                                     "that sampled in the step dispatched just before")
+                prev_row[at] = self._prev_rows[s.request_id]
+                self.num_fed_on_device += 1
+            at += len(s.tokens)
         (tokens, positions, slots, kv_lens, pages, cu, rows, drafts, num_drafts, sample_pos, temp, top_k, top_p,
          seed) = pack_step(seqs, block_size=bs, max_pages=self.max_pages, draft_width=k, num_tokens=t_pad,
                            num_seqs=s_pad)
@@ -242,18 +286,30 @@ class Engine:
         # jnp.asarray per array from Python.
         meta = PagedMeta(slots, kv_lens, pages, cu, np.int32(len(seqs)))
         sampling = SamplingArrays(temp, top_k, top_p, seed)
-        t0 = time.perf_counter()
         traces = _TRACES[0]
+        t_call = time.perf_counter()
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            result, self.kv = _engine_step(self.graph, self.backend, self.state, self.kv, tokens, positions, meta,
-                                           rows, drafts, num_drafts, sample_pos, sampling)
-        result = np.asarray(result)  # the one device-to-host transfer of the step
+            result, self._prev_last, self.kv = _engine_step(
+                self.graph, self.backend, self.state, self.kv, tokens, self._prev_last, prev_row, positions, meta,
+                rows, drafts, num_drafts, sample_pos, sampling)
         self.num_compilations += _TRACES[0] - traces
+        self._prev_rows = {s.request_id: i for i, s in enumerate(seqs) if s.samples}
+        return PendingStep(seqs, result, t_pad, t_start, t_call)
+
+    def collect(self, pending: PendingStep) -> dict[str, list[int]]:
+        """Waits for a dispatched step; returns its tokens per sampling request id."""
+        result = np.asarray(pending.result)  # the one device-to-host transfer of the step
         t_done = time.perf_counter()
-        self.last_timing = StepTiming(t0 - t_start, t_done - t0)
+        # The device starts a step at its call or when the step before it is done, whichever is later.
+        t_run = max(pending.call_s, self._last_done_s)
+        # Records never overlap: a step planned ahead starts, for the record, when the one before ended.
+        t_start = max(pending.start_s, self._last_done_s)
+        self._last_done_s = t_done
+        self.last_timing = StepTiming(pending.call_s - pending.start_s, t_done - t_run)
         if self.record_steps:
-            self.steps.append(self._record(seqs, t_pad, t_done - t0, t_start, t_done))
-        return {s.request_id: result[i, 1:1 + result[i, 0]].tolist() for i, s in enumerate(seqs) if s.samples}
+            self.steps.append(self._record(pending.seqs, pending.t_pad, t_done - t_run, t_start, t_done))
+        return {s.request_id: result[i, 1:1 + result[i, 0]].tolist() for i, s in enumerate(pending.seqs)
+                if s.samples}
 
     @staticmethod
     def _record(seqs: Sequence[StepSeq], t_pad: int, seconds: float, start_s: float, end_s: float) -> StepRecord:

@@ -131,6 +131,12 @@ class DecodeState:
 _GENERATE_TRACES = [0]  # incremented at trace time of _generate_step
 
 
+def _no_previous(tokens):
+    """The engine step's overlap inputs when no token comes from a previous step (slots fill
+    their tokens themselves)."""
+    return jnp.zeros(1, jnp.int32), jnp.full(tokens.shape, -1, jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("graph", "backend"), donate_argnames=("kv",))
 def _generate_step(graph, backend, state, kv, next_token, inserted_token, seq_slot, step, meta, sampling, active,
                    num_sampled):
@@ -145,8 +151,8 @@ def _generate_step(graph, backend, state, kv, next_token, inserted_token, seq_sl
     live = jnp.arange(seqs) < meta.num_seqs
     fed = jnp.where(live, fed_by_slot[seq_slot], 0)
     tokens = step.tokens.at[:seqs].set(fed)
-    out, kv = _engine_step(graph, backend, state, kv, tokens, step.positions, meta, step.rows, step.drafts,
-                           step.num_drafts, step.sample_pos, sampling)
+    out, _, kv = _engine_step(graph, backend, state, kv, tokens, *_no_previous(tokens), step.positions, meta,
+                              step.rows, step.drafts, step.num_drafts, step.sample_pos, sampling)
     target = jnp.where(live, seq_slot, num_slots)  # padding sequences scatter nowhere
     new_token = next_token.at[target].set(out[:, 1], mode="drop")
     fed_col = jnp.zeros(num_slots, jnp.int32).at[target].set(fed, mode="drop")
@@ -273,9 +279,9 @@ class SlotEngine:
                              jnp.asarray(a.cu_q_lens), jnp.asarray(1, jnp.int32))
             sampling_arrays = SamplingArrays(jnp.asarray(a.temperature), jnp.asarray(a.top_k), jnp.asarray(a.top_p),
                                              jnp.asarray(a.seed))
-            [result] = self._count(lambda: _engine_step(
+            [result, _] = self._count(lambda: _engine_step(
                 eng.graph, eng.backend, eng.state if params is None else params, eng.kv,
-                jnp.asarray(a.tokens), jnp.asarray(a.positions), meta, jnp.asarray(a.rows), jnp.asarray(a.drafts),
+                jnp.asarray(a.tokens), *_no_previous(a.tokens), jnp.asarray(a.positions), meta, jnp.asarray(a.rows), jnp.asarray(a.drafts),
                 jnp.asarray(a.num_drafts), jnp.asarray(a.sample_pos), sampling_arrays))
         return result
 

@@ -21,7 +21,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["StepLimits", "SeqSampling", "StepSeq", "StepBatch", "StepArrays", "pack_step", "default_seed"]
+__all__ = ["PREVIOUS_TOKEN", "StepLimits", "SeqSampling", "StepSeq", "StepBatch", "StepArrays", "pack_step", "default_seed"]
+
+
+# A token not yet on the host: the one its request sampled in the step dispatched just before this
+# one. Only as a sequence's first token; the engine reads it on the device (host/device overlap).
+PREVIOUS_TOKEN = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +75,8 @@ class StepSeq:
 
     request_id: str
     start_pos: int  # position of tokens[0] (the request's computed tokens)
-    tokens: tuple[int, ...]  # tokens fed: a prefill chunk, or (newest token,) + drafts
+    tokens: tuple[int, ...]  # tokens fed: a prefill chunk, or (newest token,) + drafts; the newest
+    # token may be PREVIOUS_TOKEN while the step that samples it still runs
     num_draft: int  # how many of `tokens` (at the end) are drafts to verify
     block_ids: tuple[int, ...]  # the block table, covering every fed position
     sampling: SeqSampling = SeqSampling()

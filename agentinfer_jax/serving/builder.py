@@ -70,6 +70,7 @@ class ServerConfig:
     kv_dtype: str | None = None  # KV pool dtype; None = the model's activation dtype
     interpret: bool = False  # Pallas interpret mode (CPU tests of the GPU kernel)
     mesh_shape: tuple[int, int] | None = None  # (data, model) devices to shard the engine over; None = one
+    overlap: bool = True  # plan and dispatch step n+1 while step n runs (host/device overlap)
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.config is None):
@@ -276,7 +277,8 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, 
     retention = SessionRetention(pool, config.retention_ttl_s) if config.retention_ttl_s > 0 else None
     scheduler = Scheduler(sched_config, pool, prefix_cache, policy, drafter=drafter,
                           retention=retention, adaptive=adaptive)
-    loop = ServingLoop(scheduler, engine, detokenize=SafeDetokenizer(tokenizer), metrics=metrics)
+    loop = ServingLoop(scheduler, engine, detokenize=SafeDetokenizer(tokenizer), metrics=metrics,
+                       overlap=config.overlap)
     return ServingStack(config, config.model_name or default_name, model_config, model, tokenizer, engine, pool,
                         prefix_cache, scheduler, loop, memory)
 

@@ -50,6 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="always draft k tokens (default: k per request from measured step cost and acceptance)")
     p.add_argument("--mesh", type=_mesh_shape, metavar="DATA,MODEL",
                    help="shard the engine over DATA x MODEL devices (KV heads and weights on MODEL)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="wait for each step before planning the next (default: plan step n+1 while n runs)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="fcfs")
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--retention-ttl", type=float, default=0.0, help="session KV retention seconds (0 = off)")
@@ -66,7 +68,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_tokens_per_step=args.max_tokens_per_step, max_model_len=args.max_model_len, drafter=args.drafter,
         num_draft_tokens=args.num_draft_tokens, policy=args.policy, prefix_cache=not args.no_prefix_cache,
-        retention_ttl_s=args.retention_ttl, adaptive_draft=not args.no_adaptive_draft, mesh_shape=args.mesh)
+        retention_ttl_s=args.retention_ttl, adaptive_draft=not args.no_adaptive_draft, mesh_shape=args.mesh,
+        overlap=not args.no_overlap)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

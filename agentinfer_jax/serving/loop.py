@@ -7,6 +7,7 @@ caller's (`step()`, `run_until_idle()`); only that thread touches the scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from agentinfer_jax.engine.step_batch import StepBatch
+from agentinfer_jax.engine.step_batch import PREVIOUS_TOKEN, StepBatch
 from agentinfer_jax.serving.metrics import ServingMetrics
 from agentinfer_jax.serving.request import FinishReason, Request
 from agentinfer_jax.serving.scheduler import Scheduler, SchedulerOutput
@@ -25,6 +26,9 @@ _BLOCK_GAUGE_PERIOD_S = 0.05  # block gauges' refresh period while requests run
 
 
 class Executor(Protocol):
+    """Runs steps. An executor that also has `dispatch(batch) -> pending` (start without waiting)
+    and `collect(pending) -> tokens` (the JAX engine) lets the loop overlap host and device."""
+
     def execute(self, batch: StepBatch) -> dict[str, Sequence[int]]: ...
 
 
@@ -46,9 +50,13 @@ Callback = Callable[[StreamEvent], None]
 class ServingLoop:
     def __init__(self, scheduler: Scheduler, executor: Executor,
                  detokenize: Callable[[Sequence[int]], str] | None = None,
-                 metrics: ServingMetrics | None = None):
+                 metrics: ServingMetrics | None = None, overlap: bool = True):
+        """`overlap`: plan and dispatch step n+1 while step n runs, where the executor can."""
         self.scheduler = scheduler
         self.executor = executor
+        self.overlap = overlap and hasattr(executor, "dispatch") and hasattr(executor, "collect")
+        self._inflight = None  # (SchedulerOutput, pending) of the dispatched, uncollected step
+        self._last_done_s = 0.0  # when the last step's result was on the host (perf_counter)
         self.detokenize = detokenize
         self.metrics = metrics or ServingMetrics()
         self._inbox: queue.Queue = queue.Queue()
@@ -114,27 +122,81 @@ class ServingLoop:
                     self._deliver_finish(req)
 
     def step(self) -> bool:
-        """Runs one scheduler step; returns False when there was nothing to do."""
+        """Runs one scheduler step; returns False when there was nothing to do.
+
+        With overlap (an executor that can `dispatch` and `collect`), a call plans and dispatches
+        step n+1 (`Scheduler.schedule_ahead`) before it waits for step n, so scheduling, batch
+        building, detokenisation and streaming of one step run while the device computes the next.
+        Steps that verify drafts are not planned ahead (their accepted counts decide the next feed).
+        """
         self._drain_inbox()
-        if not self.scheduler.has_unfinished:
-            return False
-        out = self.scheduler.schedule()
-        if out.empty:
-            self._update_gauges()
-            return bool(self.scheduler.has_unfinished)
-        reqs = {s.request_id: self.scheduler.requests[s.request_id] for s in out.seqs}
-        before = {rid: (len(r.output_tokens), r.last_token_s) for rid, r in reqs.items()}
+        if self._inflight is None:
+            if not self.scheduler.has_unfinished:
+                return False
+            out = self.scheduler.schedule()
+            if out.empty:
+                self._update_gauges()
+                return bool(self.scheduler.has_unfinished)
+            if not self.overlap:
+                self._apply(*self._execute(out))
+                return True
+            self._inflight = self._dispatch(out)
+            return True
+        out, pending, dispatched_s = self._inflight
+        ahead = self.scheduler.schedule_ahead(out)
+        self._inflight = self._dispatch(ahead, planned_ahead=True) if ahead is not None and not ahead.empty else None
+        try:
+            new_tokens = self.executor.collect(pending)
+            self._observe(out, dispatched_s)
+        except Exception:  # noqa: BLE001 - one bad request must not take the loop or its batch down
+            log.exception("step failed; re-running its %d sequences one by one", len(out.seqs))
+            if self._inflight is not None:  # it fed on the failed step's tokens: drop it
+                with contextlib.suppress(Exception):
+                    self.executor.collect(self._inflight[1])
+                self._inflight = None
+            out, new_tokens = self._isolate_failure(out)
+        self._apply(out, new_tokens)
+        return True
+
+    def _execute(self, out: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, Sequence[int]]]:
+        """A synchronous step (no overlap), isolating failures."""
         try:
             t0 = time.perf_counter()
             new_tokens = self.executor.execute(out)
-            self.scheduler.observe_step(out, time.perf_counter() - t0)
+            self._observe(out, t0)
+            return out, new_tokens
         except Exception:  # noqa: BLE001 - one bad request must not take the loop or its batch down
             log.exception("step failed; re-running its %d sequences one by one", len(out.seqs))
-            out, new_tokens = self._isolate_failure(out)
+            return self._isolate_failure(out)
+
+    def _dispatch(self, out: SchedulerOutput, planned_ahead: bool = False):
+        """Starts `out` on the executor: (out, pending, when) in flight, or None when it could not
+        start (a step planned ahead is then planned again after the step in flight; any other is
+        re-run one sequence at a time)."""
+        try:
+            return out, self.executor.dispatch(out), time.perf_counter()
+        except Exception:  # noqa: BLE001
+            if planned_ahead:
+                log.exception("dispatch of a step planned ahead failed; planning it again")
+                return None
+            log.exception("step failed; re-running its %d sequences one by one", len(out.seqs))
+            self._apply(*self._isolate_failure(out))
+            return None
+
+    def _observe(self, out: SchedulerOutput, dispatched_s: float) -> None:
+        """Feeds the step's time to the scheduler: from when the device could start it (its dispatch,
+        or the end of the step before) to its result."""
+        now = time.perf_counter()
+        self.scheduler.observe_step(out, now - max(dispatched_s, self._last_done_s))
+        self._last_done_s = now
+
+    def _apply(self, out: SchedulerOutput, new_tokens: dict[str, Sequence[int]]) -> None:
+        """Updates the scheduler with an executed step and streams what it produced."""
+        reqs = {s.request_id: r for s in out.seqs if (r := self.scheduler.requests.get(s.request_id)) is not None}
+        before = {rid: (len(r.output_tokens), r.last_token_s) for rid, r in reqs.items()}
         finished = self.scheduler.update(out, new_tokens)
-        for s in out.seqs:
-            req = reqs[s.request_id]
-            n0, last = before[req.request_id]
+        for rid, req in reqs.items():
+            n0, last = before[rid]
             fresh = req.output_tokens[n0:]
             if not fresh:
                 continue
@@ -147,7 +209,6 @@ class ServingLoop:
         for req in finished:
             self._deliver_finish(req, new=req.output_tokens[before[req.request_id][0]:])
         self._update_gauges()
-        return True
 
     def _update_gauges(self) -> None:
         """Blocks in use exclude those only the prefix cache holds (evictable: free on demand).
@@ -169,6 +230,11 @@ class ServingLoop:
         """Runs each sequence of a failed step alone; aborts only those that fail by themselves."""
         ok, tokens = [], {}
         for seq in out.seqs:
+            req = self.scheduler.requests.get(seq.request_id)
+            if req is None or req.done:
+                continue
+            if seq.tokens[:1] == (PREVIOUS_TOKEN,):  # planned ahead: its token is on the host by now
+                seq = dataclasses.replace(seq, tokens=(req.all_tokens[seq.start_pos],) + seq.tokens[1:])
             try:
                 tokens.update(self.executor.execute(SchedulerOutput([seq], [], 0)))
                 ok.append(seq)

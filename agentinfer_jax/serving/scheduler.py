@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from agentinfer_jax.engine.step_batch import SeqSampling, StepBatch, StepLimits, StepSeq
+from agentinfer_jax.engine.step_batch import PREVIOUS_TOKEN, SeqSampling, StepBatch, StepLimits, StepSeq
 from agentinfer_jax.serving.policies import FCFS, AdmissionPolicy, CacheView, Candidate
 from agentinfer_jax.serving.request import (FinishReason, InvalidRequestError, Request, RequestState,
                                             SamplingParams)
@@ -168,6 +168,32 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        return self._schedule(None)
+
+    def schedule_ahead(self, inflight: StepBatch) -> SchedulerOutput | None:
+        """Plans the step after `inflight` while `inflight` still runs (host/device overlap).
+
+        Each request of `inflight` is planned as if that step had fed its tokens; one that samples
+        there feeds PREVIOUS_TOKEN (the engine reads it on the device). None when the next step
+        cannot be planned blind: `inflight` verifies drafts (how many are accepted is unknown) or a
+        request in it would draft next (drafts follow its newest token). Planning ahead never
+        preempts; a request that may finish in `inflight` is left out (if it does not finish, the
+        next step picks it up). After this, `update(inflight)` and then `update(the result)`.
+        """
+        ahead = {}
+        for seq in inflight.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.done or req.state is not RequestState.RUNNING:
+                continue
+            if seq.num_draft:
+                return None
+            if seq.samples and self._draft_len(req, 1) > 0:
+                return None
+            ahead[seq.request_id] = seq
+        return self._schedule(ahead)
+
+    def _schedule(self, ahead: dict[str, StepSeq] | None) -> SchedulerOutput:
+        """`ahead`: None for a step after every update; else the in-flight step's seqs by id."""
         now = self.clock()
         if self.retention is not None:
             self.retention.expire(now)
@@ -188,6 +214,15 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             fed = min(self.config.max_tokens_per_step - budget + rest[i], self.config.max_tokens_per_step)
+            if ahead is not None:
+                plan = self._plan_ahead(req, ahead.get(req.request_id), budget)
+                if plan is False:  # out of blocks: no preemption while a step runs
+                    break
+                if plan is not None:
+                    seqs.append(plan)
+                    budget -= len(plan.tokens)
+                i += 1
+                continue
             seq = self._plan_running(req, budget, fed)
             while seq is None:
                 victim = self.running[-1]
@@ -203,7 +238,8 @@ class Scheduler:
             i += 1
 
         # Then admission, in the policy's order, first feasible.
-        if self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        if (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+                and (ahead is None or i == len(self.running))):
             budget = self._admit(now, budget, seqs)
         self.num_steps += 1
         return SchedulerOutput(seqs, preempted, len(self.waiting))
@@ -327,6 +363,37 @@ class Scheduler:
         return StepSeq(req.request_id, start, tuple(tokens), len(drafts), tuple(req.block_ids),
                        SeqSampling.resolve(req.sampling, req.request_id),
                        samples=start + len(tokens) - len(drafts) == req.num_tokens)
+
+    def _plan_ahead(self, req: Request, inflight: StepSeq | None, budget: int) -> StepSeq | None | bool:
+        """`req`'s feed in the step after the in-flight one (no drafts); None when it sits this one
+        out, False when blocks ran out."""
+        if inflight is None:
+            start, pending = req.num_computed_tokens, req.tokens_from(req.num_computed_tokens)
+            if len(pending) == 1 and self._draft_len(req, 1) > 0:
+                return None  # it drafts once it is planned after an update
+        else:
+            start = inflight.start_pos + len(inflight.tokens)
+            if inflight.samples:
+                room = min(req.sampling.max_tokens - len(req.output_tokens), self.config.max_model_len - req.num_tokens)
+                if room <= 1:
+                    return None  # its in-flight token is its last
+                forced, n_out = req.forced_output, len(req.output_tokens)
+                if forced is None:
+                    pending = [PREVIOUS_TOKEN]
+                elif n_out < len(forced):
+                    pending = [forced[n_out]]  # replay: update() will emit the record, so feed it
+                else:
+                    return None  # past its record: the model's token decides
+            else:
+                pending = req.tokens_from(start)
+        pending = pending[:budget]
+        new = self._allocate(self._blocks_needed(req, start + len(pending)))
+        if new is None:
+            return False
+        req.block_ids.extend(new)
+        n_tokens = req.num_tokens + (1 if inflight is not None and inflight.samples else 0)
+        return StepSeq(req.request_id, start, tuple(pending), 0, tuple(req.block_ids),
+                       SeqSampling.resolve(req.sampling, req.request_id), samples=start + len(pending) == n_tokens)
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks of the request's tokens, leaving at least one token to compute."""
