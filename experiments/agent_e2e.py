@@ -58,7 +58,7 @@ from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_eng
 from agentinfer_jax.speculation import SessionMemory
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 from agentinfer_jax.workloads.cost_model import StepCostModel, StepFeatures
-from agentinfer_jax.workloads.projection import CallWindow, StepTimeline, TimedStep, project_session
+from agentinfer_jax.workloads.projection import CallWindow, StepTimeline, TimedStep, ToolWait, project_session
 from agentinfer_jax.workloads.replay import (HIT_RATES_PATH, HitRates, RecordedSession, TraceProgressController,
                                              TraceReplay, TraceTool, derive_hit_rates, record_session)
 from agentinfer_jax.workloads.sessions import poisson_arrivals
@@ -227,7 +227,8 @@ def projected_latencies(results: list[AgentResult], client: EngineClient, steps:
     windows: dict[str | None, list[CallWindow]] = collections.defaultdict(list)
     for rec in client.records:
         windows[rec.session_id].append(CallWindow(rec.role, rec.started_s, rec.finished_s))
-    return [project_session(r.metrics.wall_s, windows[r.metrics.session_id], timelines) for r in results]
+    return [project_session(r.metrics.wall_s, windows[r.metrics.session_id], timelines,
+                            [ToolWait(*w) for w in r.metrics.tool_waits]) for r in results]
 
 
 def percentile(xs: Sequence[float], q: float) -> float:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from absl import app, flags
 from flax import nnx
 
 from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR, Engine, EngineConfig, StaticGraph, enable_compilation_cache
-from agentinfer_jax.engine.step_batch import StepBatch, StepSeq
+from agentinfer_jax.engine.step_batch import PREVIOUS_TOKEN, StepBatch, StepSeq
 from agentinfer_jax.model.attention import ContiguousAttention, ContiguousMeta
 from agentinfer_jax.model.transformer import init_cache, init_model
 from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack, load_model_config
@@ -70,6 +71,7 @@ flags.DEFINE_integer("efficiency_context", 512, "Cached tokens per sequence befo
 flags.DEFINE_bool("fine_token_buckets", True, "Efficiency engine: token buckets at 1.5x steps.")
 flags.DEFINE_integer("rounds", 21, "Timed rounds per efficiency point (medians).")
 flags.DEFINE_string("compilation_cache_dir", DEFAULT_CACHE_DIR, "JAX persistent compilation cache ('' = off).")
+flags.DEFINE_list("overlap", ["on", "off"], "Serving-loop host/device overlap settings to sweep (on, off).")
 flags.DEFINE_string("json_out", "", "Write results here.")
 
 
@@ -101,29 +103,22 @@ def agent_workload(turns: list[tuple[list[int], list[int]]], num: int, context_l
 
 
 def run_once(stack: ServingStack, work: Workload, gen_len: int, tag: str) -> dict[str, float]:
-    """Runs the workload to completion on the stack's scheduler and engine; returns its timings."""
-    sched, engine = stack.scheduler, stack.engine
+    """Runs the workload to completion through the stack's serving loop (with its host/device
+    overlap setting); returns its timings."""
+    sched, engine, loop = stack.scheduler, stack.engine, stack.loop
     engine.steps.clear()
     reqs = [Request(f"{tag}-{i}", p, SamplingParams(max_tokens=gen_len, ignore_eos=True), forced_output=r)
             for i, (p, r) in enumerate(zip(work.prompts, work.records))]
-    for r in reqs:
-        sched.add_request(r)
     compilations = engine.num_compilations
-    host_s = step_s = 0.0
     t0 = time.perf_counter()
-    while sched.has_unfinished:
-        out = sched.schedule()
-        t1 = time.perf_counter()
-        new = engine.execute(out)
-        sched.observe_step(out, time.perf_counter() - t1)  # the adaptive switch's cost model
-        sched.update(out, new)
-        host_s += engine.last_timing.host_s
-        step_s += engine.last_timing.step_s
-    wall = time.perf_counter() - t0
     for r in reqs:
-        sched.forget(r.request_id)
+        loop.submit(r)
+    loop.run_until_idle()
+    wall = time.perf_counter() - t0
     if stack.pool.num_used:
         raise RuntimeError(f"{stack.pool.num_used} blocks leaked")
+    host_s = sum(max(0.0, s.end_s - s.start_s - s.seconds) for s in engine.steps)
+    step_s = sum(s.seconds for s in engine.steps)
     decode = [s for s in engine.steps if s.prefill_tokens == 0]
     out_tokens = sum(len(r.output_tokens) for r in reqs)
     decode_tokens = out_tokens - len(reqs)  # the first token of each request comes from its prefill step
@@ -137,10 +132,11 @@ def run_once(stack: ServingStack, work: Workload, gen_len: int, tag: str) -> dic
         "mean_step_ms": 1e3 * sum(s.seconds for s in engine.steps) / len(engine.steps),
         "acceptance": sum(r.num_accepted for r in reqs) / max(1, sum(r.num_drafted for r in reqs)),
         "tokens_per_verify_step": (sum(r.num_accepted for r in reqs) + verify) / verify if verify else 1.0,
-        "host_ms_per_step": 1e3 * host_s / len(engine.steps),  # batch building + copies
-        # The device can be busy only inside the jitted steps: scheduling, drafting and batch
-        # building leave it idle (no overlap between steps in this loop).
-        "device_idle_share": 1.0 - step_s / wall,
+        # Batch building and dispatch that the device waited for (hidden when planned ahead).
+        "host_ms_per_step": 1e3 * host_s / len(engine.steps),
+        # The device can be busy only between a step's start on the device (its dispatch, or the
+        # end of the step before) and its result; the rest of the wall time it idles.
+        "device_idle_share": max(0.0, 1.0 - step_s / wall),
         "compilations": engine.num_compilations - compilations,
     }
 
@@ -207,7 +203,10 @@ def efficiency(model_name: str, batches: list[int], context: int, ks: tuple[int,
                 eng_step.append(engine.last_timing.step_s)
                 eng_host.append(engine.last_timing.host_s)
                 dense_s.append(dense())
-            points.append({"batch": b, "k": k, "context": context,
+            pipelined = {}
+            if k == 0:  # decode as served: step n+1 dispatched (fed on device) before n is collected
+                pipelined = pipelined_decode(engine, out, graph, state, tokens, positions, caches, lens, rounds)
+            points.append({"batch": b, "k": k, "context": context, **pipelined,
                            "engine_step_ms": 1e3 * float(np.median(eng_step)),
                            "engine_host_ms": 1e3 * float(np.median(eng_host)),
                            "dense_ms": 1e3 * float(np.median(dense_s)),
@@ -215,6 +214,49 @@ def efficiency(model_name: str, batches: list[int], context: int, ks: tuple[int,
                            "ratio": float(np.median(np.asarray(eng_step) / np.asarray(dense_s))),
                            "compilations_in_measured_rounds": engine.num_compilations - before})
     return {"engine_config": dataclasses.asdict(ec), "points": points}
+
+
+PIPELINE_DEPTH = 16  # decode steps per pipelined chain
+
+
+def pipelined_decode(engine: Engine, out: StepBatch, graph, state, tokens, positions, caches, lens,
+                     rounds: int) -> dict:
+    """Per-step wall time of chains of decode steps, each dispatched before the previous one is
+    collected and fed its token on the device: the engine through dispatch/collect and
+    PREVIOUS_TOKEN (as the overlapped serving loop runs it), the dense forward by feeding its own
+    argmax array. Medians over `rounds` interleaved chains."""
+    ahead = StepBatch([dataclasses.replace(s, tokens=(PREVIOUS_TOKEN,)) for s in out.seqs])
+
+    def engine_chain():
+        prev = engine.dispatch(out)
+        t = time.perf_counter()
+        for _ in range(PIPELINE_DEPTH):
+            nxt = engine.dispatch(ahead)
+            engine.collect(prev)
+            prev = nxt
+        engine.collect(prev)
+        return (time.perf_counter() - t) / PIPELINE_DEPTH
+
+    def dense_chain():
+        toks, caches[0] = dense_step(graph, state, tokens, positions, caches[0], lens)
+        t = time.perf_counter()
+        for _ in range(PIPELINE_DEPTH):
+            nxt, caches[0] = dense_step(graph, state, toks, positions, caches[0], lens)
+            np.asarray(toks)
+            toks = nxt
+        np.asarray(toks)
+        return (time.perf_counter() - t) / PIPELINE_DEPTH
+
+    engine_chain(), dense_chain()  # warm
+    before = engine.num_compilations
+    eng, dense = [], []
+    for _ in range(max(3, rounds // 3)):
+        eng.append(engine_chain())
+        dense.append(dense_chain())
+    return {"pipelined_engine_step_ms": 1e3 * float(np.median(eng)),
+            "pipelined_dense_ms": 1e3 * float(np.median(dense)),
+            "pipelined_ratio": float(np.median(np.asarray(eng) / np.asarray(dense))),
+            "pipelined_compilations": engine.num_compilations - before}
 
 
 def ragged_pow2(n: int) -> int:
@@ -226,7 +268,8 @@ def efficiency_summary(points: list[dict]) -> dict:
     at = {(p["batch"], p["k"]): p for p in points}
     batches = sorted({p["batch"] for p in points})
     ks = sorted({p["k"] for p in points if p["k"]})
-    out = {"decode_vs_dense": {str(b): at[b, 0]["ratio"] for b in batches}}
+    out = {"decode_vs_dense": {str(b): at[b, 0]["ratio"] for b in batches},
+           "pipelined_decode_vs_dense": {str(b): at[b, 0]["pipelined_ratio"] for b in batches}}
     for k in ks:
         out[f"verify{k}_vs_dense"] = {str(b): at[b, k]["ratio"] for b in batches}
     for k in ks:
@@ -246,10 +289,14 @@ def print_efficiency(eff: dict, summary: dict) -> None:
         share = p["engine_host_ms"] / (p["engine_host_ms"] + p["engine_step_ms"])
         print(f"{p['batch']:6d}{p['k']:4d}{p['engine_step_ms']:11.2f}{p['dense_ms']:10.2f}"
               f"{p['ratio']:7.2f}{p['engine_host_ms']:9.2f}{share:12.0%}")
+    for p in eff["points"]:
+        if "pipelined_ratio" in p:
+            print(f"  pipelined decode, batch {p['batch']:3d}: engine {p['pipelined_engine_step_ms']:.2f} ms/step, "
+                  f"dense {p['pipelined_dense_ms']:.2f} ms/step, ratio {p['pipelined_ratio']:.2f}")
     for name, row in summary.items():
         if name != "host_share_of_step":
             print(f"  {name:28s} " + "  ".join(f"b={b}: {r:.2f}" for b, r in row.items()))
-    n = sum(p["compilations_in_measured_rounds"] for p in eff["points"])
+    n = sum(p["compilations_in_measured_rounds"] + p.get("pipelined_compilations", 0) for p in eff["points"])
     print(f"compilations in measured rounds: {n}")
 
 
@@ -288,29 +335,34 @@ def main(argv):
                               adaptive_draft=drafter.endswith("_adaptive"))
         stack = build_stack(config)
         stack.engine.record_steps = True
-        for ctx in contexts:
-            for b in batches:
-                work = agent_workload(turns, b, ctx, gen_len)
-                run_once(stack, work, gen_len, "warmup")  # compiles this point's shape buckets
-                if stack.session_memory is not None:  # forget the warmup's copies of these turns
-                    stack.session_memory.close()
-                    stack.session_memory = SessionMemory()
-                    stack.scheduler.drafter = SAMDrafter(stack.session_memory)
-                row = {"drafter": drafter, "k": k if drafter != "none" else 0, "batch": b, "context": ctx,
-                       **run_once(stack, work, gen_len, "timed")}
-                results.append(row)
-                print(f"{drafter:12s} ctx={ctx:5d} batch={b:3d}  {row['tokens_per_s']:9.1f} tok/s  "
-                      f"decode {row['decode_tokens_per_s']:9.1f} tok/s  step {row['mean_decode_step_ms']:7.2f} ms",
-                      flush=True)
+        # Quick: the synchronous loop only beside the overlapped one without drafting (steps that
+        # verify drafts run synchronously anyway).
+        settings = [o for o in FLAGS.overlap if o == "on" or drafter == "none" or not FLAGS.quick]
+        for ctx, b, overlap in itertools.product(contexts, batches, settings):
+            if overlap not in ("on", "off"):
+                raise app.UsageError(f"--overlap takes on/off, got {overlap!r}")
+            stack.loop.overlap = overlap == "on"
+            work = agent_workload(turns, b, ctx, gen_len)
+            run_once(stack, work, gen_len, "warmup")  # compiles this point's shape buckets
+            if stack.session_memory is not None:  # forget the warmup's copies of these turns
+                stack.session_memory.close()
+                stack.session_memory = SessionMemory()
+                stack.scheduler.drafter = SAMDrafter(stack.session_memory)
+            row = {"drafter": drafter, "k": k if drafter != "none" else 0, "batch": b, "context": ctx,
+                   "overlap": overlap, **run_once(stack, work, gen_len, "timed")}
+            results.append(row)
+            print(f"{drafter:12s} ctx={ctx:5d} batch={b:3d} overlap={overlap:3s} {row['tokens_per_s']:9.1f} tok/s  "
+                  f"decode {row['decode_tokens_per_s']:9.1f} tok/s  step {row['mean_decode_step_ms']:7.2f} ms",
+                  flush=True)
         if stack.session_memory is not None:
             stack.session_memory.close()
 
-    header = (f"{'drafter':14s}{'ctx':>6s}{'batch':>6s}{'tok/s':>10s}{'dec tok/s':>11s}{'dec step ms':>12s}"
+    header = (f"{'drafter':14s}{'ctx':>6s}{'batch':>6s}{'overlap':>8s}{'tok/s':>10s}{'dec tok/s':>11s}{'dec step ms':>12s}"
               f"{'step ms':>9s}{'accept':>8s}{'tok/verify':>11s}{'host ms':>9s}{'dev idle':>9s}{'compiles':>9s}")
     print(f"\nengine throughput: config={FLAGS.config} backend={jax.default_backend()} gen_len={gen_len} "
           f"(timed runs after a warm-up run of the same workload)\n{header}")
     for r in results:
-        print(f"{r['drafter']:14s}{r['context']:6d}{r['batch']:6d}{r['tokens_per_s']:10.1f}"
+        print(f"{r['drafter']:14s}{r['context']:6d}{r['batch']:6d}{r['overlap']:>8s}{r['tokens_per_s']:10.1f}"
               f"{r['decode_tokens_per_s']:11.1f}{r['mean_decode_step_ms']:12.2f}{r['mean_step_ms']:9.2f}"
               f"{r['acceptance']:8.2f}{r['tokens_per_verify_step']:11.2f}{r['host_ms_per_step']:9.2f}"
               f"{r['device_idle_share']:9.0%}{r['compilations']:9d}")

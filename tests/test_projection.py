@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agentinfer_jax.workloads.cost_model import StepCostModel, StepFeatures
-from agentinfer_jax.workloads.projection import CallWindow, StepTimeline, TimedStep, project_session
+from agentinfer_jax.workloads.projection import CallWindow, StepTimeline, TimedStep, ToolWait, project_session
 
 
 def _random_steps(rng, horizon_cs: int) -> list[TimedStep]:
@@ -81,3 +81,43 @@ def test_cost_model_plugs_in_and_bad_input_is_named():
         StepTimeline([TimedStep(0.0, 0.2, StepFeatures()), TimedStep(0.1, 0.3, StepFeatures())], model)
     with pytest.raises(ValueError, match="ends before"):
         project_session(1.0, [CallWindow("large", 0.5, 0.2)], {"large": timeline})
+
+
+def _virtual_clock(t_end, calls, steps_by_role, predict_by_role):
+    """Virtual time at t_end by millisecond sampling (rates as in `_brute_force`)."""
+    virt = 0.0
+    for ms in range(int(round(t_end * 1000))):
+        t = (ms + 0.5) / 1000
+        rates = []
+        for role, steps in steps_by_role.items():
+            if any(c.role == role and c.start_s <= t < c.end_s for c in calls):
+                rate = 1.0
+                for s in steps:
+                    if s.start_s <= t < s.end_s:
+                        rate = predict_by_role[role](s.features) / (s.end_s - s.start_s)
+                rates.append(rate)
+        virt += 0.001 * (max(rates) if rates else 1.0)
+    return virt
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_speculative_tool_waits_follow_the_virtual_clock(seed):
+    """A tool that speculation started during a call runs its recorded duration from its virtual
+    start: the session waits on the virtual clock only for what is left of it."""
+    rng = np.random.default_rng(seed)
+    horizon = 200
+    steps = {"large": _random_steps(rng, horizon)}
+    predict = {"large": lambda f: 0.0005 * f.decode_tokens * float(rng_scale)}
+    rng_scale = [0.2, 1.0, 4.0, 9.0][seed]  # projected calls faster and slower than measured
+    call = CallWindow("large", 0.30, 0.90)
+    exec_start, exec_end = 0.35, 1.25  # began 0.05 s into the call, ran 0.9 s
+    wait = ToolWait(0.90, 1.25, exec_start, exec_end)  # joined after the call: waited 0.35 s
+    plain = ToolWait(1.40, 1.60, 1.40, 1.60)  # an ordinary tool call: kept as measured
+    wall = horizon / 100
+    timelines = {"large": StepTimeline(steps["large"], predict["large"])}
+    got = project_session(wall, [call], timelines, [wait, plain])
+    v = lambda t: _virtual_clock(t, [call], steps, predict)  # noqa: E731
+    projected_wait = max(0.0, v(exec_start) + (exec_end - exec_start) - v(wait.start_s))
+    want = v(wall) - (wait.end_s - wait.start_s) + projected_wait
+    assert got == pytest.approx(want, abs=1e-9)
+    assert project_session(wall, [call], timelines, [plain]) == pytest.approx(v(wall), abs=1e-9)

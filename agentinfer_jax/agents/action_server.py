@@ -123,7 +123,7 @@ class ActionServer:
                 return tool_error(f"{action} failed: {type(e).__name__}: {e}", state, time.perf_counter() - start)
             if not outcome.ok:
                 self.stats.errors += 1
-            return outcome
+            return dataclasses.replace(outcome, started_s=start, finished_s=time.perf_counter())
 
     async def aclose(self) -> None:
         """Cancels executions still running and waits for them to finish."""

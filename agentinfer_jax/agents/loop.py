@@ -78,6 +78,8 @@ class SessionMetrics:
     collab: dict[str, Any] | None = None
     compress: dict[str, Any] | None = None
     speculation: dict[str, Any] | None = None
+    # (wait start, wait end, execution start, execution end) of each tool wait, perf_counter seconds
+    tool_waits: list[tuple[float, float, float, float]] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -243,7 +245,10 @@ class _Session:
             self.metrics.finished, self.metrics.answer = True, action.arg
             self.steps.append(StepRecord(response, "Episode finished.", action))
             return True
+        waited_s = time.perf_counter()
         outcome = await self._timed(self._execute(action), "tool")
+        if outcome.finished_s:
+            self.metrics.tool_waits.append((waited_s, time.perf_counter(), outcome.started_s, outcome.finished_s))
         await self._observe(response, action, outcome)
         return False
 

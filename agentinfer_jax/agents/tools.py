@@ -62,6 +62,10 @@ class ToolOutcome:
     ok: bool = True
     latency_s: float = 0.0
     done: bool = False
+    # perf_counter span of the execution that produced it (set by the ActionServer; 0 = unknown):
+    # a speculative execution starts before the session waits for it.
+    started_s: float = 0.0
+    finished_s: float = 0.0
     answer: str | None = None
     results: tuple[SearchResult, ...] = ()
     query: str = ""

@@ -6,7 +6,8 @@ drafts and their acceptance, cache hits, which requests shared a step, tool late
 and changes only how long each step takes: while a session waits on a call of role r, every step of
 r's engine that runs in that window counts at the predicted cost of the same step on the target
 device instead of its measured time. Time a session spends on anything else (tools, host work
-between steps, queueing) is kept as measured.
+between steps, queueing) is kept as measured, except a tool wait for an execution that speculation
+started earlier: the execution keeps its recorded duration, so its wait follows the virtual clock.
 
 This is a projection, not a measurement: the batch composition is the run's, although on a faster
 device sessions would overlap differently. Results are labelled as such wherever they are printed.
@@ -22,7 +23,7 @@ import numpy as np
 
 from agentinfer_jax.workloads.cost_model import StepCostModel, StepFeatures
 
-__all__ = ["TimedStep", "CallWindow", "StepTimeline", "project_session"]
+__all__ = ["TimedStep", "CallWindow", "ToolWait", "StepTimeline", "project_session"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +94,19 @@ def _merged(windows: Iterable[tuple[float, float]]) -> list[tuple[float, float]]
     return [(a, b) for a, b in out]
 
 
-def project_session(wall_s: float, calls: Sequence[CallWindow], timelines: Mapping[str, StepTimeline]) -> float:
-    """The session's wall time with every step it waited on at the target device's cost.
+@dataclasses.dataclass(frozen=True)
+class ToolWait:
+    """A session waiting on a tool from `start_s` to `end_s` for an execution that ran from
+    `exec_start_s` to `exec_end_s` (earlier than the wait when speculation started it)."""
 
-    Where the session waits on calls of several roles at once (a speculative guess on the small model
-    beside the reasoning call on the large one), the slowest projected rate of those roles counts:
-    the session cannot move on faster than any call it is waiting for.
-    """
+    start_s: float
+    end_s: float
+    exec_start_s: float
+    exec_end_s: float
+
+
+def _saved_segments(calls: Sequence[CallWindow], timelines: Mapping[str, StepTimeline]) -> list[tuple[float, float, float]]:
+    """(a, b, saved seconds per measured second) over the session's call windows."""
     by_role: dict[str, list[tuple[float, float]]] = {}
     for c in calls:
         if c.role not in timelines:
@@ -111,10 +118,42 @@ def project_session(wall_s: float, calls: Sequence[CallWindow], timelines: Mappi
         for a, b in windows:
             points |= {a, b, *timelines[role].boundaries(a, b)}
     edges = sorted(points)
-    saved = 0.0
+    out = []
     for a, b in zip(edges, edges[1:]):
         mid = 0.5 * (a + b)
         rates = [timelines[r].rate_at(mid) for r, ws in merged.items() if any(x <= mid < y for x, y in ws)]
         if rates:
-            saved += (b - a) * (1.0 - max(rates))
-    return wall_s - saved
+            out.append((a, b, 1.0 - max(rates)))
+    return out
+
+
+def _saved_between(segments: list[tuple[float, float, float]], lo: float, hi: float) -> float:
+    return sum(max(0.0, min(b, hi) - max(a, lo)) * r for a, b, r in segments)
+
+
+def project_session(wall_s: float, calls: Sequence[CallWindow], timelines: Mapping[str, StepTimeline],
+                    tool_waits: Sequence[ToolWait] = ()) -> float:
+    """The session's wall time with every step it waited on at the target device's cost.
+
+    Where the session waits on calls of several roles at once (a speculative guess on the small model
+    beside the reasoning call on the large one), the slowest projected rate of those roles counts:
+    the session cannot move on faster than any call it is waiting for.
+
+    Tools keep their recorded durations. A tool whose execution began before the session waited
+    for it (a speculative execution the real action joined or found buffered) ran beside the calls
+    in between, so its wait is re-derived on the virtual clock: the execution ends
+    `exec_end - exec_start` after its virtual start, and the session waits only for what is left.
+    """
+    segments = _saved_segments(calls, timelines)
+    projected = wall_s - sum((b - a) * r for a, b, r in segments)
+    for w in tool_waits:
+        if w.end_s < w.start_s or w.exec_end_s < w.exec_start_s:
+            raise ValueError(f"tool wait ends before it starts: {w}")
+        if w.exec_start_s >= w.start_s:
+            continue  # started when the session began waiting: the wait is the tool's own time
+        # Virtual time from the execution's start to the wait's start is the measured span minus
+        # what the projection saved in it; the execution needs exec_end - exec_start of it.
+        head_start = (w.start_s - w.exec_start_s) - _saved_between(segments, w.exec_start_s, w.start_s)
+        wait = max(0.0, (w.exec_end_s - w.exec_start_s) - head_start)
+        projected += wait - (w.end_s - w.start_s)
+    return projected
