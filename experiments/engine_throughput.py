@@ -8,7 +8,8 @@ sequences at `--efficiency_context` tokens against a dense forward of the same l
 same model through ContiguousAttention over a contiguous cache exactly as long as the step's
 longest context, jitted, greedy argmax), both compiled before timing, interleaved round by round
 so machine noise hits both, medians of the rounds. The engine uses fine buckets (sequence buckets
-1, 2, 4, ...; token buckets from 2; page buckets from 64 tokens) so padding stays small at batch 1.
+1, 2, 4, ...; token buckets from 2 and page buckets from 64 tokens, both at 1.5x steps) so padding
+stays small at batch 1.
 "step" is the jitted step (dispatch, run, result copy); "host" is the engine's batch building and
 host-to-device copies before it, during which the device idles.
 
@@ -68,7 +69,7 @@ flags.DEFINE_bool("efficiency", True, "Step efficiency against the dense forward
 flags.DEFINE_bool("sweep", True, "Throughput sweep over drafters, contexts and batches.")
 flags.DEFINE_list("efficiency_batches", ["1", "4", "16"], "Batches of the efficiency table.")
 flags.DEFINE_integer("efficiency_context", 512, "Cached tokens per sequence before the step.")
-flags.DEFINE_bool("fine_token_buckets", True, "Efficiency engine: token buckets at 1.5x steps.")
+flags.DEFINE_bool("fine_token_buckets", True, "Efficiency engine: token and page-table buckets at 1.5x steps.")
 flags.DEFINE_integer("rounds", 21, "Timed rounds per efficiency point (medians).")
 flags.DEFINE_string("compilation_cache_dir", DEFAULT_CACHE_DIR, "JAX persistent compilation cache ('' = off).")
 flags.DEFINE_list("overlap", ["on", "off"], "Serving-loop host/device overlap settings to sweep (on, off).")
@@ -172,7 +173,7 @@ def efficiency(model_name: str, batches: list[int], context: int, ks: tuple[int,
     ec = EngineConfig(num_blocks=max(batches) * pages + 1, block_size=bs, max_num_seqs=max(batches),
                       max_tokens_per_step=ragged_pow2(max(batches) * (kmax + 1)), max_model_len=max_len,
                       max_draft_tokens=kmax, min_token_bucket=2, min_page_bucket_tokens=64,
-                      fine_token_buckets=FLAGS.fine_token_buckets,
+                      fine_token_buckets=FLAGS.fine_token_buckets, fine_page_buckets=FLAGS.fine_token_buckets,
                       seq_buckets=tuple(2 ** i for i in range(int(math.log2(max(batches))) + 1)))
     engine = Engine(model, ec)
     graphdef, state = nnx.split(model)

@@ -204,10 +204,12 @@ def test_bucketed_page_width_matches_full_width(model, requests, reference):
     subset = list(range(10))
     outs = []
     for min_tokens in (EC.block_size, EC.max_model_len):  # with 1.5x token buckets, then 2x ones
-        ec = dataclasses.replace(EC, min_page_bucket_tokens=min_tokens, fine_token_buckets=min_tokens < EC.max_model_len)
+        fine = min_tokens < EC.max_model_len
+        ec = dataclasses.replace(EC, min_page_bucket_tokens=min_tokens, fine_token_buckets=fine,
+                                 fine_page_buckets=fine)
         out, _, engine = run(model, requests, subset=subset, drafter=EchoDrafter(reference), k=4, ec=ec)
         outs.append(out)
-        assert len(engine.page_buckets) == (5 if min_tokens == EC.block_size else 1)  # 1, 2, 4, 8, 12 pages
+        assert engine.page_buckets == ((1, 2, 3, 4, 6, 8, 12) if fine else (12,))
     assert outs[0] == outs[1] == [reference[i] for i in subset]
 
 

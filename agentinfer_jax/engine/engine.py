@@ -10,6 +10,9 @@ len(token_buckets) * len(seq_buckets) * len(page_buckets) * 2; `compile_all` run
 
 Input and output are plain data (engine/step_batch.py): a `StepBatch` in, the model's tokens per
 request id out. What the caller does with them (trace replay, stop rules) is serving's business.
+`dispatch` starts a step and returns at once, `collect` fetches its tokens; a step may feed
+PREVIOUS_TOKEN, the token its request sampled in the step dispatched just before, read on device,
+so a planner can build step n+1 while step n runs (`execute` = dispatch + collect).
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class EngineConfig:
     # of two from here up to max_model_len; smaller values cut attention work on short contexts
     # at the price of more compiled shapes.
     min_page_bucket_tokens: int = 256
+    # Page-table widths at 1.5x steps as well: a decode step reads its whole table row on CPU, so
+    # a context just past a power of two reads at most a third padding instead of half.
+    fine_page_buckets: bool = False
     attention_backend: str | None = None  # kernels backend; None = platform default
     interpret: bool = False  # Pallas interpret mode (CPU tests of the GPU kernel)
     kv_dtype: str | None = None  # None = the model's activation dtype
@@ -220,6 +226,9 @@ class Engine:
         self.max_pages = math.ceil(config.max_model_len / config.block_size)
         self.page_buckets = _pow2_buckets(math.ceil(config.min_page_bucket_tokens / config.block_size),
                                           self.max_pages)
+        if config.fine_page_buckets:
+            self.page_buckets = tuple(sorted({*self.page_buckets, *(
+                3 * b // 2 for b in self.page_buckets if b % 2 == 0 and 3 * b // 2 < self.max_pages)}))
         self.backend = PagedAttention(config.attention_backend, config.interpret)
         self.num_compilations = 0  # traces (compilations) triggered by this engine's steps
         self.record_steps = record_steps
