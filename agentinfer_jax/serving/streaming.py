@@ -32,6 +32,7 @@ class RequestStream:
         self.finished = False  # the final event was read, or the request was cancelled
         self._aio = asyncio.get_running_loop()
         self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._done: asyncio.Future[StreamEvent] = self._aio.create_future()
         self._on_event = on_event
 
     @property
@@ -45,27 +46,33 @@ class RequestStream:
 
     def _callback(self, ev: StreamEvent) -> None:  # serving-loop thread: hand over, nothing else
         try:
-            self._aio.call_soon_threadsafe(self._queue.put_nowait, ev)
+            self._aio.call_soon_threadsafe(self._deliver, ev)
         except RuntimeError:
             if not self._aio.is_closed():
                 raise
             self.loop.cancel(self.request.request_id)
 
-    async def next_event(self) -> StreamEvent:
-        ev = await self._queue.get()
+    def _deliver(self, ev: StreamEvent) -> None:  # event loop
         self.token_ids.extend(ev.new_tokens)
         if self._on_event is not None:
             self._on_event(ev)
+        self._queue.put_nowait(ev)
+        if ev.finished and not self._done.done():
+            self._done.set_result(ev)
+
+    async def next_event(self) -> StreamEvent:
+        """The next event in order (`token_ids` already holds every token delivered so far)."""
+        ev = await self._queue.get()
         if ev.finished:
             self.finished = True
         return ev
 
     async def final_event(self) -> StreamEvent:
-        """Reads events until the last one and returns it."""
-        while True:
-            ev = await self.next_event()
-            if ev.finished:
-                return ev
+        """The last event (a future, not the queue: a waiter dropped with its closed event loop
+        leaves nothing to clean up)."""
+        ev = await self._done
+        self.finished = True
+        return ev
 
     def cancel_unless_finished(self) -> None:
         if not self.finished:
