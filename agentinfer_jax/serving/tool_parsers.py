@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["ToolCallOut", "ToolDelta", "ToolParser", "HermesToolParser", "Llama3JsonToolParser",
-           "NamedToolParser", "RequiredToolParser", "TOOL_PARSERS", "detect_tool_parser", "parse_all",
+           "NamedToolParser", "RequiredToolParser", "TOOL_PARSERS", "detect_tool_parser", "format_hermes_reply", "parse_all",
            "tool_choice_json_schema"]
 
 
@@ -290,6 +290,17 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
     if "ipython" in chat_template or '"parameters"' in chat_template:
         return "llama3_json"
     return None
+
+
+def format_hermes_reply(content: str | None, calls: Sequence[tuple[str, str | Mapping[str, Any]]]) -> str:
+    """The reply text that `HermesToolParser` reads back as (content, calls), laid out as the
+    Qwen2.5 template writes an assistant turn: content, then one `<tool_call>` block per call."""
+    parts = [content] if content else []
+    for name, args in calls:
+        args_json = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+        parts.append(f'<tool_call>\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {args_json}}}'
+                     "\n</tool_call>")
+    return "\n".join(parts)
 
 
 def parse_all(parser: ToolParser, text: str) -> tuple[str | None, list[ToolCallOut]]:
