@@ -110,13 +110,18 @@ class ToolParser:
 
 
 class HermesToolParser(ToolParser):
+    """Whitespace around a call block is layout (the template puts a newline before each block), not
+    content: trailing whitespace is held back until more text follows, and dropped before a valid
+    block and at the end of a reply that made calls."""
+
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
     def __init__(self, tool_names: Sequence[str] = (), *, parallel: bool = True) -> None:
         super().__init__(tool_names, parallel=parallel)
         self._buf = ""  # text not yet emitted
-        self._inside = False
-        self._pending_ws = ""  # whitespace after a tool call: content only if more text follows
+        self._inside = False  # _buf starts with an open block
+        self._ws = ""  # held-back trailing whitespace of the content
+        self._block_ws = ""  # the whitespace before the open block (content again if the block is not a call)
 
     def feed(self, delta: str) -> list[ToolDelta]:
         self._buf += delta
@@ -124,20 +129,21 @@ class HermesToolParser(ToolParser):
 
     def finish(self) -> list[ToolDelta]:
         out = self._drain(final=True)
-        if self._buf:  # an unclosed <tool_call> block: it was text after all
-            out += self._content(self._buf, final=True)
+        if self._inside:  # an unclosed <tool_call> block: it was text after all
+            self._inside = False
+            out += self._content(self._block_ws + self._buf, final=True)
             self._buf = ""
         return out
 
     def _content(self, text: str, final: bool) -> list[ToolDelta]:
-        if self.calls:  # after a call, trailing whitespace is layout unless more text follows
-            text, self._pending_ws = self._pending_ws + text, ""
-            if final:
-                return [ToolDelta(content=text)] if text.strip() else []
-            body = text.rstrip()
-            self._pending_ws = text[len(body):]
-            text = body
-        return [ToolDelta(content=text)] if text else []
+        text, self._ws = self._ws + text, ""
+        if final:
+            if self.calls and not text.strip():
+                return []
+            return [ToolDelta(content=text)] if text else []
+        body = text.rstrip()
+        self._ws = text[len(body):]
+        return [ToolDelta(content=body)] if body else []
 
     def _drain(self, final: bool) -> list[ToolDelta]:
         out: list[ToolDelta] = []
@@ -150,6 +156,7 @@ class HermesToolParser(ToolParser):
                     out += self._content(text, final)
                     return out
                 out += self._content(self._buf[:at], False)
+                self._block_ws, self._ws = self._ws, ""
                 self._buf, self._inside = self._buf[at:], True
             end = self._buf.find(self.CLOSE)
             if end < 0:
@@ -158,9 +165,10 @@ class HermesToolParser(ToolParser):
             self._buf, self._inside = self._buf[len(block):], False
             call = self._parse_block(block[len(self.OPEN):-len(self.CLOSE)])
             if call is None:
-                out += self._content(block, False)
+                out += self._content(self._block_ws + block, False)
             else:
                 out += self._call(*call)
+            self._block_ws = ""
 
     def _parse_block(self, body: str) -> tuple[str, str] | None:
         try:
