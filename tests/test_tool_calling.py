@@ -24,6 +24,7 @@ from agentinfer_jax.serving.server import BackgroundServer
 from agentinfer_jax.serving.tool_parsers import (HermesToolParser, Llama3JsonToolParser, RequiredToolParser,
                                                  format_hermes_reply, parse_all)
 from agentinfer_jax.workloads.traces import TraceFormatError, load_traces
+from forced_replies import ForcedReplies
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather now",
@@ -116,25 +117,6 @@ def test_required_schema_accepts_exactly_the_valid_replies():
 
 
 # ---- the server --------------------------------------------------------------------------------
-
-
-class ForcedReplies:
-    """Makes the server's loop emit chosen texts: `script[i]` is the i-th request's reply."""
-
-    def __init__(self, stack):
-        self.stack, self.script, self.prompts = stack, [], []
-        self._submit = stack.loop.submit
-        stack.loop.submit = self._forced_submit
-
-    def _forced_submit(self, req, callback=None):
-        if self.script:
-            tok = self.stack.tokenizer
-            req.forced_output = tok.encode(self.script.pop(0), add_bos=False) + [tok.eos_token_ids[0]]
-        self.prompts.append(list(req.prompt_tokens))
-        return self._submit(req, callback)
-
-    def restore(self):
-        self.stack.loop.submit = self._submit
 
 
 @pytest.fixture(scope="module")

@@ -241,8 +241,8 @@ class ChatCompletionRequest(_RequestBase):
 # engine learns them.
 
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda v: v == 1, "only n=1 is supported"),
-    "best_of": (lambda v: v == 1, "only best_of=1 is supported"),
+    "n": (lambda v: v == 1, "only 'n' = 1 is supported"),
+    "best_of": (lambda v: v == 1, "only 'best_of' = 1 is supported"),
     "echo": (lambda v: v is False, "'echo' is not supported"),
     "suffix": (lambda v: v == "", "'suffix' is not supported"),
     "logprobs": (lambda v: v is False, "'logprobs' is not supported"),
@@ -252,7 +252,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logit_bias": (lambda v: not v, "'logit_bias' is not supported"),
     "response_format": (lambda v: v.type == "text", "'response_format' json_object / json_schema is not supported"),
     "audio": (lambda v: False, "'audio' output is not supported"),
-    "modalities": (lambda v: v == ["text"], "only the 'text' modality is supported"),
+    "modalities": (lambda v: v == ["text"], "only 'modalities' ['text'] is supported"),
     "functions": (lambda v: False, "'functions' is deprecated and not supported; use 'tools'"),
     "function_call": (lambda v: False, "'function_call' is deprecated and not supported; use 'tool_choice'"),
     "prediction": (lambda v: False, "'prediction' (predicted outputs) is not supported"),
@@ -264,7 +264,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "moderation": (lambda v: False, "'moderation' is not supported"),
     "prompt_cache_options": (lambda v: False, "'prompt_cache_options' is not supported"),
     "prompt_cache_retention": (lambda v: False, "'prompt_cache_retention' is not supported"),
-    "service_tier": (lambda v: v in ("auto", "default"), "only service_tier 'auto' / 'default' is served"),
+    "service_tier": (lambda v: v in ("auto", "default"), "only 'service_tier' 'auto' / 'default' is served"),
     "user": (lambda v: False, "'user' is not used by this server; send session_id for affinity"),
     "safety_identifier": (lambda v: False, "'safety_identifier' is not used by this server"),
 }
@@ -278,6 +278,7 @@ def check_supported(req: _RequestBase) -> None:
         value = getattr(req, field)
         no_op, why = UNSUPPORTED[field]
         if value is not None and not no_op(value):
+            assert f"'{field}'" in why  # the message names the field
             raise ApiError(400, why, "unsupported_field", param=field)
     options = req.stream_options
     if options is not None and options.include_obfuscation:

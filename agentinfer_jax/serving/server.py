@@ -160,7 +160,8 @@ class BodyParser:
     def _common(self, req: CompletionRequest | ChatCompletionRequest, prompt: list[int],
                 chat_max_tokens: int | None = None, tools: ToolPlan | None = None) -> ParsedRequest:
         chat = isinstance(req, ChatCompletionRequest)
-        max_tokens = req.max_tokens if req.max_tokens is not None else chat_max_tokens
+        # chat: max_completion_tokens replaces the deprecated max_tokens (wins when both are sent, as vLLM)
+        max_tokens = chat_max_tokens if chat_max_tokens is not None else req.max_tokens
         if max_tokens is None and chat:
             # chat: the rest of the context (as vLLM), within the server's max_tokens limit
             max_tokens = max(1, min(self.max_tokens_limit, self.stack.config.max_model_len - len(prompt)))
