@@ -317,3 +317,20 @@ def test_react_agent_with_native_tools_replays_a_recorded_trajectory_against_our
     prompts = server.forced.prompts[-3:]
     assert all(b[:len(a)] == a for a, b in zip(prompts, prompts[1:]))
     assert not server.forced.script
+
+
+def test_sam_acceptance_replays_a_tool_calling_trajectory_file(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(dict(TRAJECTORY, id=f"t{i}")) + "\n" for i in range(3)))
+    script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "sam_acceptance.py"
+    out = tmp_path / "out.json"
+    res = subprocess.run([sys.executable, str(script), f"--traces={path}", "--drafters=prompt_lookup,sam_session",
+                          f"--json_out={out}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    # 3 sessions x 3 replies, each reply's tokens generated once per drafter; repeated sessions draft well.
+    assert result["drafters"]["sam_session"]["tokens_per_step"] > 1.0
