@@ -334,3 +334,24 @@ def test_sam_acceptance_replays_a_tool_calling_trajectory_file(tmp_path):
     result = json.loads(out.read_text())
     # 3 sessions x 3 replies, each reply's tokens generated once per drafter; repeated sessions draft well.
     assert result["drafters"]["sam_session"]["tokens_per_step"] > 1.0
+
+
+@pytest.mark.skip(reason="issue #21 item 2: needs the grammar constraint (GRAMMAR HOOK in serving/protocol.py); "
+                         "the tiny random model cannot write valid arguments unconstrained")
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_required_and_named_tool_calls_validate_against_the_schema(server, client, temperature):
+    """Acceptance: tool_choice "required" returns tool_calls whose arguments parse and validate against
+    the tool's schema on 50 of 50 requests (this server drafts; run it on a drafter-free one as well)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    choices = ["required", {"type": "function", "function": {"name": "get_weather"}}]
+    ok = 0
+    for i in range(50):
+        res = client.chat.completions.create(model=server.stack.model_name, messages=HISTORY[:2], tools=TOOLS,
+                                             tool_choice=choices[i % 2], temperature=temperature, seed=i,
+                                             max_tokens=128)
+        calls = res.choices[0].message.tool_calls or []
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        ok += bool(calls)
+    assert ok == 50

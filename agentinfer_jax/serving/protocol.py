@@ -136,7 +136,9 @@ class FunctionDefinition(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # strict schemas: the grammar (structured outputs) holds arguments to them
+    # Accepted as vLLM does: auto-mode calls are parsed, not constrained; required / named replies are
+    # held to the schema by the grammar (see sampling_params_from_request).
+    strict: bool | None = None
 
 
 class ToolDefinition(_Strict):
@@ -333,9 +335,14 @@ def resolve_stop(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def sampling_params_from_request(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int) -> SamplingParams:
+def sampling_params_from_request(req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int,
+                                 tool_json_schema: dict[str, Any] | None = None) -> SamplingParams:
     """The one mapping from a validated request to `SamplingParams` (max_tokens resolved by the caller,
-    who knows the prompt length and the server's limits). Raises ApiError(400) naming the field."""
+    who knows the prompt length and the server's limits). Raises ApiError(400) naming the field.
+
+    `tool_json_schema` is what tool_choice required / named must produce (`ToolPlan.json_schema`).
+    GRAMMAR HOOK: structured outputs constrain the reply to it (and to `response_format`'s schema);
+    until then such replies are parsed, not constrained."""
     seed = None
     if req.seed is not None:
         try:

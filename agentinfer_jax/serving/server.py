@@ -149,8 +149,8 @@ class BodyParser:
         schemas = [t.model_dump(exclude_none=True) for t in req.tools]
         wire_choice = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
         schema = tool_parsers.tool_choice_json_schema(schemas, wire_choice, parallel)
-        # GRAMMAR HOOK: tool_choice required / named must hold the reply to `schema` (structured
-        # outputs' JSON-schema constraint); without it the reply may not parse and comes back as content.
+        # GRAMMAR HOOK: the reply must follow `schema` (passed on to sampling_params_from_request);
+        # unconstrained, a reply that does not parse comes back as content.
         if isinstance(choice, NamedToolChoice):
             return ToolPlan("named", names, parallel, named=choice.function.name, json_schema=schema)
         return ToolPlan("required", names, parallel, json_schema=schema)
@@ -173,7 +173,8 @@ class BodyParser:
         if max_tokens > self.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit {self.max_tokens_limit}",
                            "invalid_max_tokens", param="max_tokens")
-        sampling = sampling_params_from_request(req, max_tokens=max_tokens)
+        sampling = sampling_params_from_request(req, max_tokens=max_tokens,
+                                                tool_json_schema=tools.json_schema if tools is not None else None)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         session_id = req.session_id
         if session_id is None and chat:
