@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import string
+import types
 
 import httpx
 import openai
@@ -244,18 +245,33 @@ def test_bad_tool_requests_are_400s_naming_the_field(server):
             assert field in res.json()["error"]["message"], (field, res.text)
 
 
-def test_a_template_without_tools_refuses_them(tmp_path):
-    from hf_fixtures import write_tokenizer_dir
+def test_each_template_gets_its_parser_and_a_template_without_tools_refuses_them(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from hf_fixtures import LLAMA31_STYLE_TEMPLATE, qwen25_style_template, write_tokenizer_dir
     from agentinfer_jax.serving.protocol import ApiError
     from agentinfer_jax.serving.server import BodyParser, ServerLimits
     from agentinfer_jax.tokenizer import load_tokenizer
 
     plain = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    tok = load_tokenizer(write_tokenizer_dir(tmp_path, plain))
-    stack = build_stack(ServerConfig(config="tiny", num_blocks=8, block_size=16, max_model_len=64), tokenizer=tok)
-    parser = BodyParser(stack, ServerLimits())
-    with pytest.raises(ApiError, match="does not render 'tools'"):
-        parser.chat({"model": stack.model_name, "messages": HISTORY[:2], "tools": TOOLS})
+    history = [m for m in HISTORY if m["role"] != "tool" and not m.get("tool_calls")]  # Llama 3.1: one call a turn
+    for name, template, parser in (("qwen", qwen25_style_template(), "hermes"),
+                                   ("llama", LLAMA31_STYLE_TEMPLATE, "llama3_json"), ("plain", plain, None)):
+        directory = write_tokenizer_dir(tmp_path / name, template)
+        # BodyParser reads the stack's tokenizer, model name and context length only.
+        stack = types.SimpleNamespace(tokenizer=load_tokenizer(directory), model_name="m",
+                                      config=types.SimpleNamespace(max_model_len=2048))
+        body = {"model": stack.model_name, "messages": history, "tools": TOOLS}
+        if parser is None:
+            with pytest.raises(ApiError, match="does not render 'tools'"):
+                BodyParser(stack, ServerLimits()).chat(body)
+            continue
+        parsed = BodyParser(stack, ServerLimits()).chat(body)
+        assert parsed.tools.parser == parser
+        ref = transformers.AutoTokenizer.from_pretrained(str(directory))
+        assert parsed.prompt_tokens == list(ref.apply_chat_template(history, tools=TOOLS, add_generation_prompt=True,
+                                                                    tokenize=True, return_dict=False))
+        forced = BodyParser(stack, ServerLimits(tool_parser="hermes")).chat(body)
+        assert forced.tools.parser == "hermes"  # the server's setting overrides the detection
 
 
 # ---- trajectories, ReActAgent with native tools -------------------------------------------------
