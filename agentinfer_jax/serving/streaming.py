@@ -13,7 +13,6 @@ request itself: nobody is left to read it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from agentinfer_jax.serving.loop import ServingLoop, StreamEvent
 from agentinfer_jax.serving.request import Request
@@ -24,8 +23,7 @@ __all__ = ["RequestStream", "TextDeltas"]
 class RequestStream:
     """One submitted request and the queue its events arrive on (event-loop side)."""
 
-    def __init__(self, loop: ServingLoop, request: Request,
-                 on_event: Callable[[StreamEvent], None] | None = None) -> None:
+    def __init__(self, loop: ServingLoop, request: Request) -> None:
         self.loop = loop
         self.request = request
         self.token_ids: list[int] = []
@@ -33,7 +31,6 @@ class RequestStream:
         self._aio = asyncio.get_running_loop()
         self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
         self._done: asyncio.Future[StreamEvent] = self._aio.create_future()
-        self._on_event = on_event
 
     @property
     def request_id(self) -> str:
@@ -54,8 +51,6 @@ class RequestStream:
 
     def _deliver(self, ev: StreamEvent) -> None:  # event loop
         self.token_ids.extend(ev.new_tokens)
-        if self._on_event is not None:
-            self._on_event(ev)
         self._queue.put_nowait(ev)
         if ev.finished and not self._done.done():
             self._done.set_result(ev)
