@@ -229,6 +229,7 @@ def test_bad_tool_requests_are_400s_naming_the_field(server):
     base = {"model": server.stack.model_name, "max_tokens": 2, "messages": HISTORY[:2]}
     cases = [
         ({**base, "tool_choice": "required"}, "tool_choice"),
+        ({**base, "parallel_tool_calls": False}, "parallel_tool_calls"),
         ({**base, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({**base, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
         ({**base, "tools": [{"type": "retrieval"}]}, "tools"),

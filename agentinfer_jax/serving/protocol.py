@@ -230,6 +230,8 @@ class ChatCompletionRequest(_RequestBase):
     def _check_tools(self) -> ChatCompletionRequest:
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise ValueError("'tool_choice' needs 'tools'")
+        if self.parallel_tool_calls is not None and not self.tools:
+            raise ValueError("'parallel_tool_calls' needs 'tools'")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = [t.function.name for t in self.tools or ()]
             if self.tool_choice.function.name not in names:
