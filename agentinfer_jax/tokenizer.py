@@ -1,11 +1,15 @@
 """Tokenizer: a HF `tokenizer.json` plus the chat template of `tokenizer_config.json`.
 
-Chat templates are rendered with jinja2 (sandboxed), the same engine transformers uses, so a
-model's own template produces the prompt it was trained on.
+Chat templates are rendered with jinja2 (sandboxed) in the environment transformers'
+`apply_chat_template` sets up (its `tojson` filter, `raise_exception`, `strftime_now`, loop
+controls), with the same inputs: messages without None-valued keys, `tools` as JSON schemas, and
+the special tokens. A model's own template therefore produces the prompt it was trained on,
+tool definitions and tool-call history included.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pathlib
@@ -13,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
@@ -55,9 +60,11 @@ class Tokenizer:
         self.chat_template: str | None = template
         self._template: jinja2.Template | None = None
         if template is not None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True,
-                                                               lstrip_blocks=True)
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+            env.filters["tojson"] = _tojson  # jinja's own escapes HTML and sorts keys
             env.globals["raise_exception"] = _raise_template_error
+            env.globals["strftime_now"] = _strftime_now
             try:
                 self._template = env.from_string(template)
             except jinja2.TemplateSyntaxError as e:
@@ -91,31 +98,63 @@ class Tokenizer:
             raise ValueError(f"token ids outside [0, {self.vocab_size}): {bad[:5]}")
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Message], *,
-                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """The prompt text for `messages` ([{role, content}, ...])."""
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template reads `tools` at all (else tool definitions would be dropped)."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any) -> str:
+        """The prompt text for `messages` ([{role, content}, ...]; assistant messages may carry
+        `tool_calls` instead of content, role "tool" messages a `tool_call_id`) and the `tools`
+        JSON schemas ([{"type": "function", "function": {...}}, ...])."""
         if self._template is None:
             raise TokenizerError("this tokenizer has no chat_template")
+        chat = []
         for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must be a mapping with 'role' and 'content'")
+            if not isinstance(m, Mapping) or "role" not in m or ("content" not in m and "tool_calls" not in m):
+                raise ValueError(f"message {i} must be a mapping with 'role' and 'content' (or 'tool_calls')")
+            chat.append(_template_message(m))
+        specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                      ("pad_token", self.pad_token)) if v is not None}
         try:
-            return self._template.render(messages=list(messages),
-                                         add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "",
-                                         eos_token=self.eos_token or "", **kwargs)
+            return self._template.render(**{"bos_token": "", "eos_token": "", **specials, **kwargs},
+                                         messages=chat, tools=None if tools is None else list(tools),
+                                         documents=None, add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat_template failed to render: {e}") from e
 
-    def encode_chat(self, messages: Sequence[Message], *,
-                    add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of the chat prompt (no extra BOS: templates write their own)."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return self.encode(text, add_bos=False)
 
 
 def _raise_template_error(message: str) -> None:
     raise TokenizerError(f"chat_template raised: {message}")
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_message(m: Message) -> dict[str, Any]:
+    """A message as transformers hands it to templates: None-valued keys dropped (templates test
+    for presence, `content: null` beside tool_calls included), reasoning under its usual names."""
+    out = {k: v for k, v in m.items() if v is not None}
+    reasoning = next((out[k] for k in _REASONING_FIELDS if k in out), None)
+    if reasoning is not None:
+        out = {"thinking": reasoning, **out, "reasoning_content": reasoning}
+    return out
 
 
 def load_tokenizer(path_or_dir: str | os.PathLike[str] | None = None) -> Tokenizer:

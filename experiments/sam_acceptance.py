@@ -193,7 +193,8 @@ def main(argv: Sequence[str]) -> None:
         logging.warning("agentinfer_jax.speculation._sam_native is not built: SAM drafts on its Python "
                         "hot paths (same tokens, slower); reinstall with a C compiler to build it")
     chat = ChatTokenizer(FLAGS.tokenizer)
-    loaded = {p: load_traces(p, limit=limit) for p in paths}
+    # Tool-calling trajectories as the ChatML text turns the template renders them to.
+    loaded = {p: [t.as_text_chat() for t in load_traces(p, limit=limit)] for p in paths}
     for trajs in loaded.values():
         for t in trajs[:3]:
             chat.check_template(t.messages)

@@ -66,3 +66,123 @@ def write_hf_checkpoint(family: str, directory: pathlib.Path, *, tie: bool, seed
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(directory, safe_serialization=True, **kwargs)
     return model
+
+
+# ---- chat templates with tools ------------------------------------------------------------------
+# Written for these tests to render what the Qwen2.5 and Llama 3.1 Instruct templates render for
+# tools and tool-call history (same markers, same JSON layout, same grouping of tool results), so
+# the parity test against transformers' apply_chat_template exercises what real templates do.
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+QWEN25_STYLE_TEMPLATE = r"""
+{%- set sys_first = messages and messages[0].role == 'system' %}
+{%- if tools %}
+{{- '<|im_start|>system\n' }}
+{{- messages[0].content if sys_first else DEFAULT_SYSTEM }}
+{{- '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
+{{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+{%- for tool in tools %}
+{{- '\n' + (tool | tojson) }}
+{%- endfor %}
+{{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within '
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    '<args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- elif sys_first %}
+{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- elif DEFAULT_SYSTEM %}
+{{- '<|im_start|>system\n' + DEFAULT_SYSTEM + '<|im_end|>\n' }}
+{%- endif %}
+{%- for m in messages %}
+{%- if m.role == 'system' and loop.first %}
+{%- elif m.role == 'assistant' and m.tool_calls %}
+{{- '<|im_start|>assistant' }}
+{%- if m.content %}{{- '\n' + m.content }}{%- endif %}
+{%- for call in m.tool_calls %}
+{%- set fn = call.function if call.function is defined else call %}
+{{- '\n<tool_call>\n{"name": "' + fn.name + '", "arguments": ' }}
+{{- fn.arguments if fn.arguments is string else (fn.arguments | tojson) }}
+{{- '}\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\n' }}
+{%- elif m.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\n<tool_response>\n' + m.content + '\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}
+{%- else %}
+{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+"""
+
+
+def qwen25_style_template(default_system: str | None = QWEN_DEFAULT_SYSTEM) -> str:
+    """The Qwen2.5-style template; `default_system=None` writes no system turn unless one is given."""
+    value = "''" if default_system is None else repr(default_system)
+    return "{%- set DEFAULT_SYSTEM = " + value + " %}" + QWEN25_STYLE_TEMPLATE
+
+
+LLAMA31_STYLE_TEMPLATE = r"""
+{{- bos_token }}
+{%- set tools = custom_tools if custom_tools is defined else (tools if tools is defined else none) %}
+{%- set tools_in_user = tools_in_user_message if tools_in_user_message is defined else true %}
+{%- set today = date_string if date_string is defined else '26 Jul 2024' %}
+{%- if messages[0].role == 'system' %}
+{%- set system_text = messages[0].content | trim %}
+{%- set messages = messages[1:] %}
+{%- else %}
+{%- set system_text = '' %}
+{%- endif %}
+{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}
+{%- if tools is not none %}{{- 'Environment: ipython\n' }}{%- endif %}
+{{- 'Cutting Knowledge Date: December 2023\nToday Date: ' + today + '\n\n' }}
+{%- if tools is not none and not tools_in_user %}
+{{- 'You have access to the following functions. To call a function, please respond with JSON for a function call.'
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    'Do not use variables.\n\n' }}
+{%- for t in tools %}{{- (t | tojson(indent=4)) + '\n\n' }}{%- endfor %}
+{%- endif %}
+{{- system_text + '<|eot_id|>' }}
+{%- if tools is not none and tools_in_user %}
+{%- if not messages %}{{- raise_exception('tools go into the first user message, and there is none') }}{%- endif %}
+{%- set first_user = messages[0].content | trim %}
+{%- set messages = messages[1:] %}
+{{- '<|start_header_id|>user<|end_header_id|>\n\n' }}
+{{- 'Given the following functions, please respond with a JSON for a function call with its proper arguments '
+    'that best answers the given prompt.\n\n'
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    'Do not use variables.\n\n' }}
+{%- for t in tools %}{{- (t | tojson(indent=4)) + '\n\n' }}{%- endfor %}
+{{- first_user + '<|eot_id|>' }}
+{%- endif %}
+{%- for m in messages %}
+{%- if 'tool_calls' in m %}
+{%- if m.tool_calls | length != 1 %}{{- raise_exception('only one tool call per message is supported') }}{%- endif %}
+{%- set fn = m.tool_calls[0].function %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "' + fn.name + '", "parameters": ' }}
+{{- (fn.arguments | tojson) + '}<|eot_id|>' }}
+{%- elif m.role == 'tool' or m.role == 'ipython' %}
+{{- '<|start_header_id|>ipython<|end_header_id|>\n\n' }}
+{{- (m.content | tojson) if (m.content is mapping or m.content is iterable) else m.content }}
+{{- '<|eot_id|>' }}
+{%- else %}
+{{- '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' + (m.content | trim) + '<|eot_id|>' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}
+"""
+
+
+def write_tokenizer_dir(directory: pathlib.Path, chat_template: str, **config) -> pathlib.Path:
+    """The built-in tokenizer.json beside a tokenizer_config.json holding `chat_template`."""
+    import json
+    import shutil
+
+    from agentinfer_jax.tokenizer import ASSETS_DIR
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ASSETS_DIR / "tokenizer.json", directory / "tokenizer.json")
+    base = json.loads((ASSETS_DIR / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**base, **config, "chat_template": chat_template}))
+    return directory

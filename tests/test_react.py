@@ -1,5 +1,6 @@
 """ReAct parsing: generated responses in many spellings must give back the action they were built from."""
 
+import json
 import random
 import string
 
@@ -98,3 +99,51 @@ def test_fuzzed_action_after_label_is_recovered(kind, arg, noise):
     assume("observation" not in noise.lower() and "action" not in noise.lower())  # labels in noise change the reading
     step = parse_step(text)
     assert step.action is not None and normalize_action_key(step.action) == normalize_action_key(Action(kind, arg))
+
+
+# ---- native tool calling ------------------------------------------------------------------------
+
+
+def test_tool_calls_round_trip_to_actions_and_bad_calls_are_none():
+    from agentinfer_jax.agents.react import REACT_TOOLS, action_from_tool_call, tool_call_for
+
+    rng = random.Random(3)
+    names = {t["function"]["name"] for t in REACT_TOOLS}
+    assert names == set(ACTION_KINDS)
+    for _ in range(100):
+        action = Action(rng.choice(ACTION_KINDS), _random_arg(rng))
+        call = tool_call_for(action, "call_x")
+        assert action_from_tool_call(call) == action
+        # The arguments follow the tool's own schema: exactly its one required string property.
+        schema = next(t for t in REACT_TOOLS if t["function"]["name"] == action.kind)["function"]["parameters"]
+        assert set(json.loads(call["function"]["arguments"])) == set(schema["required"]) == set(schema["properties"])
+    for bad in (None, {}, {"function": {"name": "delete", "arguments": "{}"}},
+                {"function": {"name": "search", "arguments": "{not json"}},
+                {"function": {"name": "search", "arguments": '{"entity": 3}'}},
+                {"function": {"name": "search", "arguments": '{"entity": "  "}'}}):
+        assert action_from_tool_call(bad) is None
+
+
+def test_native_agent_history_is_openai_tool_calling_messages():
+    import asyncio
+
+    from agentinfer_jax.agents.clients import Completion, ScriptedClient
+    from agentinfer_jax.agents.loop import AgentConfig, ReActAgent
+    from agentinfer_jax.agents.react import tool_call_for
+    from agentinfer_jax.agents.tools import SearchTool
+
+    def reply(action, cid, text=""):
+        return Completion([text], 10, 5, 0.0, tool_calls=(tool_call_for(action, cid),))
+
+    client = ScriptedClient([Completion(["no call here"], 10, 5, 0.0),
+                             reply(Action("search", "Paris"), "c1", "Search first."),
+                             reply(Action("finish", "Seine"), "c2")])
+    agent = ReActAgent(client, SearchTool({"Paris": ["Paris lies on the Seine."]}),
+                       config=AgentConfig(max_steps=4, native_tools=True))
+    result = asyncio.run(agent.run("What river?"))
+    assert result.answer == "Seine" and result.metrics.parse_errors == 1
+    assert all(c.tools and c.tools[0]["type"] == "function" for c in client.calls)
+    last = client.calls[-1].messages
+    assert [m["role"] for m in last] == ["system", "user", "assistant", "user", "assistant", "tool"]
+    assert last[4]["tool_calls"][0]["id"] == "c1" and last[5]["tool_call_id"] == "c1"
+    assert "Seine" in last[5]["content"] and last[4]["content"] == "Search first."

@@ -79,3 +79,72 @@ def test_bad_inputs_raise_clear_errors(tok, tmp_path):
         tok.apply_chat_template([{"content": "x"}])
     with pytest.raises(ValueError, match="outside"):
         tok.decode([5, tok.vocab_size])
+
+
+# ---- tools and tool-call history: parity with transformers' apply_chat_template -----------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city <b>now</b> & later",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "Zürich, 東京"},
+                                                     "unit": {"type": "string", "enum": ["c", "f"]}},
+                   "required": ["city"]}}}
+SEARCH = {"type": "function", "function": {
+    "name": "search", "description": "Search the web",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}
+
+
+def _tool_conversations(rng):
+    """Random conversations with system prompts, tool calls (arguments as dicts, as servers hand them to
+    templates) and tool results; `parallel` allows several calls in one assistant turn."""
+    def call(i):
+        name = str(rng.choice(["get_weather", "search"]))
+        args = {"city": _random_text(rng, 8)} if name == "get_weather" else {"query": _random_text(rng, 12), "n": 3}
+        return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}}
+
+    for parallel in (True, False):
+        for _ in range(4):
+            msgs = []
+            if rng.random() < 0.5:
+                msgs.append({"role": "system", "content": _random_text(rng, 20)})
+            msgs.append({"role": "user", "content": _random_text(rng, 20)})
+            for turn in range(int(rng.integers(0, 3))):
+                calls = [call(f"{turn}_{k}") for k in range(int(rng.integers(1, 3)) if parallel else 1)]
+                content = _random_text(rng, 10) if parallel and rng.random() < 0.5 else None
+                msgs.append({"role": "assistant", "content": content, "tool_calls": calls})
+                for c in calls:
+                    msgs.append({"role": "tool", "tool_call_id": c["id"], "content": _random_text(rng, 15)})
+                if rng.random() < 0.5:
+                    msgs.append({"role": "assistant", "content": _random_text(rng, 10)})
+                    msgs.append({"role": "user", "content": _random_text(rng, 10)})
+            yield parallel, msgs
+
+
+@pytest.mark.parametrize("style", ["qwen2.5", "llama3.1"])
+def test_tools_and_tool_history_render_token_identical_to_transformers(style, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from hf_fixtures import LLAMA31_STYLE_TEMPLATE, qwen25_style_template, write_tokenizer_dir
+
+    template = qwen25_style_template() if style == "qwen2.5" else LLAMA31_STYLE_TEMPLATE
+    directory = write_tokenizer_dir(tmp_path, template)
+    ours = load_tokenizer(directory)
+    ref = transformers.AutoTokenizer.from_pretrained(str(directory))
+    assert ours.renders_tools
+    rng = np.random.default_rng(7)
+    checked = 0
+    for parallel, msgs in _tool_conversations(rng):
+        if style == "llama3.1" and parallel:
+            continue  # the Llama 3.1 template renders one call per assistant turn
+        for tools in ([WEATHER, SEARCH], [WEATHER], None):
+            for gen in (True, False):
+                expected = ref.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+                assert ours.apply_chat_template(msgs, tools=tools, add_generation_prompt=gen) == expected
+                assert ours.encode_chat(msgs, tools=tools, add_generation_prompt=gen) == \
+                    ref.encode(expected, add_special_tokens=False)
+                checked += 1
+    assert checked >= 24
+    # The tool definitions and the history are really in the prompt (not dropped by either side).
+    msgs = next(m for p, m in _tool_conversations(np.random.default_rng(3))
+                if not p and any("tool_calls" in x for x in m))
+    text = ours.apply_chat_template(msgs, tools=[WEATHER])
+    assert "get_weather" in text and "<b>now</b> & later" in text and "Zürich" in text
+    assert msgs[-1]["content"] in text or msgs[-3]["content"] in text

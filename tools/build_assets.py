@@ -22,10 +22,49 @@ NUM_TRACES = 120  # multi-turn FireAct sessions kept in the sample
 VOCAB_SIZE = 4096
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 
-# ChatML-style template, rendered with jinja2 by agentinfer_jax.tokenizer.
+# ChatML template that also renders tools and tool-call history as Qwen2.5 does (<tools>, <tool_call>,
+# <tool_response>), with no default system turn without tools; rendered with jinja2 by
+# agentinfer_jax.tokenizer.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{%- set DEFAULT_SYSTEM = 'You are a helpful assistant.' if tools else '' %}\n"
+    "{%- set sys_first = messages and messages[0].role == 'system' %}\n"
+    '{%- if tools %}\n'
+    "{{- '<|im_start|>system\\n' }}\n"
+    '{{- messages[0].content if sys_first else DEFAULT_SYSTEM }}\n'
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}\n"
+    "{{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}\n"
+    '{%- for tool in tools %}\n'
+    "{{- '\\n' + (tool | tojson) }}\n"
+    '{%- endfor %}\n'
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '\n"
+    '    \'<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": \'\n'
+    "    '<args-json-object>}\\n</tool_call><|im_end|>\\n' }}\n"
+    '{%- elif sys_first %}\n'
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n"
+    '{%- elif DEFAULT_SYSTEM %}\n'
+    "{{- '<|im_start|>system\\n' + DEFAULT_SYSTEM + '<|im_end|>\\n' }}\n"
+    '{%- endif %}\n'
+    '{%- for m in messages %}\n'
+    "{%- if m.role == 'system' and loop.first %}\n"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}\n"
+    "{{- '<|im_start|>assistant' }}\n"
+    "{%- if m.content %}{{- '\\n' + m.content }}{%- endif %}\n"
+    '{%- for call in m.tool_calls %}\n'
+    '{%- set fn = call.function if call.function is defined else call %}\n'
+    '{{- \'\\n<tool_call>\\n{"name": "\' + fn.name + \'", "arguments": \' }}\n'
+    '{{- fn.arguments if fn.arguments is string else (fn.arguments | tojson) }}\n'
+    "{{- '}\\n</tool_call>' }}\n"
+    '{%- endfor %}\n'
+    "{{- '<|im_end|>\\n' }}\n"
+    "{%- elif m.role == 'tool' %}\n"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}\n"
+    "{{- '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}\n"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}\n"
+    '{%- else %}\n'
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}\n"
+    '{%- endif %}\n'
+    '{%- endfor %}\n'
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n"
 )
 
 

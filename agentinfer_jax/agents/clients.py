@@ -3,6 +3,10 @@
 Every backend answers `complete(messages, role=..., ...) -> Completion`. `role` picks the model
 ("large" or "small", for AgentCollab); `session_id` and `priority` are hints for a serving engine's
 prefix cache and scheduler; `speculative=True` marks SPAgent's short candidate-sampling calls.
+
+Native tool calling: `OpenAIClient` and `ScriptedClient` also take OpenAI `tools` (and
+`tool_choice`); the Completion then carries the model's `tool_calls` (OpenAI's wire shape), and
+messages may be OpenAI tool-calling messages (assistant `tool_calls`, role "tool" results).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-Message = dict[str, str]
+from agentinfer_jax.serving.tool_parsers import HermesToolParser, parse_all
+
+Message = dict[str, Any]
+ToolCall = dict[str, Any]  # {"id", "type": "function", "function": {"name", "arguments": JSON text}}
 ROLES = ("large", "small")
 TOKENIZER_PATH = pathlib.Path(__file__).resolve().parent.parent / "assets" / "tokenizer.json"
 
@@ -31,6 +38,7 @@ class Completion:
     latency_s: float
     cached_tokens: int = 0
     model: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()  # of the first choice, when tools were offered
 
     @property
     def text(self) -> str:
@@ -51,6 +59,8 @@ class LLMClient(Protocol):
         session_id: str | None = None,
         priority: int = 0,
         speculative: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
     ) -> Completion: ...
 
 
@@ -63,8 +73,11 @@ def validate_request(messages: Any, role: str, max_tokens: int, n: int, temperat
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {role, content} dicts")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ValueError(f"messages[{i}] is not a {{role: str, content: str}} dict")
+        tool_turn = m["role"] == "assistant" and m.get("tool_calls") and m.get("content") is None
+        if not isinstance(m.get("content"), str) and not tool_turn:
+            raise ValueError(f"messages[{i}] is not a {{role: str, content: str}} dict (nor an assistant tool call)")
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -132,6 +145,8 @@ class OpenAIClient:
         session_id: str | None = None,
         priority: int = 0,
         speculative: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
     ) -> Completion:
         validate_request(messages, role, max_tokens, n, temperature)
         import openai
@@ -141,6 +156,12 @@ class OpenAIClient:
             extra["session_id"] = session_id
         if speculative:
             extra["speculative"] = True
+        if tools:
+            extra_args: dict[str, Any] = {"tools": tools}
+            if tool_choice is not None:
+                extra_args["tool_choice"] = tool_choice
+        else:
+            extra_args = {}
         start = time.perf_counter()
         try:
             response = await self._client.chat.completions.create(
@@ -151,14 +172,19 @@ class OpenAIClient:
                 temperature=temperature,
                 n=n,
                 extra_body=extra,
+                **extra_args,
             )
         except openai.OpenAIError as e:
             raise ClientError(f"{self.models[role]}: {e}") from e
         latency = time.perf_counter() - start
         usage = response.usage
         details = getattr(usage, "prompt_tokens_details", None) if usage else None
+        choices = sorted(response.choices, key=lambda c: c.index)
+        calls = tuple(c.model_dump(include={"id", "type", "function"}) for c in (choices[0].message.tool_calls or ())
+                      ) if choices else ()
         return Completion(
-            texts=[c.message.content or "" for c in sorted(response.choices, key=lambda c: c.index)],
+            tool_calls=calls,
+            texts=[c.message.content or "" for c in choices],
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             latency_s=latency,
@@ -241,6 +267,8 @@ class ReplayClient:
         session_id: str | None = None,
         priority: int = 0,
         speculative: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
     ) -> Completion:
         validate_request(messages, role, max_tokens, n, temperature)
         if speculative:
@@ -259,7 +287,13 @@ class ReplayClient:
         latency = self._latency.latency(prompt_tokens, completion_tokens)
         if self._latency.sleep and latency > 0:
             await asyncio.sleep(latency)
-        return Completion([text] * n, prompt_tokens, completion_tokens, latency, 0, f"replay-{role}")
+        calls: tuple[ToolCall, ...] = ()
+        if tools and tool_choice != "none":  # a recorded tool-calling reply: its <tool_call> blocks
+            content, parsed = parse_all(HermesToolParser([t["function"]["name"] for t in tools]), text)
+            text = content or ""
+            calls = tuple({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                          for c in parsed)
+        return Completion([text] * n, prompt_tokens, completion_tokens, latency, 0, f"replay-{role}", calls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +313,7 @@ class RecordedCall:
     session_id: str | None
     priority: int
     speculative: bool
+    tools: list[dict[str, Any]] | None = None
 
     @property
     def channel(self) -> str:
@@ -295,7 +330,8 @@ class ScriptedClient:
 
     `script` is one queue for all calls, or a mapping channel -> queue with channels "large",
     "small" and "speculative" (see RecordedCall.channel). An item is a text (repeated n times), a
-    list of n texts, a ready Completion, or an exception to raise. `responder` (a function of the
+    list of n texts, a ready Completion (with `tool_calls` for native tool calling), or an
+    exception to raise. `responder` (a function of the
     call) is used instead when given. `latency_s` (a number or a function of the call) is slept.
     """
 
@@ -341,10 +377,13 @@ class ScriptedClient:
         session_id: str | None = None,
         priority: int = 0,
         speculative: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
     ) -> Completion:
         validate_request(messages, role, max_tokens, n, temperature)
         call = RecordedCall(
-            [dict(m) for m in messages], role, max_tokens, stop, temperature, n, session_id, priority, speculative
+            [dict(m) for m in messages], role, max_tokens, stop, temperature, n, session_id, priority, speculative,
+            tools,
         )
         self.calls.append(call)
         item = self._next_item(call)

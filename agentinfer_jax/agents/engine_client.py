@@ -2,8 +2,8 @@
 
 `EngineClient.complete` renders the chat template, tokenizes, submits `n` Requests (session id,
 priority, speculative flag, stop strings and, for trace replay, `forced_output`) to the role's
-ServingLoop and awaits them: the loop's callbacks run on the serving thread and are bridged into
-asyncio with `call_soon_threadsafe`. `stream` yields the text deltas of one request.
+ServingLoop and awaits them through the server's own thread-to-asyncio bridge
+(`serving.streaming.RequestStream`). `stream` yields the text deltas of one request.
 
 Invariants:
 - every submitted request is finished, aborted or cancelled before `complete`/`stream` returns or
@@ -30,6 +30,7 @@ from agentinfer_jax.engine.engine import EngineConfig
 from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack
 from agentinfer_jax.serving.loop import ServingLoop, StreamEvent
 from agentinfer_jax.serving.request import FinishReason, Request, SamplingParams
+from agentinfer_jax.serving.streaming import RequestStream
 from agentinfer_jax.tokenizer import Tokenizer
 
 __all__ = ["EngineClient", "RoleEngine", "build_role_engine", "CallRecord", "EngineClientStats", "ReplayOracle"]
@@ -119,36 +120,6 @@ class EngineClientStats:
         return (self.accepted + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
 
 
-class _PendingRequest:
-    """One submitted request: its output so far and a future resolved on the asyncio loop."""
-
-    def __init__(self, req: Request, aio: asyncio.AbstractEventLoop, cancel: Callable[[str], None],
-                 on_event: Callable[[StreamEvent], None] | None = None) -> None:
-        self.req = req
-        self.tokens: list[int] = []
-        self.done: asyncio.Future[StreamEvent] = aio.create_future()
-        self._aio = aio
-        self._cancel = cancel
-        self._on_event = on_event
-
-    def callback(self, ev: StreamEvent) -> None:
-        """Runs on the serving thread; only hands the event over to the asyncio loop. When that loop
-        is closed (its owner returned while, say, a speculative call ran on), nobody waits: cancel."""
-        try:
-            self._aio.call_soon_threadsafe(self._deliver, ev)
-        except RuntimeError:
-            if not self._aio.is_closed():
-                raise
-            self._cancel(self.req.request_id)
-
-    def _deliver(self, ev: StreamEvent) -> None:
-        self.tokens.extend(ev.new_tokens)
-        if self._on_event is not None:
-            self._on_event(ev)
-        if ev.finished and not self.done.done():
-            self.done.set_result(ev)
-
-
 class EngineClient:
     """LLMClient over in-process ServingLoops keyed by role ("large", "small"); see module docstring.
 
@@ -225,9 +196,9 @@ class EngineClient:
                                 forced_output=out))
         return loop, reqs, served_role
 
-    def _record(self, pending: _PendingRequest, ev: StreamEvent, role: str, started_s: float) -> CallRecord:
-        req = pending.req
-        rec = CallRecord(req.session_id, role, req.speculative, len(req.prompt_tokens), tuple(pending.tokens),
+    def _record(self, pending: RequestStream, ev: StreamEvent, role: str, started_s: float) -> CallRecord:
+        req = pending.request
+        rec = CallRecord(req.session_id, role, req.speculative, len(req.prompt_tokens), tuple(pending.token_ids),
                          ev.text or "", req.num_cached_tokens, req.num_drafted, req.num_accepted,
                          req.num_verify_steps, ev.finish_reason, started_s, time.perf_counter())
         with self._lock:
@@ -260,23 +231,20 @@ class EngineClient:
     ) -> Completion:
         loop, reqs, served_role = self._requests(messages, role, max_tokens, stop, temperature, n, session_id,
                                                  priority, speculative)
-        aio = asyncio.get_running_loop()
-        pending = [_PendingRequest(r, aio, loop.cancel) for r in reqs]
+        pending = [RequestStream(loop, r) for r in reqs]
         start = time.perf_counter()
-        submitted: list[_PendingRequest] = []
+        submitted: list[RequestStream] = []
         try:
             for p in pending:
-                loop.submit(p.req, p.callback)  # raises InvalidRequestError (a ValueError) at once
+                p.submit()  # raises InvalidRequestError (a ValueError) at once
                 submitted.append(p)
-            events = await asyncio.gather(*(p.done for p in pending))
-        except BaseException:
+            events = await asyncio.gather(*(p.final_event() for p in pending))
+        finally:  # cancelled or failed part-way: no request keeps running unobserved
             for p in submitted:
-                if not p.done.done():
-                    loop.cancel(p.req.request_id)
-            raise
+                p.cancel_unless_finished()
         latency = time.perf_counter() - start
         for p, ev in zip(pending, events):
-            self._check(ev, p.req.request_id)
+            self._check(ev, p.request_id)
         records = [self._record(p, ev, served_role, start) for p, ev in zip(pending, events)]
         return Completion(
             texts=[r.text for r in records],
@@ -302,21 +270,19 @@ class EngineClient:
         (break, cancellation) cancels the request in the serving loop."""
         loop, reqs, served_role = self._requests(messages, role, max_tokens, stop, temperature, 1, session_id,
                                                  priority, False)
-        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        pending = _PendingRequest(reqs[0], asyncio.get_running_loop(), loop.cancel, queue.put_nowait)
+        pending = RequestStream(loop, reqs[0])
         start = time.perf_counter()
-        loop.submit(pending.req, pending.callback)
+        pending.submit()
         sent = ""
         try:
             while True:
-                ev = await queue.get()
+                ev = await pending.next_event()
                 if ev.error is None and ev.text is not None and ev.text.startswith(sent) and len(ev.text) > len(sent):
                     yield ev.text[len(sent):]
                     sent = ev.text
                 if ev.finished:
-                    self._check(ev, pending.req.request_id)
+                    self._check(ev, pending.request_id)
                     self._record(pending, ev, served_role, start)
                     return
         finally:
-            if not pending.done.done():
-                loop.cancel(pending.req.request_id)
+            pending.cancel_unless_finished()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -21,12 +22,14 @@ from agentinfer_jax.agents.action_server import ActionServer
 from agentinfer_jax.agents.clients import Completion, LLMClient, TokenCounter, builtin_token_counter, count_message_tokens
 from agentinfer_jax.agents.collab import PROGRESS_INSTRUCTION, CollabController, strip_progress
 from agentinfer_jax.agents.compress import MemoryDistiller, SearchResultFilter
-from agentinfer_jax.agents.react import Action, StepRecord, build_messages, cut_at_observation, parse_step
+from agentinfer_jax.agents.react import (REACT_TOOLS, Action, StepRecord, action_from_tool_call, build_messages,
+                                         build_tool_messages, cut_at_observation, parse_step)
 from agentinfer_jax.agents.spagent import ActionSpeculator, Phase, SpeculationConfig
 from agentinfer_jax.agents.tools import ToolEnvironment, ToolOutcome, ToolState, render_results
 
 T = TypeVar("T")
 INVALID_ACTION = "Invalid action: {error}. Valid actions are Search[entity], Lookup[keyword] and Finish[answer]."
+INVALID_TOOL_CALL = "Invalid tool call: {error}. Call one of the tools search(entity), lookup(keyword), finish(answer)."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,7 @@ class AgentConfig:
     role: str = "large"  # the model when collab is off
     stop: tuple[str, ...] = ("\nObservation",)
     priority: int = 0
+    native_tools: bool = False  # OpenAI tool calling (REACT_TOOLS) instead of Thought/Action text
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.max_tokens < 1:
@@ -115,6 +119,8 @@ class ReActAgent:
         instruction: str | None = None,
         token_counter: TokenCounter | None = None,
     ) -> None:
+        if config.native_tools and (features.collab or features.speculate):
+            raise ValueError("native_tools runs without collab and speculate (they read Thought/Action text)")
         self.client, self.tools = client, tools
         self.config, self.features = config, features
         self.server = action_server or ActionServer(tools)
@@ -157,7 +163,10 @@ class _Session:
             else None
         )
 
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self) -> list[dict[str, Any]]:
+        if self.cfg.native_tools:
+            return build_tool_messages(self.question, self.steps, instruction=self.agent._instruction,
+                                       extra_instruction=self.agent._extra)
         return build_messages(self.question, self.steps, instruction=self.agent._instruction, extra_instruction=self.agent._extra)
 
     async def _timed(self, awaitable: Awaitable[T], kind: str) -> T:
@@ -216,6 +225,7 @@ class _Session:
         if chosen is not None:
             action, response = chosen, f"Action {index}: {chosen}"
         else:
+            tool_args = {"tools": REACT_TOOLS, "tool_choice": "auto"} if self.cfg.native_tools else {}
             completion = await self._timed(
                 self.agent.client.complete(
                     messages,
@@ -225,10 +235,13 @@ class _Session:
                     temperature=self.cfg.temperature,
                     session_id=self.id,
                     priority=self.cfg.priority,
+                    **tool_args,
                 ),
                 "llm",
             )
             self._account(completion, role)
+            if self.cfg.native_tools:
+                return await self._tool_step(completion)
             raw = completion.text
             if self.collab is not None:
                 self.collab.observe(role, raw, completion.prompt_tokens, completion.completion_tokens)
@@ -250,6 +263,25 @@ class _Session:
         if outcome.finished_s:
             self.metrics.tool_waits.append((waited_s, time.perf_counter(), outcome.started_s, outcome.finished_s))
         await self._observe(response, action, outcome)
+        return False
+
+    async def _tool_step(self, completion: Completion) -> bool:
+        """A native tool-calling step: the first tool call is the action (the rest wait for a later turn)."""
+        response = completion.text.strip()
+        call = completion.tool_calls[0] if completion.tool_calls else None
+        action = action_from_tool_call(call) if call is not None else None
+        if action is None:
+            self.metrics.parse_errors += 1
+            error = "no tool call" if call is None else f"cannot run {json.dumps(call.get('function'))}"
+            self.steps.append(StepRecord(response or "(no output)", INVALID_TOOL_CALL.format(error=error),
+                                         tool_call=call))
+            return False
+        if action.kind == "finish":
+            self.metrics.finished, self.metrics.answer = True, action.arg
+            self.steps.append(StepRecord(response, "Episode finished.", action, tool_call=call))
+            return True
+        outcome = await self._timed(self._execute(action), "tool")
+        await self._observe(response, action, outcome, tool_call=call)
         return False
 
     async def _aggressive(self, messages: list[dict[str, str]], role: str, index: int) -> Action | None:
@@ -284,7 +316,8 @@ class _Session:
             return outcome
         return await self.agent.server.execute(action, self.state)
 
-    async def _observe(self, response: str, action: Action, outcome: ToolOutcome) -> None:
+    async def _observe(self, response: str, action: Action, outcome: ToolOutcome,
+                       tool_call: dict[str, Any] | None = None) -> None:
         observation = outcome.observation
         if not outcome.ok:
             self.metrics.tool_errors += 1
@@ -295,7 +328,7 @@ class _Session:
                     self.agent._filter.filter(self.question, outcome.results, session_id=self.id), "llm"
                 )
                 observation = render_results(outcome.query, kept)
-        self.steps.append(StepRecord(response, observation, action))
+        self.steps.append(StepRecord(response, observation, action, tool_call=tool_call))
         if self.distiller is not None:
             counter = self.agent._count or builtin_token_counter()
             self.distiller.maybe_start(self.question, self.steps, count_message_tokens(self.messages(), counter))

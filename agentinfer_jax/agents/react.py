@@ -7,16 +7,21 @@ A step is one model call that writes a thought and then one action:
 
 The parser never raises: whatever the model wrote, `parse_step` returns a `Step`, with `action=None`
 and a message in `error` when no action could be read.
+
+Native tool calling (OpenAI `tools`): the three actions are the functions `REACT_TOOLS`; a step's
+action is the model's first tool call (`action_from_tool_call`), and the history is OpenAI
+tool-calling messages (`build_tool_messages`: assistant `tool_calls`, then a role "tool" result).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import pathlib
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 ActionKind = Literal["search", "lookup", "finish"]
 ACTION_KINDS: tuple[ActionKind, ...] = ("search", "lookup", "finish")
@@ -174,6 +179,7 @@ class StepRecord:
     observation: str
     action: Action | None = None
     compressed: bool = False
+    tool_call: dict[str, Any] | None = None  # native tool calling: the call that ran (OpenAI shape)
 
 
 def build_messages(
@@ -191,4 +197,77 @@ def build_messages(
     for i, step in enumerate(steps, start=1):
         messages.append({"role": "assistant", "content": step.response})
         messages.append({"role": "user", "content": f"Observation {i}: {step.observation}"})
+    return messages
+
+
+# ---- native tool calling ------------------------------------------------------------------------
+
+_ARG_NAMES: dict[str, str] = {"search": "entity", "lookup": "keyword", "finish": "answer"}
+
+
+def _function(name: str, description: str, arg: str, arg_description: str) -> dict[str, Any]:
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": {arg: {"type": "string", "description": arg_description}},
+                       "required": [arg], "additionalProperties": False}}}
+
+
+REACT_TOOLS: list[dict[str, Any]] = [
+    _function("search", "Look up the Wikipedia page titled `entity` and return its first paragraph; "
+              "without such a page, similar titles to search instead.", "entity", "a page title"),
+    _function("lookup", "Return the next sentence containing `keyword` on the page of the last search.",
+              "keyword", "a word or phrase"),
+    _function("finish", "Give the answer (a short phrase, a name, a date or yes/no) and end the task.",
+              "answer", "the answer"),
+]
+
+TOOL_INSTRUCTION = """\
+Answer a multi-hop question by calling the tools: search Wikipedia pages, look up keywords on the
+page you searched last, and call finish with the answer (a short phrase, a name, a date or yes/no)
+once you know it. Think briefly before each call; call one tool per turn."""
+
+
+def action_from_tool_call(call: Any) -> Action | None:
+    """The Action of an OpenAI tool call ({"function": {"name", "arguments"}}), or None when the
+    name is not one of the actions or the arguments do not carry its string argument."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or fn.get("name") not in _ARG_NAMES:
+        return None
+    try:
+        args = json.loads(fn.get("arguments") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        return None
+    arg = args.get(_ARG_NAMES[fn["name"]]) if isinstance(args, dict) else None
+    if not isinstance(arg, str) or (not arg.strip() and fn["name"] != "finish"):
+        return None
+    return Action(fn["name"], _clean_arg(arg))
+
+
+def tool_call_for(action: Action, call_id: str) -> dict[str, Any]:
+    """The OpenAI tool call that performs `action` (what a model's call looks like in the history)."""
+    args = json.dumps({_ARG_NAMES[action.kind]: action.arg}, ensure_ascii=False)
+    return {"id": call_id, "type": "function", "function": {"name": action.kind, "arguments": args}}
+
+
+def build_tool_messages(
+    question: str,
+    steps: Sequence[StepRecord],
+    *,
+    instruction: str | None = None,
+    extra_instruction: str = "",
+) -> list[dict[str, Any]]:
+    """Chat messages for the next native tool-calling call: instruction, question, then per step the
+    assistant's tool call and the tool's result (a step without a call: its text and a user note)."""
+    system = instruction if instruction is not None else TOOL_INSTRUCTION
+    if extra_instruction:
+        system = f"{system}\n\n{extra_instruction}"
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system},
+                                      {"role": "user", "content": f"Question: {question}"}]
+    for step in steps:
+        if step.tool_call is None:
+            messages.append({"role": "assistant", "content": step.response})
+            messages.append({"role": "user", "content": step.observation})
+            continue
+        messages.append({"role": "assistant", "content": step.response or None, "tool_calls": [step.tool_call]})
+        messages.append({"role": "tool", "tool_call_id": step.tool_call["id"], "content": step.observation})
     return messages

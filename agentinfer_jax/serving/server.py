@@ -1,10 +1,14 @@
-"""OpenAI-compatible HTTP server over a `ServingStack`: completions, chat completions (SSE or not),
-models, health and Prometheus metrics.
+"""OpenAI-compatible HTTP server over a `ServingStack`: the routes and the app (completions, chat
+completions with tool calling, SSE or not, models, health and Prometheus metrics).
+
+The split by job: `protocol` holds the request schemas (pydantic) and the request -> SamplingParams
+mapping, `streaming` the one thread-to-asyncio bridge (`RequestStream`, shared with the in-process
+EngineClient) and the text deltas, `tool_parsers` the model output -> `tool_calls` parsers; this
+module turns a body into a `Request` with the stack's tokenizer and limits and answers it.
 
 Thread model: the engine runs in the ServingLoop's background thread; each HTTP request submits a
-`Request` with a callback that hops StreamEvents onto the event loop (`call_soon_threadsafe` into an
-`asyncio.Queue`). Whatever ends a handler early (client disconnect, cancellation, an error) cancels
-its request in `finally`, so the request's KV blocks always come back.
+`Request` through a `RequestStream`. Whatever ends a handler early (client disconnect, cancellation,
+an error) cancels its request in `finally`, so the request's KV blocks always come back.
 
 Extension fields beside OpenAI's: session_id, priority, speculative, cache_salt (prefix-cache
 namespace), top_k, ignore_eos, return_token_ids (token ids in each choice).
@@ -31,45 +35,51 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from agentinfer_jax.sampling_params import fold_seed
+from agentinfer_jax.serving import tool_parsers
 from agentinfer_jax.serving.builder import ServingStack
 from agentinfer_jax.serving.loop import StreamEvent
+from agentinfer_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, NamedToolChoice,
+                                             error_response, parse_request, sampling_params_from_request)
 from agentinfer_jax.serving.request import InvalidRequestError, Request, SamplingParams
+from agentinfer_jax.serving.streaming import RequestStream, TextDeltas
 
-__all__ = ["ApiError", "ServerLimits", "create_app", "serve", "BackgroundServer"]
+__all__ = ["ApiError", "ServerLimits", "ToolPlan", "create_app", "serve", "BackgroundServer", "TextDeltas"]
 
 log = logging.getLogger(__name__)
-_MAX_STOP_STRINGS = 16
 _DISCONNECT_POLL_S = 0.25  # a non-streaming request's client is checked this often while it runs
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape {"error": {"message", "type", "code"}}."""
-
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.type = status, message, code, type_
-
-    def response(self) -> JSONResponse:
-        return _error_response(self.status, self.message, self.code, self.type)
-
-
-def _error_response(status: int, message: str, code: str | None, type_: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}},
-                        status_code=status)
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerLimits:
-    """Input limits enforced before a request reaches the scheduler."""
+    """Input limits enforced before a request reaches the scheduler, and the tool-call format."""
 
     max_body_bytes: int = 1 << 20  # request body size (413 beyond)
     max_tokens_limit: int | None = None  # max_tokens at most; None = the model's max_model_len
     default_max_tokens: int = 256  # completions without max_tokens, within the limit (chat: the rest of the context)
+    tool_parser: str | None = None  # "hermes" or "llama3_json"; None = the one the chat template teaches
 
 
 # ---- request parsing -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolPlan:
+    """How a chat request's reply becomes tool calls: the parser and, for tool_choice named or
+    required, the JSON schema the reply must follow (the grammar constraint's input)."""
+
+    mode: str  # "auto", "required" or "named"
+    tool_names: tuple[str, ...]
+    parallel: bool
+    parser: str | None = None  # auto: the model's format
+    named: str | None = None
+    json_schema: dict[str, Any] | None = None
+
+    def new_parser(self) -> tool_parsers.ToolParser:
+        if self.mode == "named":
+            return tool_parsers.NamedToolParser(self.named or "")
+        if self.mode == "required":
+            return tool_parsers.RequiredToolParser(self.tool_names, parallel=self.parallel)
+        return tool_parsers.TOOL_PARSERS[self.parser or "hermes"](self.tool_names, parallel=self.parallel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,232 +95,142 @@ class ParsedRequest:
     priority: int
     speculative: bool
     namespace: str
+    tools: ToolPlan | None = None
 
 
 class BodyParser:
-    """Turns a JSON body into a `ParsedRequest`; raises ApiError(400) naming the offending field."""
+    """Turns a JSON body into a `ParsedRequest` (protocol models, then the stack's tokenizer and
+    limits); raises ApiError(400) naming the offending field."""
 
     def __init__(self, stack: ServingStack, limits: ServerLimits):
         self.stack = stack
         self.limits = limits
         self.max_tokens_limit = limits.max_tokens_limit or stack.config.max_model_len
+        if limits.tool_parser is not None and limits.tool_parser not in tool_parsers.TOOL_PARSERS:
+            raise ValueError(f"unknown tool parser {limits.tool_parser!r}; "
+                             f"expected one of {sorted(tool_parsers.TOOL_PARSERS)}")
+        self.tool_parser = limits.tool_parser or tool_parsers.detect_tool_parser(stack.tokenizer.chat_template)
 
     def completion(self, body: Mapping[str, Any]) -> ParsedRequest:
-        if "prompt" not in body:
-            raise ApiError(400, "missing required field 'prompt'", "missing_field")
-        for field in ("echo", "logprobs", "suffix"):
-            if body.get(field):
-                raise ApiError(400, f"'{field}' is not supported", "unsupported_field")
-        return self._common(body, self._prompt_ids(body["prompt"]))
+        req: CompletionRequest = parse_request(CompletionRequest, dict(body))
+        self._check_model(req.model)
+        return self._common(req, self._prompt_ids(req.prompt))
 
     def chat(self, body: Mapping[str, Any]) -> ParsedRequest:
-        if "messages" not in body:
-            raise ApiError(400, "missing required field 'messages'", "missing_field")
-        if body.get("logprobs"):
-            raise ApiError(400, "'logprobs' is not supported", "unsupported_field")
-        messages = self._messages(body["messages"])
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, dict(body))
+        self._check_model(req.model)
+        messages = [m.template_message() for m in req.messages]
+        plan = self._tool_plan(req)
+        tools = [t.template_tool() for t in req.tools] if req.tools else None
         try:
-            ids = self.stack.tokenizer.encode_chat(messages)
+            ids = self.stack.tokenizer.encode_chat(messages, tools=tools)
         except ValueError as e:  # TokenizerError is a ValueError
-            raise ApiError(400, f"messages cannot be formatted: {e}", "invalid_messages") from e
-        return self._common(body, ids, max_tokens_field="max_completion_tokens")
+            raise ApiError(400, f"messages cannot be formatted: {e}", "invalid_messages", param="messages") from e
+        return self._common(req, ids, req.max_completion_tokens, plan)
+
+    def _tool_plan(self, req: ChatCompletionRequest) -> ToolPlan | None:
+        """None when the reply is plain text: no tools, or tool_choice "none" (tools are still shown
+        to the model, as vLLM does, but nothing is parsed)."""
+        if not req.tools:
+            return None
+        if not self.stack.tokenizer.renders_tools:
+            raise ApiError(400, "this model's chat template does not render 'tools'", "unsupported_field",
+                           param="tools")
+        choice = req.tool_choice or "auto"
+        if choice == "none":
+            return None
+        names = tuple(t.function.name for t in req.tools)
+        parallel = req.parallel_tool_calls is not False
+        if choice == "auto":
+            if self.tool_parser is None:
+                raise ApiError(400, "this model's chat template teaches no tool-call format this server parses; "
+                               "'tools' cannot be used with tool_choice 'auto'", "unsupported_field", param="tools")
+            return ToolPlan("auto", names, parallel, parser=self.tool_parser)
+        schemas = [t.model_dump(exclude_none=True) for t in req.tools]
+        wire_choice = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+        schema = tool_parsers.tool_choice_json_schema(schemas, wire_choice, parallel)
+        # GRAMMAR HOOK: the reply must follow `schema` (passed on to sampling_params_from_request);
+        # unconstrained, a reply that does not parse comes back as content.
+        if isinstance(choice, NamedToolChoice):
+            return ToolPlan("named", names, parallel, named=choice.function.name, json_schema=schema)
+        return ToolPlan("required", names, parallel, json_schema=schema)
 
     # -- fields
 
-    def _common(self, body: Mapping[str, Any], prompt: list[int],
-                max_tokens_field: str | None = None) -> ParsedRequest:
-        self._check_model(body)
-        n = _get(body, "n", int, 1)
-        if n != 1:
-            raise ApiError(400, f"only n=1 is supported, got n={n}", "unsupported_n")
-        if _get(body, "best_of", int, 1) != 1:
-            raise ApiError(400, "only best_of=1 is supported", "unsupported_best_of")
-        max_tokens = _get(body, "max_tokens", int, None)
-        if max_tokens is None and max_tokens_field is not None:
-            max_tokens = _get(body, max_tokens_field, int, None)
-        if max_tokens is None and max_tokens_field is not None:
+    def _common(self, req: CompletionRequest | ChatCompletionRequest, prompt: list[int],
+                chat_max_tokens: int | None = None, tools: ToolPlan | None = None) -> ParsedRequest:
+        chat = isinstance(req, ChatCompletionRequest)
+        # chat: max_completion_tokens replaces the deprecated max_tokens (wins when both are sent, as vLLM)
+        max_tokens = chat_max_tokens if chat_max_tokens is not None else req.max_tokens
+        if max_tokens is None and chat:
             # chat: the rest of the context (as vLLM), within the server's max_tokens limit
             max_tokens = max(1, min(self.max_tokens_limit, self.stack.config.max_model_len - len(prompt)))
         if max_tokens is None:  # completions: a default, never over the limit (the client set none)
             max_tokens = min(self.limits.default_max_tokens, self.max_tokens_limit)
         if max_tokens <= 0:
-            raise ApiError(400, f"max_tokens must be positive, got {max_tokens}", "invalid_max_tokens")
+            raise ApiError(400, f"max_tokens must be positive, got {max_tokens}", "invalid_max_tokens",
+                           param="max_tokens")
         if max_tokens > self.max_tokens_limit:
             raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit {self.max_tokens_limit}",
-                           "invalid_max_tokens")
-        stream_options = _get(body, "stream_options", dict, None) or {}
-        sampling = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=float(_get(body, "temperature", float, 1.0)),
-            top_k=max(0, _get(body, "top_k", int, 0)),  # OpenAI-style -1 also means "off"
-            top_p=float(_get(body, "top_p", float, 1.0)),
-            seed=self._seed(body),
-            stop=self._stop(body.get("stop")),
-            ignore_eos=_get(body, "ignore_eos", bool, False),
-        )
-        try:
-            sampling.validate()
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e), "invalid_sampling") from e
-        return ParsedRequest(prompt, sampling, _get(body, "stream", bool, False),
-                             _get(stream_options, "include_usage", bool, False),
-                             _get(body, "return_token_ids", bool, False),
-                             _get(body, "session_id", str, None), _get(body, "priority", int, 0),
-                             _get(body, "speculative", bool, False), _get(body, "cache_salt", str, None) or "")
+                           "invalid_max_tokens", param="max_tokens")
+        sampling = sampling_params_from_request(req, max_tokens=max_tokens,
+                                                tool_json_schema=tools.json_schema if tools is not None else None)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        session_id = req.session_id
+        if session_id is None and chat:
+            session_id = req.prompt_cache_key  # OpenAI's cache-affinity key: our session
+        return ParsedRequest(prompt, sampling, bool(req.stream), include_usage, bool(req.return_token_ids),
+                             session_id, req.priority or 0, bool(req.speculative), req.cache_salt or "", tools)
 
-    @staticmethod
-    def _seed(body: Mapping[str, Any]) -> int | None:
-        """Any int64 seed, folded into the engine's 32 bits (others: 400 naming 'seed')."""
-        seed = _get(body, "seed", int, None)
-        if seed is None:
-            return None
-        try:
-            return fold_seed(seed)
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e), "invalid_seed") from e
-
-    def _check_model(self, body: Mapping[str, Any]) -> None:
-        model = _get(body, "model", str, None)
-        if model is None:
-            raise ApiError(400, "missing required field 'model'", "missing_field")
+    def _check_model(self, model: str) -> None:
         if model != self.stack.model_name:
             raise ApiError(404, f"model {model!r} does not exist; this server serves {self.stack.model_name!r}",
-                           "model_not_found")
+                           "model_not_found", param="model")
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
             return self.stack.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         raise ApiError(400, "'prompt' must be a string or a list of token ids (batches are not supported)",
-                       "invalid_prompt")
-
-    @staticmethod
-    def _messages(messages: Any) -> list[dict[str, str]]:
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list", "invalid_messages")
-        out = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "invalid_messages")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported", "invalid_messages")
-                content = "".join(p["text"] for p in content)
-            if content is None:
-                content = ""
-            if not isinstance(content, str):
-                raise ApiError(400, f"messages[{i}].content must be a string or text parts", "invalid_messages")
-            out.append({"role": m["role"], "content": content})
-        return out
-
-    @staticmethod
-    def _stop(stop: Any) -> tuple[str, ...]:
-        if stop is None:
-            return ()
-        stops = [stop] if isinstance(stop, str) else stop
-        if (not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
-                or len(stops) > _MAX_STOP_STRINGS):
-            raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {_MAX_STOP_STRINGS} "
-                           "non-empty strings", "invalid_stop")
-        return tuple(stops)
-
-
-def _get(body: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
-    """body[key] checked against `kind` (None counts as absent); ints pass as floats, bools never as numbers."""
-    value = body.get(key)
-    if value is None:
-        return default
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
-        raise ApiError(400, f"'{key}' must be of type {kind.__name__}, got {type(value).__name__}", "invalid_type")
-    return value
-
-
-# ---- streaming text ------------------------------------------------------------------------------
-
-
-class TextDeltas:
-    """Turns the loop's "full text so far" into deltas that are never retracted.
-
-    Holds back an incomplete UTF-8 tail (U+FFFD) and any tail that could still grow into a stop
-    string (the loop would cut the text there), until the final event.
-    """
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.sent = ""
-
-    def push(self, text: str | None, final: bool) -> str:
-        if text is None or not text.startswith(self.sent):
-            return ""
-        ready = len(text) if final else self._stable_length(text)
-        if ready <= len(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):ready], text[:ready]
-        return delta
-
-    def _stable_length(self, text: str) -> int:
-        end = len(text.rstrip("\ufffd"))
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, end), 0, -1):
-                if text[end - n:end] == stop[:n]:
-                    hold = max(hold, n)
-                    break
-        return end - hold
+                       "invalid_prompt", param="prompt")
 
 
 # ---- the app ------------------------------------------------------------------------------------
 
 
-class _Generation:
-    """One submitted request and the queue its StreamEvents arrive on (event-loop side)."""
+class _Generation(RequestStream):
+    """One submitted request of a route: the shared bridge plus the request's parsed options."""
 
     def __init__(self, stack: ServingStack, parsed: ParsedRequest, request_id: str):
-        self.stack = stack
+        request = Request(request_id, parsed.prompt_tokens, parsed.sampling, session_id=parsed.session_id,
+                          namespace=parsed.namespace, priority=parsed.priority, speculative=parsed.speculative)
+        super().__init__(stack.loop, request)
         self.parsed = parsed
-        self.request = Request(request_id, parsed.prompt_tokens, parsed.sampling, session_id=parsed.session_id,
-                               namespace=parsed.namespace, priority=parsed.priority,
-                               speculative=parsed.speculative)
-        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        self.finished = False
-        self.token_ids: list[int] = []
-        aio_loop = asyncio.get_running_loop()
-
-        def on_event(ev: StreamEvent) -> None:  # serving-loop thread
-            aio_loop.call_soon_threadsafe(self.queue.put_nowait, ev)
-
         try:
-            stack.loop.submit(self.request, on_event)
+            self.submit()
         except InvalidRequestError as e:
             code = "context_length_exceeded" if "context limit" in str(e) else "invalid_request"
             raise ApiError(400, str(e), code) from e
 
     async def next_event(self) -> StreamEvent:
-        ev = await self.queue.get()
-        self.token_ids.extend(ev.new_tokens)
-        self.finished = ev.finished
+        ev = await super().next_event()
         if ev.finished and ev.error:
             raise ApiError(500, ev.error, "engine_error", "server_error")
         return ev
-
-    def cancel_unless_finished(self) -> None:
-        if not self.finished:
-            self.stack.loop.cancel(self.request.request_id)
-            self.finished = True
 
     def usage(self) -> dict[str, Any]:
         prompt = len(self.request.prompt_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": len(self.token_ids),
                 "total_tokens": prompt + len(self.token_ids),
                 "prompt_tokens_details": {"cached_tokens": self.request.num_cached_tokens}}
+
+
+def _finish_reason(reason: str | None, calls: list[tool_parsers.ToolCallOut]) -> str | None:
+    """A reply that ended on its own with tool calls finishes with "tool_calls" (as OpenAI's)."""
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 class _OpenAIRoutes:
@@ -388,7 +308,16 @@ class _OpenAIRoutes:
         text = ev.text or ""
         choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
         if chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if gen.parsed.tools is not None:
+                content, calls = tool_parsers.parse_all(gen.parsed.tools.new_parser(), text)
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = [{"id": c.id, "type": "function",
+                                              "function": {"name": c.name, "arguments": c.arguments}}
+                                             for c in calls]
+                choice["finish_reason"] = _finish_reason(ev.finish_reason, calls)
+            choice["message"] = message
         else:
             choice["text"] = text
         if gen.parsed.return_token_ids:
@@ -400,6 +329,7 @@ class _OpenAIRoutes:
     async def _stream(self, gen: _Generation, chat: bool) -> AsyncIterator[str]:
         rid, created = gen.request.request_id, int(time.time())
         deltas = TextDeltas(gen.parsed.sampling.stop)
+        tools = gen.parsed.tools.new_parser() if chat and gen.parsed.tools is not None else None
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
             obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -408,15 +338,19 @@ class _OpenAIRoutes:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj)}\n\n"
 
-        def choice(text: str, finish_reason: str | None, first: bool, new_ids: list[int]) -> dict[str, Any]:
+        def choice(delta: dict[str, Any] | str, finish_reason: str | None, new_ids: list[int]) -> dict[str, Any]:
             c: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-            if chat:
-                c["delta"] = ({"role": "assistant", "content": text} if first else {"content": text})
-            else:
-                c["text"] = text
+            c["delta" if chat else "text"] = delta
             if gen.parsed.return_token_ids:
                 c["token_ids"] = new_ids
             return c
+
+        def chat_deltas(text: str, final: bool) -> list[dict[str, Any]]:
+            """The chat deltas of new text: plain content, or the tool parser's content and calls."""
+            if tools is None:
+                return [{"content": text}] if text else []
+            out = tools.feed(text) + (tools.finish() if final else [])
+            return [{"content": d.content} if d.content is not None else {"tool_calls": [d.openai()]} for d in out]
 
         try:
             first, ids = True, []
@@ -424,13 +358,27 @@ class _OpenAIRoutes:
                 try:
                     ev = await gen.next_event()
                 except ApiError as e:
-                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.code}})}\n\n"
+                    yield f"data: {json.dumps(e.body())}\n\n"
                     break
                 text = deltas.push(ev.text, ev.finished)
                 ids.extend(ev.new_tokens)  # ids of held-back text go out with the next chunk
-                if text or ev.finished or (first and chat):
-                    yield chunk([choice(text, ev.finish_reason if ev.finished else None, first, ids)])
-                    first, ids = False, []
+                reason = ev.finish_reason if ev.finished else None
+                if not chat:
+                    if text or ev.finished:
+                        yield chunk([choice(text, reason, ids)])
+                        ids = []
+                else:
+                    pieces = chat_deltas(text, ev.finished)
+                    if first:  # the role goes out at once, in a chunk of its own
+                        yield chunk([choice({"role": "assistant", "content": ""}, None, [])])
+                        first = False
+                    for i, piece in enumerate(pieces):
+                        last = ev.finished and i == len(pieces) - 1
+                        yield chunk([choice(piece, _finish_reason(reason, tools.calls if tools else [])
+                                            if last else None, ids)])
+                        ids = []
+                    if ev.finished and not pieces:
+                        yield chunk([choice({}, _finish_reason(reason, tools.calls if tools else []), ids)])
                 if ev.finished:
                     if gen.parsed.include_usage:
                         yield chunk([], gen.usage())
@@ -446,7 +394,7 @@ class _OpenAIRoutes:
 
     def health(self) -> JSONResponse:
         if not _loop_alive(self.stack):
-            return _error_response(503, "the serving loop is not running", "loop_down", "server_error")
+            return error_response(503, "the serving loop is not running", "loop_down", "server_error")
         return JSONResponse({"status": "ok"})
 
     def metrics(self) -> Response:
@@ -469,12 +417,12 @@ def create_app(stack: ServingStack, limits: ServerLimits | None = None) -> FastA
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: HttpRequest, e: StarletteHTTPException) -> JSONResponse:
-        return _error_response(e.status_code, str(e.detail), None, "invalid_request_error")
+        return error_response(e.status_code, str(e.detail), None, "invalid_request_error")
 
     @app.exception_handler(Exception)
     async def _internal_error(_: HttpRequest, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error_response(500, f"internal error: {type(e).__name__}", "internal_error", "server_error")
+        return error_response(500, f"internal error: {type(e).__name__}", "internal_error", "server_error")
 
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])

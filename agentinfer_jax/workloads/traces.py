@@ -2,14 +2,19 @@
 
 Formats understood by `load_traces(path)`:
 - FireAct trajectory dicts: `{qid: {"traj": [{role, content}, ...] | "<alpaca-style text>", ...}}`.
-- OpenAI-messages JSONL: one `{"messages": [{role, content}, ...]}` per line.
+- OpenAI-messages JSONL: one `{"messages": [...]}` per line, plain chat or OpenAI tool calling
+  (assistant messages with `tool_calls` and `content` null or text, role `tool` results with a
+  `tool_call_id`), optionally with the `tools` offered (kept in `meta["tools"]`).
 - A JSON list of records, each with a `traj` (or `messages`) message list.
 - speculative-action runs: a directory holding `<qid>/normalobs.json` files (searched recursively);
   each becomes prompt -> (thought + action, observation)* messages, and its `metrics.json` guess hit
   rates are kept in `meta["guess_hit_rates"]`.
 
-Every trajectory is a list of {"role", "content"} messages with roles system/user/assistant; an
-assistant message is one model call, and the user message after it carries the tool observation.
+Every trajectory is a list of chat messages; an assistant message is one model call, and the user
+(or, with tool calling, tool) messages after it carry the observations. `assistant_turns()` gives
+each call's reply as the text the model writes (tool calls in the Qwen/Hermes `<tool_call>` format
+the bundled template teaches), and `as_text_chat()` the whole trajectory as plain {role, content}
+ChatML turns, for consumers that tokenize message by message.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-Message = dict[str, str]
+from agentinfer_jax.serving.tool_parsers import format_hermes_reply
+
+Message = dict[str, Any]
 _ROLES = {"system", "user", "assistant"}
+_TOOL_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 class TraceFormatError(ValueError):
@@ -40,10 +48,42 @@ class Trajectory:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def assistant_turns(self) -> Iterator[tuple[tuple[Message, ...], str]]:
-        """Yields (all earlier messages, recorded response) for every assistant message."""
+        """Yields (all earlier messages, recorded response text) for every assistant message."""
         for i, m in enumerate(self.messages):
             if m["role"] == "assistant":
-                yield self.messages[:i], m["content"]
+                yield self.messages[:i], reply_text(m)
+
+    @property
+    def has_tool_calls(self) -> bool:
+        return any(m["role"] == "tool" or m.get("tool_calls") for m in self.messages)
+
+    def as_text_chat(self) -> Trajectory:
+        """The trajectory as {role, content} text turns rendered as the bundled ChatML/Qwen template
+        renders tool calling: an assistant turn's calls as `<tool_call>` blocks, and each run of
+        tool results as one user turn of `<tool_response>` blocks. Plain trajectories unchanged."""
+        if not self.has_tool_calls:
+            return self
+        out: list[Message] = []
+        for m in self.messages:
+            if m["role"] == "tool":
+                block = f"<tool_response>\n{m['content']}\n</tool_response>"
+                if out and out[-1].get("tool_results"):
+                    out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + block}
+                else:
+                    out.append({"role": "user", "content": block, "tool_results": True})
+            else:
+                out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": reply_text(m)})
+        plain = tuple({"role": m["role"], "content": m["content"]} for m in out)
+        return dataclasses.replace(self, messages=plain)
+
+
+def reply_text(message: Message) -> str:
+    """What the model wrote for an assistant message: its content, then its tool calls."""
+    calls = message.get("tool_calls") or []
+    content = message.get("content") or ""
+    if not calls:
+        return content
+    return format_hermes_reply(content, [(c["function"]["name"], c["function"]["arguments"]) for c in calls])
 
 
 def _check_messages(msgs: Any, where: str) -> tuple[Message, ...]:
@@ -51,10 +91,48 @@ def _check_messages(msgs: Any, where: str) -> tuple[Message, ...]:
         raise TraceFormatError(f"{where}: expected a non-empty list of messages")
     out = []
     for j, m in enumerate(msgs):
+        if isinstance(m, dict) and (m.get("tool_calls") or m.get("role") in ("tool", "developer")):
+            out.append(_check_tool_message(m, f"{where}: message {j}"))
+            continue
         if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-            raise TraceFormatError(f"{where}: message {j} is not a {{role, content}} chat message")
+            raise TraceFormatError(f"{where}: message {j} is not a {{role, content}} chat message "
+                                   "nor an OpenAI tool-calling message")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
+
+
+def _check_tool_message(m: dict[str, Any], where: str) -> Message:
+    """An OpenAI tool-calling message, normalised: arguments as JSON text, content text or None."""
+    role, content = m.get("role"), m.get("content")
+    if isinstance(content, list):  # text parts
+        if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+            raise TraceFormatError(f"{where}: only text content parts are supported")
+        content = "".join(p["text"] for p in content)
+    if role not in _TOOL_ROLES or not (content is None or isinstance(content, str)):
+        raise TraceFormatError(f"{where}: not an OpenAI chat message")
+    if role == "tool":
+        if not isinstance(content, str) or not isinstance(m.get("tool_call_id"), str):
+            raise TraceFormatError(f"{where}: a tool message needs string 'content' and 'tool_call_id'")
+        return {"role": "tool", "tool_call_id": m["tool_call_id"], "content": content}
+    if role != "assistant":
+        if content is None:
+            raise TraceFormatError(f"{where}: a {role} message needs 'content'")
+        return {"role": role, "content": content}
+    calls = []
+    for c in m.get("tool_calls") or []:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise TraceFormatError(f"{where}: a tool call needs a function with a name")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        try:
+            json.loads(args)
+        except json.JSONDecodeError as e:
+            raise TraceFormatError(f"{where}: tool call arguments are not JSON ({e.msg})") from e
+        calls.append({"id": str(c.get("id") or f"call_{len(calls)}"), "type": "function",
+                      "function": {"name": fn["name"], "arguments": args}})
+    return {"role": "assistant", "content": content, "tool_calls": calls}
 
 
 _STEP_LINE = re.compile(r"^(Thought|Action|Observation)( \d+)?:")
@@ -136,7 +214,9 @@ def load_traces(path: str | pathlib.Path, limit: int | None = None) -> list[Traj
             except json.JSONDecodeError as e:
                 raise TraceFormatError(f"{path}:{n + 1}: malformed JSON ({e.msg})") from e
             msgs = rec.get("messages") if isinstance(rec, dict) else None
-            trajs.append(Trajectory(f"{source}:{n}", _check_messages(msgs, f"{path}:{n + 1}"), source))
+            meta = {"tools": rec["tools"]} if isinstance(rec, dict) and rec.get("tools") else {}
+            rid = str(rec.get("id", f"{source}:{n}")) if isinstance(rec, dict) else f"{source}:{n}"
+            trajs.append(Trajectory(rid, _check_messages(msgs, f"{path}:{n + 1}"), source, meta))
     else:
         try:
             data = json.loads(path.read_text())
@@ -149,7 +229,8 @@ def load_traces(path: str | pathlib.Path, limit: int | None = None) -> list[Traj
             for n, rec in enumerate(data):
                 msgs = rec.get("traj", rec.get("messages")) if isinstance(rec, dict) else None
                 rid = str(rec.get("id", n)) if isinstance(rec, dict) else str(n)
-                trajs.append(Trajectory(rid, _check_messages(msgs, f"{path}[{n}]"), source))
+                meta = {"tools": rec["tools"]} if isinstance(rec, dict) and rec.get("tools") else {}
+                trajs.append(Trajectory(rid, _check_messages(msgs, f"{path}[{n}]"), source, meta))
         else:
             raise TraceFormatError(f"{path}: expected a dict of trajectories or a list of records")
     return trajs[:limit] if limit is not None else trajs

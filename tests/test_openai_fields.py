@@ -1,0 +1,223 @@
+"""Every field of OpenAI's chat and completion request bodies, as the `openai` package declares them,
+either takes effect on our server or gets a 400 that names it: no field is silently ignored.
+
+The field lists come from the installed `openai` package's own parameter types, so a field OpenAI
+adds fails this test until the server decides what to do with it (EFFECTS or REFUSED below).
+"""
+
+from __future__ import annotations
+
+import random
+import typing
+
+import httpx
+import pytest
+from openai.types import completion_create_params
+from openai.types.chat import completion_create_params as chat_create_params
+
+from agentinfer_jax.serving.builder import ServerConfig, build_stack
+from agentinfer_jax.serving.server import BackgroundServer
+from agentinfer_jax.serving.tool_parsers import format_hermes_reply
+from forced_replies import ForcedReplies
+
+TOOL = {"type": "function", "function": {"name": "search", "description": "Search the web",
+                                         "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                                                        "required": ["query"]}}}
+MESSAGES = [{"role": "user", "content": "Name a river in France."}]
+PROMPT = [random.Random(4).randrange(5, 4096) for _ in range(12)]
+NEW = 8
+FORCED = {"max_tokens": 200, "ignore_eos": False}  # room for a forced reply, which ends at its EOS
+
+
+def openai_fields(params) -> set[str]:
+    fields = set(typing.get_type_hints(params.CompletionCreateParamsBase))
+    return fields | {"stream"}  # declared on the streaming / non-streaming variants
+
+
+@pytest.fixture(scope="module")
+def server():
+    stack = build_stack(ServerConfig(config="tiny", num_blocks=96, block_size=16, max_num_seqs=2,
+                                     max_tokens_per_step=256, min_token_bucket=256, max_model_len=1024))
+    stack.engine.warmup()
+    srv = BackgroundServer(stack).start()
+    srv.forced = ForcedReplies(stack)
+    yield srv
+    srv.forced.restore()
+    srv.stop()
+
+
+class Api:
+    def __init__(self, server):
+        self.server, self.model = server, server.stack.model_name
+        self.http = httpx.Client(base_url=server.base_url, timeout=120)
+
+    def post(self, path: str, **fields):
+        base = {"model": self.model, "max_tokens": NEW, "temperature": 0, "ignore_eos": True}
+        base.update({"messages": MESSAGES} if "chat" in path else {"prompt": PROMPT})
+        res = self.http.post(path, json={**base, **fields})
+        return res.status_code, res.json() if res.headers.get("content-type", "").startswith("application/json") \
+            else res.text
+
+    def ok(self, path: str, **fields):
+        status, body = self.post(path, **fields)
+        assert status == 200, (fields, body)
+        return body
+
+    @staticmethod
+    def out(body):
+        c = body["choices"][0]
+        return c["message"]["content"] if "message" in c else c["text"]
+
+
+# ---- fields that take effect: each check shows the effect against a baseline ----------------------
+
+
+def _greedy(api, path):
+    return api.out(api.ok(path))
+
+
+def check_model(api, path):
+    status, body = api.post(path, model="not-" + api.model)
+    assert status == 404 and "model" in body["error"]["message"]
+
+
+def check_max_tokens(api, path, field="max_tokens"):
+    assert api.ok(path, **{field: 3})["usage"]["completion_tokens"] == 3
+
+
+def check_temperature(api, path):  # sampled draws differ from greedy and between seeds
+    outs = {api.out(api.ok(path, temperature=1.5, seed=s)) for s in range(4)}
+    assert len(outs) > 1 or _greedy(api, path) not in outs
+
+
+def check_top_p(api, path):  # a tiny nucleus is greedy even at high temperature
+    assert api.out(api.ok(path, temperature=1.5, top_p=1e-6, seed=3)) == _greedy(api, path)
+
+
+def check_seed(api, path):
+    a, b = (api.out(api.ok(path, temperature=1.0, seed=s)) for s in (11, 11))
+    c = [api.out(api.ok(path, temperature=1.0, seed=s)) for s in (12, 13, 14)]
+    assert a == b and any(x != a for x in c)
+
+
+def check_stop(api, path):
+    text = _greedy(api, path)
+    stop = text[2:4]
+    body = api.ok(path, stop=[stop])
+    assert api.out(body) == text[:text.find(stop)] and body["choices"][0]["finish_reason"] == "stop"
+
+
+def check_stream(api, path):
+    status, body = api.post(path, stream=True)
+    assert status == 200 and body.startswith("data: ") and body.rstrip().endswith("data: [DONE]")
+
+
+def check_stream_options(api, path):
+    _, body = api.post(path, stream=True, stream_options={"include_usage": True})
+    assert '"usage": {"prompt_tokens"' in body
+    status, err = api.post(path, stream=True, stream_options={"include_obfuscation": True})
+    assert status == 400 and "include_obfuscation" in err["error"]["message"]
+
+
+def check_noop_or_refused(field, noop, refused):
+    """Fields we cannot honour yet: their no-op value is served, any other value is a 400 naming them."""
+    def check(api, path):
+        api.ok(path, **{field: noop})
+        status, body = api.post(path, **{field: refused})
+        assert status == 400 and field in body["error"]["message"] and body["error"]["param"] == field, body
+    return check
+
+
+def check_tools(api, path):  # the tools are rendered into the prompt
+    plain = api.ok(path, tool_choice="none", tools=[TOOL])["usage"]["prompt_tokens"]
+    assert plain > api.ok(path)["usage"]["prompt_tokens"] + 50
+
+
+def check_tool_choice(api, path):
+    body = api.ok(path, tools=[TOOL], tool_choice={"type": "function", "function": {"name": "search"}})
+    assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "search"
+    api.server.forced.script = [format_hermes_reply(None, [("search", {"query": "x"})])]
+    body = api.ok(path, tools=[TOOL], tool_choice="none", **FORCED)
+    assert "tool_calls" not in body["choices"][0]["message"] and "<tool_call>" in api.out(body)
+
+
+def check_parallel_tool_calls(api, path):
+    two = format_hermes_reply(None, [("search", {"query": "a"}), ("search", {"query": "b"})])
+    for parallel, expected in ((True, 2), (False, 1)):
+        api.server.forced.script = [two]
+        body = api.ok(path, tools=[TOOL], parallel_tool_calls=parallel, **FORCED)
+        assert len(body["choices"][0]["message"]["tool_calls"]) == expected
+
+
+def check_prompt_cache_key(api, path):  # OpenAI's cache-affinity key is our session
+    api.ok(path, prompt_cache_key="affinity-7")
+    assert api.server.forced.requests[-1].session_id == "affinity-7"
+
+
+def check_modalities(api, path):
+    check_noop_or_refused("modalities", ["text"], ["text", "audio"])(api, path)
+
+
+def check_messages(api, path):  # the history is the prompt
+    a = api.ok(path)["usage"]["prompt_tokens"]
+    assert api.ok(path, messages=MESSAGES * 2)["usage"]["prompt_tokens"] > a
+
+
+def check_prompt(api, path):
+    assert api.ok(path, prompt=PROMPT[:5])["usage"]["prompt_tokens"] == 5
+
+
+COMMON = {
+    "model": check_model, "max_tokens": check_max_tokens, "temperature": check_temperature, "top_p": check_top_p,
+    "seed": check_seed, "stop": check_stop, "stream": check_stream, "stream_options": check_stream_options,
+    "n": check_noop_or_refused("n", 1, 2),
+    "presence_penalty": check_noop_or_refused("presence_penalty", 0, 0.5),
+    "frequency_penalty": check_noop_or_refused("frequency_penalty", 0, 0.5),
+    "logit_bias": check_noop_or_refused("logit_bias", {}, {"7": 5}),
+    "user": check_noop_or_refused("user", None, "u-1"),
+}
+CHAT_EFFECTS = {
+    **COMMON, "messages": check_messages,
+    "max_completion_tokens": lambda api, path: check_max_tokens(api, path, "max_completion_tokens"),
+    "tools": check_tools, "tool_choice": check_tool_choice, "parallel_tool_calls": check_parallel_tool_calls,
+    "prompt_cache_key": check_prompt_cache_key, "modalities": check_modalities,
+    "logprobs": check_noop_or_refused("logprobs", False, True),
+    "top_logprobs": check_noop_or_refused("top_logprobs", None, 2),
+    "response_format": check_noop_or_refused("response_format", {"type": "text"}, {"type": "json_object"}),
+    "store": check_noop_or_refused("store", False, True),
+    "service_tier": check_noop_or_refused("service_tier", "auto", "flex"),
+    "audio": check_noop_or_refused("audio", None, {"voice": "alloy", "format": "wav"}),
+    "functions": check_noop_or_refused("functions", None, [{"name": "f", "parameters": {}}]),
+    "function_call": check_noop_or_refused("function_call", None, "auto"),
+    "metadata": check_noop_or_refused("metadata", None, {"k": "v"}),
+    "moderation": check_noop_or_refused("moderation", None, {"type": "auto"}),
+    "prediction": check_noop_or_refused("prediction", None, {"type": "content", "content": "x"}),
+    "prompt_cache_options": check_noop_or_refused("prompt_cache_options", None, {"x": 1}),
+    "prompt_cache_retention": check_noop_or_refused("prompt_cache_retention", None, "24h"),
+    "reasoning_effort": check_noop_or_refused("reasoning_effort", None, "low"),
+    "safety_identifier": check_noop_or_refused("safety_identifier", None, "s-1"),
+    "verbosity": check_noop_or_refused("verbosity", None, "low"),
+    "web_search_options": check_noop_or_refused("web_search_options", None, {}),
+}
+COMPLETION_EFFECTS = {
+    **COMMON, "prompt": check_prompt,
+    "best_of": check_noop_or_refused("best_of", 1, 2),
+    "echo": check_noop_or_refused("echo", False, True),
+    "logprobs": check_noop_or_refused("logprobs", None, 1),
+    "suffix": check_noop_or_refused("suffix", None, "tail"),
+}
+
+
+@pytest.mark.parametrize("path, params, effects", [
+    ("/v1/chat/completions", chat_create_params, CHAT_EFFECTS),
+    ("/v1/completions", completion_create_params, COMPLETION_EFFECTS),
+], ids=["chat", "completions"])
+def test_every_openai_request_field_takes_effect_or_is_a_400_naming_it(server, path, params, effects):
+    fields = openai_fields(params)
+    assert fields - set(effects) == set(), "fields the server has not decided on"
+    api = Api(server)
+    for field in sorted(fields):
+        effects[field](api, path)
+    # Unknown fields (typos, other servers' extensions) are refused by name, never ignored.
+    status, body = api.post(path, temprature=0.5)
+    assert status == 400 and "temprature" in body["error"]["message"]
