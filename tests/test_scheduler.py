@@ -322,3 +322,55 @@ def test_trace_replay_is_applied_by_update_not_by_the_executor():
     n0, drafts = steps[first_draft_step]
     assert drafts[0] == record[n0] and steps[first_draft_step + 1][0] == n0 + 2
     assert req.num_accepted >= 1 and pool.num_used == 0
+
+
+def test_planning_ahead_asks_the_adaptive_switch_once_per_step():
+    """schedule_ahead decides a request's k for the step it plans; when that k is > 0 (so the step
+    cannot be planned blind), the synchronous plan that follows uses the same decision."""
+    from agentinfer_jax.engine.step_batch import PREVIOUS_TOKEN
+
+    class CountingSwitch:
+        def __init__(self, ks):
+            self.ks, self.calls = list(ks), 0
+
+        def choose_k(self, rid, batch, ctx, max_k=None, tokens_fed=None):
+            self.calls += 1
+            return self.ks.pop(0)
+
+        def observe(self, *a):
+            pass
+
+        def end(self, rid):
+            pass
+
+    class Drafter:
+        def begin(self, *a):
+            pass
+
+        def extend(self, *a):
+            pass
+
+        def propose(self, rid, k):
+            return [3] * k
+
+        def end(self, rid):
+            pass
+
+    pool = BlockPool(32)
+    switch = CountingSwitch([0, 0, 2, 0])
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=2, max_tokens_per_step=16, max_model_len=64,
+                                      vocab_size=50, num_draft_tokens=2), pool, drafter=Drafter(), adaptive=switch)
+    sched.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=20)))
+    first = sched.schedule()  # prefill: no k asked
+    assert switch.calls == 0
+    ahead = sched.schedule_ahead(first)  # asks k for the step after the prefill: 0 -> planned ahead
+    assert switch.calls == 1 and ahead.seqs[0].tokens == (PREVIOUS_TOKEN,)
+    sched.update(first, {"a": [7]})
+    third = sched.schedule_ahead(ahead)  # asks again: 0 -> planned ahead
+    assert switch.calls == 2 and third.seqs[0].tokens == (PREVIOUS_TOKEN,)
+    sched.update(ahead, {"a": [8]})
+    assert sched.schedule_ahead(third) is None  # asks: 2 -> must wait for the step's result
+    assert switch.calls == 3
+    sched.update(third, {"a": [9]})
+    plan = sched.schedule()  # the same decision, not a new question
+    assert switch.calls == 3 and plan.seqs[0].num_draft == 2

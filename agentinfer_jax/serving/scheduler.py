@@ -126,6 +126,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_steps = 0
+        self._pending_k: dict[str, int] = {}  # k the adaptive switch chose while planning ahead
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -187,8 +188,11 @@ class Scheduler:
                 continue
             if seq.num_draft:
                 return None
-            if seq.samples and self._draft_len(req, 1) > 0:
-                return None
+            if seq.samples:
+                # Decided once per step: a k > 0 is kept for the synchronous plan that follows.
+                k = self._pending_k[req.request_id] = self._draft_len(req, len(inflight.seqs))
+                if k > 0:
+                    return None
             ahead[seq.request_id] = seq
         return self._schedule(ahead)
 
@@ -335,6 +339,8 @@ class Scheduler:
     def _draft_len(self, req: Request, step_tokens: int) -> int:
         if self.drafter is None:
             return 0
+        if req.request_id in self._pending_k:  # already chosen for this step by schedule_ahead
+            return self._pending_k.pop(req.request_id)
         room = min(req.sampling.max_tokens - len(req.output_tokens),
                    self.config.max_model_len - req.num_tokens) - 1
         k = min(self.config.num_draft_tokens, room)
@@ -373,6 +379,7 @@ class Scheduler:
                 return None  # it drafts once it is planned after an update
         else:
             start = inflight.start_pos + len(inflight.tokens)
+            self._pending_k.pop(req.request_id, None)  # its k = 0 for this step was chosen above
             if inflight.samples:
                 room = min(req.sampling.max_tokens - len(req.output_tokens), self.config.max_model_len - req.num_tokens)
                 if room <= 1:
@@ -485,3 +492,4 @@ class Scheduler:
             req.drafter_started = False
         if self.adaptive is not None:
             self.adaptive.end(req.request_id)
+        self._pending_k.pop(req.request_id, None)
