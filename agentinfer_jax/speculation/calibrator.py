@@ -59,8 +59,10 @@ def cell_index(cls, match_len, n, total):
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _mix_in(x, v):
-    x = (x ^ np.uint64(np.int64(v) & 0xFFFFFFFF)) * np.uint64(0x9E3779B97F4A7C15)
-    return x ^ (x >> np.uint64(29))
+    # Scramble what came before, then add the next 32-bit value (XOR of raw small values collides).
+    x = x * np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(29)
+    return x ^ np.uint64(np.int64(v) & 0xFFFFFFFF)
 
 
 @_njit
@@ -174,6 +176,14 @@ class AcceptanceCalibrator:
         if not self.token_context or position >= self.context_positions:
             return float(q)
         return float(lookup(self.keys, self.stats, token_key(CONTEXT, source, prev2, prev, token), q, wc))
+
+    def update(self, level: int, source: int, prev2: int, prev: int, token: int, accepted: bool) -> None:
+        """Counts one trial of a token-level entry (FIRST ignores prev2), through the kernel the
+        drafter's scoring uses (for tests and offline fitting)."""
+        self.reserve(1)
+        record(self.keys, self.stats, self.sizes, level,
+               token_key(level, source, -1 if level == FIRST else prev2, prev, token),
+               1.0 if accepted else 0.0, self.max_first_tokens)
 
     def level_sizes(self) -> dict[str, int]:
         return {"first": int(self.sizes[FIRST]), "pair": int(self.sizes[PAIR]), "context": int(self.sizes[CONTEXT])}
