@@ -53,12 +53,14 @@ def test_retrieval_matches_brute_force_bm25_and_excludes_the_caller():
 
 
 def test_bounded_with_oldest_evicted_and_replacement():
-    with SessionMemory(max_sessions=3, max_tokens=100) as mem:
+    # Cap: 120 int32 words = 480 bytes; a session of n equal tokens takes n + 2 words.
+    with SessionMemory(max_sessions=3, cap_mb=480 / 2**20) as mem:
         for i in range(5):
             mem.add(f"s{i}", [i] * 10)
         assert mem.session_ids() == ["s2", "s3", "s4"]
-        mem.add("s2", [2] * 90)  # replaced, becomes newest; token cap evicts the oldest ones
+        mem.add("s2", [2] * 90)  # replaced, becomes newest; the byte cap evicts the oldest ones
         assert mem.session_ids() == ["s4", "s2"] and mem.total_tokens() == 100
+        assert mem.store_bytes() <= 480 and mem.bytes_per_token() <= 16
         _, ids = mem.retrieve([3, 3]).result()
         assert ids == []  # s3 was evicted: never returned from a stale index
 
