@@ -111,9 +111,6 @@ def exhaustive_choice(d, rid):
     return best, best_score
 
 
-@pytest.mark.xfail(reason="open: on some memory states the compiled walk drafts a candidate whose "
-                          "expected value is below the session's own (0.875 vs 0.949, seed 5 trial 4); "
-                          "under investigation", strict=False)
 @pytest.mark.parametrize("min_prob,token_context", [(0.0, False), (0.2, False), (0.0, True), (0.2, True)])
 def test_sam_pruned_selection_equals_exhaustive_evaluation(min_prob, token_context):
     """The lazily pruned compiled search returns the exhaustive rule's draft, across
