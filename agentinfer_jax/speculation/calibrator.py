@@ -14,6 +14,11 @@ The PAIR and CONTEXT levels (`token_context`, on by default) apply to the first
 `context_positions` draft positions. A fresh calibrator behaves like a count-based drafter and
 sharpens as it observes.
 
+The drafter's two hot paths live here too, beside the formulas they inline, so numba's on-disk
+cache (which tracks only a kernel's own file) can never pair a kernel with stale formulas:
+`walk_candidates` (propose: every source's most frequent continuation, valued by these
+probabilities, best first with pruning) and `score_candidates` (the update from verified tokens).
+
 Storage: `cells` is a (NUM_CELLS, 2) float64 array; the three token levels share one open-addressing
 table (`keys` int64, 0 = empty; `stats` (slots, 2) float64) keyed by a 64-bit hash of (level,
 class, tokens), so any token ids work. Each level holds at most `max_first_tokens` keys (a full
@@ -25,8 +30,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# Row fields of an automaton (compiled into the kernels below; numba's cache does not track other
+# files, so a change of these constants in suffix_automaton.py must touch this file too).
+from agentinfer_jax.speculation.suffix_automaton import COUNT, TOP_CHILD, TOP_TOK, TOP_TOTAL
+
 OWN, MEMORY, GLOBAL = 0, 1, 2
 SOURCE_NAMES = ("own", "memory", "global")
+NUM_SOURCES = len(SOURCE_NAMES)
 # Evidence classes: source + AGREED when another cursor's top continuation starts with the same token.
 AGREED = len(SOURCE_NAMES)
 NUM_CLASSES = 2 * AGREED
@@ -127,6 +137,121 @@ def _rehash(keys, stats, slots):
             new_stats[j, 0] = stats[i, 0]
             new_stats[j, 1] = stats[i, 1]
     return new_keys, new_stats
+
+
+@numba.njit(cache=True, nogil=True)
+def walk_candidates(sts, states, lengths, limit, cells, ckeys, cstats, w, wc, ctx_stop, last, last2, min_prob,
+          out, cand_src, cand_len, cand_toks, cand_cells):
+    """The drafter's selection (see sam_drafter): proposes the best candidate into `out`; returns (draft length, candidates, expected
+    accepted). `states[i] < 0`: source i has no cursor. Candidates (source class, tokens, cells)
+    are kept for `score_candidates`."""
+    n_heads = 0
+    h_q = np.empty(NUM_SOURCES, np.float64)
+    h_i = np.empty(NUM_SOURCES, np.int64)
+    h_tok = np.empty(NUM_SOURCES, np.int64)
+    for i in range(NUM_SOURCES):
+        if states[i] >= 0 and sts[i][states[i], TOP_CHILD] >= 0:
+            h_i[n_heads] = i
+            h_tok[n_heads] = sts[i][states[i], TOP_TOK]
+            n_heads += 1
+    for h in range(n_heads):
+        i = h_i[h]
+        st = sts[i]
+        s = states[i]
+        tok = h_tok[h]
+        cls = i
+        for g in range(n_heads):
+            if g != h and h_tok[g] == tok:
+                cls = i + AGREED
+        n = st[st[s, TOP_CHILD], COUNT]
+        total = st[s, TOP_TOTAL]
+        c = cell_index(cls, lengths[i], n, total)
+        q = cell_prob(cells, c, n, total, w)
+        q = lookup(ckeys, cstats, token_key(FIRST, cls, -1, last, tok), q, w)
+        if ctx_stop > 0:
+            q = lookup(ckeys, cstats, token_key(CONTEXT, cls, last2, last, tok), q, wc)
+        h_q[h] = q
+        cand_src[h] = cls
+        cand_len[h] = 1
+        cand_toks[h, 0] = tok
+        cand_cells[h, 0] = c
+    # Best first (ties in source order), so weaker candidates stop early.
+    order = np.argsort(-h_q[:n_heads], kind="mergesort")
+    best_score = 0.0
+    best_len = 0
+    best_h = -1
+    for r in range(n_heads):
+        h = order[r]
+        p = h_q[h]
+        if p < min_prob or p * limit <= best_score:
+            continue  # scored from its first token only
+        i = h_i[h]
+        st = sts[i]
+        s = st[states[i], TOP_CHILD]
+        cls = cand_src[h]
+        length = lengths[i] + 1
+        prev2, prev = last, cand_toks[h, 0]
+        size = 1
+        score, keep = p, 1
+        while size < limit and score + p * (limit - size) > best_score:
+            child = st[s, TOP_CHILD]
+            if child < 0:
+                break
+            tok = st[s, TOP_TOK]
+            n = st[child, COUNT]
+            total = st[s, TOP_TOTAL]
+            c = cell_index(cls, length, n, total)
+            q = cell_prob(cells, c, n, total, w)
+            if size < ctx_stop:
+                q = lookup(ckeys, cstats, token_key(PAIR, cls, -1, prev, tok), q, w)
+                q = lookup(ckeys, cstats, token_key(CONTEXT, cls, prev2, prev, tok), q, wc)
+                prev2, prev = prev, tok
+            p *= q
+            cand_toks[h, size] = tok
+            cand_cells[h, size] = c
+            size += 1
+            length += 1
+            s = child
+            if p < min_prob:
+                break
+            score += p
+            keep += 1
+        cand_len[h] = size
+        if score > best_score:
+            best_score, best_len, best_h = score, keep, h
+    for j in range(best_len):
+        out[j] = cand_toks[best_h, j]
+    return best_len, n_heads, best_score
+
+
+@numba.njit(cache=True, nogil=True)
+def score_candidates(true, n_cand, cand_src, cand_len, cand_toks, cand_cells, cells, ckeys, cstats, sizes,
+           last, last2, ctx_n, max_keys):
+    """Every candidate's tokens up to its first mismatch with the verified `true` tokens (past that
+    the context is no longer the candidate's) count as trials of their cells and token levels."""
+    for h in range(n_cand):
+        cls = cand_src[h]
+        size = cand_len[h]
+        if size == 0 or len(true) == 0:
+            continue
+        record(ckeys, cstats, sizes, FIRST, token_key(FIRST, cls, -1, last, cand_toks[h, 0]),
+               1.0 if cand_toks[h, 0] == true[0] else 0.0, max_keys)
+        prev2, prev = last2, last
+        for j in range(min(size, len(true))):
+            tok = cand_toks[h, j]
+            ok = tok == true[j]
+            acc = 1.0 if ok else 0.0
+            c = cand_cells[h, j]
+            cells[c, 0] += acc
+            cells[c, 1] += 1.0
+            if j < ctx_n:
+                if j:
+                    record(ckeys, cstats, sizes, PAIR, token_key(PAIR, cls, -1, prev, tok), acc, max_keys)
+                record(ckeys, cstats, sizes, CONTEXT, token_key(CONTEXT, cls, prev2, prev, tok), acc,
+                       max_keys)
+            if not ok:
+                break
+            prev2, prev = prev, tok
 
 
 class AcceptanceCalibrator:

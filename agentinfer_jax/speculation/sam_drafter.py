@@ -24,9 +24,10 @@ Learning: up to the first rejection the true next tokens are known, so when the 
 arrive through `extend`, every candidate's tokens there (drafted or not) are scored, and the rates
 are not biased by which candidate won.
 
-Hot paths: `_walk` (propose) and `_score` (the calibrator's update) are numba kernels over the
-automata's and the calibrator's arrays, the only implementation; the automata's own kernels are in
-suffix_automaton.py. Per step the Python side only gathers the cursors and calls one kernel.
+Hot paths: `walk_candidates` (propose) and `score_candidates` (the calibrator's update) are numba
+kernels in calibrator.py over the automata's and the calibrator's arrays, the only implementation;
+the automata's own kernels are in suffix_automaton.py. Per step the Python side only gathers the
+cursors and calls one kernel.
 """
 
 from __future__ import annotations
@@ -36,137 +37,20 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import numba
 import numpy as np
 
 from agentinfer_jax.speculation.base import UnknownRequestError, check_k, check_tokens
-from agentinfer_jax.speculation.calibrator import (AGREED, CONTEXT, FIRST, GLOBAL, MEMORY, NUM_CLASSES,
-                                                   OWN, PAIR, SOURCE_NAMES, AcceptanceCalibrator,
-                                                   cell_index, cell_prob, lookup, record, token_key)
+from agentinfer_jax.speculation.calibrator import (AGREED, GLOBAL, MEMORY, NUM_CLASSES, NUM_SOURCES, OWN,
+                                                   SOURCE_NAMES, AcceptanceCalibrator, score_candidates,
+                                                   walk_candidates)
 from agentinfer_jax.speculation.session_memory import SessionMemory
-from agentinfer_jax.speculation.suffix_automaton import (COUNT, LEN, LINK, TOP_CHILD, TOP_TOK, TOP_TOTAL,
-                                                         Matcher, SuffixAutomaton, as_token_array)
+from agentinfer_jax.speculation.suffix_automaton import LEN, Matcher, SuffixAutomaton, as_token_array
 
 __all__ = ["SAMDrafter", "AcceptanceCalibrator", "OWN", "MEMORY", "GLOBAL", "SOURCE_NAMES", "AGREED",
            "NUM_CLASSES"]
 
-_NUM_SOURCES = 3
+_NUM_SOURCES = NUM_SOURCES
 _NO_AUTOMATON = np.zeros((1, 8), np.int32)  # stands in for an absent source's rows
-
-
-@numba.njit(cache=True, nogil=True)
-def _walk(sts, states, lengths, limit, cells, ckeys, cstats, w, wc, ctx_stop, last, last2, min_prob,
-          out, cand_src, cand_len, cand_toks, cand_cells):
-    """Proposes the best candidate into `out`; returns (draft length, candidates, expected
-    accepted). `states[i] < 0`: source i has no cursor. Candidates (source class, tokens, cells)
-    are kept for `_score`."""
-    n_heads = 0
-    h_q = np.empty(_NUM_SOURCES, np.float64)
-    h_i = np.empty(_NUM_SOURCES, np.int64)
-    h_tok = np.empty(_NUM_SOURCES, np.int64)
-    for i in range(_NUM_SOURCES):
-        if states[i] >= 0 and sts[i][states[i], TOP_CHILD] >= 0:
-            h_i[n_heads] = i
-            h_tok[n_heads] = sts[i][states[i], TOP_TOK]
-            n_heads += 1
-    for h in range(n_heads):
-        i = h_i[h]
-        st = sts[i]
-        s = states[i]
-        tok = h_tok[h]
-        cls = i
-        for g in range(n_heads):
-            if g != h and h_tok[g] == tok:
-                cls = i + AGREED
-        n = st[st[s, TOP_CHILD], COUNT]
-        total = st[s, TOP_TOTAL]
-        c = cell_index(cls, lengths[i], n, total)
-        q = cell_prob(cells, c, n, total, w)
-        q = lookup(ckeys, cstats, token_key(FIRST, cls, -1, last, tok), q, w)
-        if ctx_stop > 0:
-            q = lookup(ckeys, cstats, token_key(CONTEXT, cls, last2, last, tok), q, wc)
-        h_q[h] = q
-        cand_src[h] = cls
-        cand_len[h] = 1
-        cand_toks[h, 0] = tok
-        cand_cells[h, 0] = c
-    # Best first (ties in source order), so weaker candidates stop early.
-    order = np.argsort(-h_q[:n_heads], kind="mergesort")
-    best_score = 0.0
-    best_len = 0
-    best_h = -1
-    for r in range(n_heads):
-        h = order[r]
-        p = h_q[h]
-        if p < min_prob or p * limit <= best_score:
-            continue  # scored from its first token only
-        i = h_i[h]
-        st = sts[i]
-        s = st[states[i], TOP_CHILD]
-        cls = cand_src[h]
-        length = lengths[i] + 1
-        prev2, prev = last, cand_toks[h, 0]
-        size = 1
-        score, keep = p, 1
-        while size < limit and score + p * (limit - size) > best_score:
-            child = st[s, TOP_CHILD]
-            if child < 0:
-                break
-            tok = st[s, TOP_TOK]
-            n = st[child, COUNT]
-            total = st[s, TOP_TOTAL]
-            c = cell_index(cls, length, n, total)
-            q = cell_prob(cells, c, n, total, w)
-            if size < ctx_stop:
-                q = lookup(ckeys, cstats, token_key(PAIR, cls, -1, prev, tok), q, w)
-                q = lookup(ckeys, cstats, token_key(CONTEXT, cls, prev2, prev, tok), q, wc)
-                prev2, prev = prev, tok
-            p *= q
-            cand_toks[h, size] = tok
-            cand_cells[h, size] = c
-            size += 1
-            length += 1
-            s = child
-            if p < min_prob:
-                break
-            score += p
-            keep += 1
-        cand_len[h] = size
-        if score > best_score:
-            best_score, best_len, best_h = score, keep, h
-    for j in range(best_len):
-        out[j] = cand_toks[best_h, j]
-    return best_len, n_heads, best_score
-
-
-@numba.njit(cache=True, nogil=True)
-def _score(true, n_cand, cand_src, cand_len, cand_toks, cand_cells, cells, ckeys, cstats, sizes,
-           last, last2, ctx_n, max_keys):
-    """Every candidate's tokens up to its first mismatch with the verified `true` tokens (past that
-    the context is no longer the candidate's) count as trials of their cells and token levels."""
-    for h in range(n_cand):
-        cls = cand_src[h]
-        size = cand_len[h]
-        if size == 0 or len(true) == 0:
-            continue
-        record(ckeys, cstats, sizes, FIRST, token_key(FIRST, cls, -1, last, cand_toks[h, 0]),
-               1.0 if cand_toks[h, 0] == true[0] else 0.0, max_keys)
-        prev2, prev = last2, last
-        for j in range(min(size, len(true))):
-            tok = cand_toks[h, j]
-            ok = tok == true[j]
-            acc = 1.0 if ok else 0.0
-            c = cand_cells[h, j]
-            cells[c, 0] += acc
-            cells[c, 1] += 1.0
-            if j < ctx_n:
-                if j:
-                    record(ckeys, cstats, sizes, PAIR, token_key(PAIR, cls, -1, prev, tok), acc, max_keys)
-                record(ckeys, cstats, sizes, CONTEXT, token_key(CONTEXT, cls, prev2, prev, tok), acc,
-                       max_keys)
-            if not ok:
-                break
-            prev2, prev = prev, tok
 
 
 class _SessionState:
@@ -263,7 +147,7 @@ class SAMDrafter:
         if state.n_cand and len(toks):
             cal = self.calibrator
             cal.reserve(state.cand_toks.shape[1])
-            _score(toks, state.n_cand, state.cand_src, state.cand_len, state.cand_toks, state.cand_cells,
+            score_candidates(toks, state.n_cand, state.cand_src, state.cand_len, state.cand_toks, state.cand_cells,
                    cal.cells, cal.keys, cal.stats, cal.sizes, state.last_token, state.last_token2,
                    cal.context_positions if cal.token_context else 0, cal.max_first_tokens)
         state.n_cand = 0
@@ -311,7 +195,7 @@ class SAMDrafter:
         last2 = int(tokens[-2]) if len(tokens) > 1 else -1
         state.last_token, state.last_token2 = last, last2
         cal = self.calibrator
-        n, n_cand, score = _walk(
+        n, n_cand, score = walk_candidates(
             (sts[0], sts[1], sts[2]), np.array(states, np.int64), np.array(lengths, np.int64), limit,
             cal.cells, cal.keys, cal.stats, cal.prior_weight, cal.context_weight,
             cal.context_positions if cal.token_context else 0, last, last2, self.min_prob, self._out,

@@ -37,6 +37,7 @@ import numba
 import numpy as np
 
 ROOT = 0
+# Row fields (calibrator.py compiles some into its kernels: touch it when changing these).
 LEN, LINK, COUNT, TOP_TOK, TOP_CHILD, TOP_TOTAL, FIRST_EDGE, CLONE = range(8)
 FROZEN_FIELDS = 6  # the fields a frozen automaton keeps (drafting and matching read only these)
 N_STATES, LAST, N_EDGES, N_TOKENS = range(4)
