@@ -62,6 +62,8 @@ flags.DEFINE_integer("limit", None, "At most this many trajectories per trace.")
 flags.DEFINE_string("json_out", None, "Write results JSON here.")
 flags.DEFINE_list("drafters", None, "Drafters to replay (default: DEFAULT_DRAFTERS; the peer's only when built).")
 flags.DEFINE_float("memory_cap_mb", 64.0, "SessionMemory's cap on stored sessions, MB (SessionMemory's default).")
+flags.DEFINE_bool("gil_probe", False, "Also measure the main thread's longest stall while the memory's "
+                  "worker builds a 256K-token global automaton and runs retrievals (GIL release check).")
 flags.DEFINE_integer("passes", 1, "Replay each trace this many times with the same drafter (RSS flatness check).")
 
 
@@ -215,6 +217,40 @@ def _store_stats(drafter, memory: SessionMemory | None) -> dict[str, float]:
     return {}
 
 
+def gil_probe(text: np.ndarray) -> dict[str, float]:
+    """Longest gap between iterations of a small main-thread loop (a stand-in for the serving loop's
+    steps) while SessionMemory's worker builds a global automaton over `text` (real trace tokens)
+    and runs 64 retrievals, against the same loop with the worker idle. Kernels are loaded first
+    (a process's first call of each loads it from the disk cache, holding the GIL once)."""
+    tokens = len(text)
+    with SessionMemory(global_min_rebuild=1) as warm:
+        warm.add("w", text[:64])
+        warm.add_response(text[:64])
+        warm.retrieve(text[:64]).result()
+
+    def loop_until(done: Callable[[], bool], min_s: float) -> tuple[float, int]:
+        worst, n, t_end = 0.0, 0, time.perf_counter() + min_s
+        last = time.perf_counter()
+        while not done() or time.perf_counter() < t_end:
+            sum(range(200))  # ~2 us of Python work, like a drafting step's own share
+            now = time.perf_counter()
+            worst, last, n = max(worst, now - last), now, n + 1
+        return worst * 1e3, n
+
+    idle_ms, _ = loop_until(lambda: True, 0.5)
+    with SessionMemory(global_tokens=tokens, global_min_rebuild=1) as memory:
+        for i in range(64):
+            memory.add(f"s{i}", text[i * 2048 % len(text):][:2048])
+        memory.flush()
+        t0 = time.perf_counter()
+        futures = [memory.add_response(text)] + [memory.retrieve(text[i * 512 % len(text):][:512]) for i in range(64)]
+        del tokens
+        busy_ms, _ = loop_until(lambda: all(f.done() for f in futures), 0.0)
+        work_s = time.perf_counter() - t0
+    return {"loop_max_gap_ms_idle": idle_ms, "loop_max_gap_ms_during_build": busy_ms,
+            "build_and_retrievals_s": work_s}
+
+
 def print_table(rows: list[tuple[str, int, str, dict]]) -> None:
     head = (f"{'trace':38s} {'k':>3s} {'drafter':18s} {'turns':>6s} {'tok/step':>8s} {'acc_rate':>8s} "
             f"{'us_p50':>7s} {'us_p99':>7s} {'ext_us':>6s} {'rss_mb':>7s} {'B/tok':>6s} {'mem_p99_ms':>10s}")
@@ -303,10 +339,15 @@ def main(argv: Sequence[str]) -> None:
                     for key, v in stats.extra.items():
                         agg.extra[key] = max(agg.extra.get(key, 0.0), v)
     print_table(rows)
+    if FLAGS.gil_probe:
+        text = [t for trajs in loaded.values() for traj in trajs for m in traj.messages for t in chat.message(m)]
+        probe = gil_probe(np.asarray(text[:1 << 18], np.int32))
+        print("GIL probe: " + ", ".join(f"{k} {v:.2f}" for k, v in probe.items()))
     if len(paths) > 1:
         print_table([("ALL", k, n, s.summary()) for k, d in merged.items() for n, s in d.items()])
     result = {"drafters": {n: s.summary() for n, s in merged[ks[0]].items()},
               "rss_mb_after_each_pass": passes_rss,
+              "gil_probe": probe if FLAGS.gil_probe else None,
               "k": ks[0], "traces": [portable_path(p) for p in paths], "detail": detail,
               "by_k": {str(k): {n: s.summary() for n, s in d.items()} for k, d in merged.items()}}
     if FLAGS.json_out:
