@@ -404,3 +404,19 @@ def test_sources_that_agree_on_a_first_token_form_their_own_evidence_class():
     assert OWN not in classes[4] and MEMORY not in classes[4]
     assert classes[9].get(OWN) == 9 and classes[9].get(MEMORY) == 4
     assert all(src < 3 for src in classes[9])
+
+
+def test_idle_session_automata_stay_within_the_live_cap():
+    """Finished sessions keep their automaton for reuse, least recently used dropped first once
+    their bytes pass live_cap_mb; an active session is never dropped."""
+    rng = random.Random(4)
+    d = SAMDrafter(live_cap_mb=0.5)
+    d.begin("busy", [1, 2, 3], session_id="B")
+    for i in range(60):
+        d.begin(f"r{i}", [rng.randrange(1000) for _ in range(800)], session_id=f"s{i}")
+        d.end(f"r{i}")
+        idle = [s for s in d._sessions.values() if s.active_request is None]
+        assert sum(s.sam.nbytes for s in idle) <= 0.5 * 2**20
+    assert "B" in d._sessions and "s59" in d._sessions and "s0" not in d._sessions
+    d.extend("busy", [1, 2])
+    assert d.propose("busy", 2) == [3, 1]

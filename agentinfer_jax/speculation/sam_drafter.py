@@ -59,7 +59,7 @@ class _SessionState:
     __slots__ = ("session_id", "sam", "pending", "retrieval_done", "memory_matcher", "retrieved_at",
                  "active_request", "global_matcher", "global_version", "response_start", "n_cand",
                  "cand_src", "cand_len", "cand_toks", "cand_cells", "last_token", "last_token2",
-                 "last_expected")
+                 "last_expected", "idle_bytes")
 
     def __init__(self, session_id: str, prompt: np.ndarray, count_depth: int) -> None:
         self.session_id = session_id
@@ -80,6 +80,7 @@ class _SessionState:
         self.cand_cells = np.zeros((_NUM_SOURCES, 8), np.int64)
         self.last_token = self.last_token2 = -1
         self.last_expected = 0.0
+        self.idle_bytes = 0  # automaton bytes counted while the session is idle
 
     def mark_retrieval_done(self, _future: concurrent.futures.Future) -> None:
         self.retrieval_done = True
@@ -96,16 +97,20 @@ class SAMDrafter:
 
     def __init__(self, memory: SessionMemory | None = None, *, min_match: int = 1, factor: float = 8.0,
                  min_prob: float = 0.0, refresh_growth: float = 2.0, warmup_tokens: int = 64,
-                 max_live_sessions: int = 1024, count_depth: int = 8, global_memory: bool = True,
-                 calibrator: AcceptanceCalibrator | None = None) -> None:
+                 max_live_sessions: int = 1024, live_cap_mb: float = 64.0, count_depth: int = 8,
+                 global_memory: bool = True, calibrator: AcceptanceCalibrator | None = None) -> None:
         if min_match < 1 or factor <= 0 or not 0 <= min_prob <= 1 or refresh_growth <= 1:
             raise ValueError("need min_match >= 1, factor > 0, 0 <= min_prob <= 1, refresh_growth > 1")
-        if warmup_tokens < 1 or max_live_sessions < 1:
-            raise ValueError("warmup_tokens and max_live_sessions must be >= 1")
+        if warmup_tokens < 1 or max_live_sessions < 1 or not live_cap_mb > 0:
+            raise ValueError("warmup_tokens and max_live_sessions must be >= 1 and live_cap_mb > 0")
         self.memory = memory
         self.min_match, self.factor, self.min_prob = min_match, factor, min_prob
         self.refresh_growth, self.warmup_tokens = refresh_growth, warmup_tokens
         self.max_live_sessions, self.count_depth = max_live_sessions, count_depth
+        # Finished sessions keep their automaton for the session's next request (an agent's next
+        # call extends it) until these caps: the least recently used go first.
+        self.live_cap_bytes = int(live_cap_mb * (1 << 20))
+        self._idle_bytes = 0  # automaton bytes of finished (idle) sessions
         self.global_memory = global_memory
         self.calibrator = calibrator or AcceptanceCalibrator()
         self._sessions: OrderedDict[str, _SessionState] = OrderedDict()
@@ -120,6 +125,9 @@ class SAMDrafter:
         prompt = as_token_array(check_tokens(prompt_tokens, "prompt_tokens"))
         key = session_id if session_id is not None else f"request:{request_id}"
         state = self._sessions.get(key)
+        if state is not None and state.active_request is None:
+            self._idle_bytes -= state.idle_bytes
+            state.idle_bytes = 0
         if state is not None and state.active_request is None and _extends(prompt, state.sam.tokens):
             state.sam.extend_many(prompt[len(state.sam):])
             self._sessions.move_to_end(key)
@@ -130,11 +138,7 @@ class SAMDrafter:
             state = _SessionState(key, prompt, self.count_depth)
             self._sessions[key] = state
             self._sessions.move_to_end(key)
-            while len(self._sessions) > self.max_live_sessions:
-                old_key, old = next(iter(self._sessions.items()))
-                if old.active_request is not None:
-                    break
-                del self._sessions[old_key]
+            self._evict_idle()
         state.active_request = request_id
         state.response_start = len(state.sam)
         state.n_cand = 0
@@ -213,6 +217,10 @@ class SAMDrafter:
         del self._requests[request_id]
         if state.active_request == request_id:
             state.active_request = None
+            if self._sessions.get(state.session_id) is state:
+                state.idle_bytes = state.sam.nbytes
+                self._idle_bytes += state.idle_bytes
+                self._evict_idle()
         state.n_cand = 0
         # Only active requests hold a retrieved automaton (bounded memory); the session's next
         # request retrieves afresh (memory will have grown by then anyway).
@@ -237,6 +245,19 @@ class SAMDrafter:
         return total
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _evict_idle(self) -> None:
+        """Drops the least recently used idle sessions beyond max_live_sessions or live_cap_mb."""
+        sessions = self._sessions
+        while len(sessions) > self.max_live_sessions or self._idle_bytes > self.live_cap_bytes:
+            old_key, old = next(iter(sessions.items()))
+            if old.active_request is not None:
+                sessions.move_to_end(old_key)  # busy: look past it (it is not idle anyway)
+                if all(s.active_request is not None for s in sessions.values()):
+                    return
+                continue
+            del sessions[old_key]
+            self._idle_bytes -= old.idle_bytes
 
     def _get(self, request_id: str) -> _SessionState:
         try:
