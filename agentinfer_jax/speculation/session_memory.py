@@ -8,7 +8,8 @@ per stored token 4 bytes plus 8 per distinct token of its session, so at most 12
 sessions go first and the live ones are compacted to its front, so memory stays flat however long
 the replay. `max_sessions` caps the count as well.
 
-Retrieval: the top-K sessions most similar to the query by BM25 (Lucene's idf, k1 = 1.5, b = 0.75,
+Retrieval: the top-K sessions (at most `retrieved_tokens` tokens of them, default 16K: the build
+is linear in them) most similar to the query by BM25 (Lucene's idf, k1 = 1.5, b = 0.75,
 over token ids as words, exact document frequencies of the live sessions) for the last
 `query_tokens` distinct context tokens, returned as ONE frozen suffix automaton over their
 concatenation (oldest first, separated by distinct negative sentinels so no match spans two
@@ -124,17 +125,33 @@ def _bm25_top(arena, rec_start, rec_ntok, rec_npost, rec_live, n_rec, df, n_docs
 
 
 @_njit
-def _concat(arena, rec_start, rec_ntok, recs):
-    """The records' tokens one after another, each followed by its own negative sentinel."""
+def _take_within(rec_ntok, recs, budget):
+    """Tokens to take from each record (in order of preference) within `budget`: whole records
+    while they fit, the most recent tokens of the first one that does not, none after."""
+    take = np.zeros(len(recs), np.int64)
+    left = budget
+    for i in range(len(recs)):
+        if left <= 0:
+            break
+        take[i] = min(rec_ntok[recs[i]], left)
+        left -= take[i]
+    return take
+
+
+@_njit
+def _concat(arena, rec_start, rec_ntok, recs, take):
+    """The last take[i] tokens of each record, one after another, each followed by its own
+    negative sentinel (no match spans two sessions)."""
     total = 0
-    for r in recs:
-        total += rec_ntok[r] + 1
+    for i in range(len(recs)):
+        total += take[i] + 1
     out = np.empty(total, np.int32)
     pos = 0
     for i in range(len(recs)):
         r = recs[i]
-        n = rec_ntok[r]
-        out[pos:pos + n] = arena[rec_start[r]:rec_start[r] + n]
+        n = take[i]
+        end = rec_start[r] + rec_ntok[r]
+        out[pos:pos + n] = arena[end - n:end]
         out[pos + n] = -1 - i
         pos += n + 1
     return out
@@ -159,15 +176,18 @@ class SessionMemory:
     """Bounded store of finished sessions with asynchronous BM25 retrieval (see module doc)."""
 
     def __init__(self, cap_mb: float = 64.0, top_k: int = 16, query_tokens: int = 256,
-                 doc_tokens: int = 4096, max_sessions: int = 1 << 16, global_tokens: int = 1 << 18,
+                 doc_tokens: int = 4096, retrieved_tokens: int = 1 << 14, max_sessions: int = 1 << 16,
+                 global_tokens: int = 1 << 18,
                  global_min_rebuild: int = 512, rebuild_fraction: float = 0.1) -> None:
-        if not cap_mb > 0 or min(top_k, query_tokens, doc_tokens, max_sessions) < 1 or rebuild_fraction <= 0:
-            raise ValueError("cap_mb must be > 0, top_k, query_tokens, doc_tokens, max_sessions >= 1 "
-                             "and rebuild_fraction > 0")
+        if not cap_mb > 0 or min(top_k, query_tokens, doc_tokens, retrieved_tokens, max_sessions) < 1 \
+                or rebuild_fraction <= 0:
+            raise ValueError("cap_mb must be > 0, top_k, query_tokens, doc_tokens, retrieved_tokens, "
+                             "max_sessions >= 1 and rebuild_fraction > 0")
         if global_tokens < 0 or global_min_rebuild < 1:
             raise ValueError("global_tokens must be >= 0 (0 = off) and global_min_rebuild >= 1")
         self.cap_mb, self.top_k, self.query_tokens = cap_mb, top_k, query_tokens
         self.doc_tokens, self.max_sessions, self.rebuild_fraction = doc_tokens, max_sessions, rebuild_fraction
+        self.retrieved_tokens = retrieved_tokens
         self.global_tokens, self.global_min_rebuild = global_tokens, global_min_rebuild
         self._arena_words = max(int(cap_mb * (1 << 20)) // 4, 16)
         self._arena = np.zeros(0, np.int32)  # grows (doubling) up to _arena_words
@@ -412,8 +432,13 @@ class SessionMemory:
         if not len(recs_top):
             self._timings_ns.append(time.perf_counter_ns() - t0)
             return None, []
-        recs_top = np.sort(recs_top)  # oldest first, so later text is the most recent
+        # The best-scored sessions within the token budget, then oldest first (later text is newer).
+        take = _take_within(recs[1], recs_top, self.retrieved_tokens)
+        keep = take > 0
+        recs_top, take = recs_top[keep], take[keep]
+        order = np.argsort(recs_top, kind="stable")
+        recs_top, take = recs_top[order], take[order]
         ids = [self._rec_ids[r] for r in recs_top]
-        sam = SuffixAutomaton.frozen_of(_concat(self._arena, recs[0], recs[1], recs_top))
+        sam = SuffixAutomaton.frozen_of(_concat(self._arena, recs[0], recs[1], recs_top, take))
         self._timings_ns.append(time.perf_counter_ns() - t0)
         return sam, ids
