@@ -158,6 +158,23 @@ def _concat(arena, rec_start, rec_ntok, recs, take):
 
 
 @_njit
+def _select(arena, rec_start, rec_ntok, rec_npost, rec_live, n_rec, df, n_docs, avgdl, query, max_terms,
+            mark, weight, exclude, k, budget):
+    """One retrieval in one call (the worker takes the GIL back once): the query's terms, the top-k
+    records by BM25 within the token budget, oldest first, and their text with sentinels."""
+    terms = _query_terms(query, max_terms, mark)
+    top = _bm25_top(arena, rec_start, rec_ntok, rec_npost, rec_live, n_rec, df, n_docs, avgdl, terms,
+                    exclude, k, weight)
+    take = _take_within(rec_ntok, top, budget)
+    n = 0
+    while n < len(top) and take[n] > 0:
+        n += 1
+    order = np.argsort(top[:n], kind="mergesort")
+    recs = top[:n][order]
+    return recs, _concat(arena, rec_start, rec_ntok, recs, take[:n][order])
+
+
+@_njit
 def _compact(arena, rec_start, rec_words, rec_live, n_rec):
     """Moves live records to the arena's front in order; returns the new end."""
     end = 0
@@ -423,22 +440,17 @@ class SessionMemory:
         self.stats["retrievals"] += 1
         if not self._ids or not len(query):
             return None, []
-        terms = _query_terms(query, self.query_tokens, self._mark)
         ex = self._ids.get(exclude, -1) if exclude is not None else -1
         recs = self._recs
         n_docs = len(self._ids)
-        recs_top = _bm25_top(self._arena, recs[0], recs[1], recs[2], recs[3], self._n_rec, self._df,
-                             n_docs, self._live_tokens / n_docs, terms, ex, k, self._scratch)
-        if not len(recs_top):
+        # The best-scored sessions within the token budget, oldest first (later text is newer).
+        chosen, text = _select(self._arena, recs[0], recs[1], recs[2], recs[3], self._n_rec, self._df, n_docs,
+                               self._live_tokens / n_docs, query, self.query_tokens, self._mark,
+                               self._scratch, ex, k, self.retrieved_tokens)
+        if not len(chosen):
             self._timings_ns.append(time.perf_counter_ns() - t0)
             return None, []
-        # The best-scored sessions within the token budget, then oldest first (later text is newer).
-        take = _take_within(recs[1], recs_top, self.retrieved_tokens)
-        keep = take > 0
-        recs_top, take = recs_top[keep], take[keep]
-        order = np.argsort(recs_top, kind="stable")
-        recs_top, take = recs_top[order], take[order]
-        ids = [self._rec_ids[r] for r in recs_top]
-        sam = SuffixAutomaton.frozen_of(_concat(self._arena, recs[0], recs[1], recs_top, take))
+        ids = [self._rec_ids[r] for r in chosen]
+        sam = SuffixAutomaton.frozen_of(text, copy=False)
         self._timings_ns.append(time.perf_counter_ns() - t0)
         return sam, ids

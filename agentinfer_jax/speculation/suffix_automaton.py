@@ -352,13 +352,14 @@ class SuffixAutomaton:
         self.extend_many(arr)
 
     @classmethod
-    def frozen_of(cls, tokens: Sequence[int] | np.ndarray) -> SuffixAutomaton:
-        """A read-only automaton of `tokens` with exact counts (built then frozen)."""
+    def frozen_of(cls, tokens: Sequence[int] | np.ndarray, *, copy: bool = True) -> SuffixAutomaton:
+        """A read-only automaton of `tokens` with exact counts, built in one kernel call.
+        `copy=False` keeps `tokens` itself (an int32 array nobody else writes) as its text."""
         arr = as_token_array(tokens)
         sam = cls.__new__(cls)
         sam.count_depth, sam.track_top, sam.frozen = 1, False, True
         sam.st, sam.keys, sam.vals, sam.meta = build_frozen(arr)
-        sam._tokens = arr.copy()
+        sam._tokens = arr.copy() if copy else arr
         return sam
 
     # ---- views ----------------------------------------------------------------------------------
