@@ -320,7 +320,9 @@ def main(argv: Sequence[str]) -> None:
                     stats.bytes_per_token = stats.extra.pop("bytes_per_token", 0.0)
                     if memory is not None:
                         t = memory.timings_ms()
-                        stats.extra.update(memory_ms_p50=t["p50"], memory_ms_p99=t["p99"], memory_ms_max=t["max"])
+                        stats.extra.update(memory_ms_p50=t["p50"], memory_ms_p99=t["p99"], memory_ms_max=t["max"],
+                                           global_build_ms_p50=t["global_p50"], global_build_ms_max=t["global_max"],
+                                           global_builds=t["global_n"], retrievals=t["n"])
                         memory.close()
                     del drafter, wait, memory
                     summary = stats.summary()

@@ -229,6 +229,7 @@ class SessionMemory:
         self._global: tuple[int, SuffixAutomaton | None] = (0, None)
         self.global_version = 0
         self._timings_ns: collections.deque[int] = collections.deque(maxlen=1 << 16)
+        self._global_ns: collections.deque[int] = collections.deque(maxlen=1 << 16)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-memory")
         self._closed = False
         self._close_lock = threading.Lock()
@@ -292,12 +293,16 @@ class SessionMemory:
         return self._submit(count).result()
 
     def timings_ms(self) -> dict[str, float]:
-        """p50 / p99 / max milliseconds of retrieval + merged build per retrieval so far."""
-        ns = np.asarray(self._submit(lambda: list(self._timings_ns)).result(), np.float64) / 1e6
-        if not len(ns):
-            return {"p50": 0.0, "p99": 0.0, "max": 0.0, "n": 0}
-        return {"p50": float(np.percentile(ns, 50)), "p99": float(np.percentile(ns, 99)),
-                "max": float(ns.max()), "n": len(ns)}
+        """p50 / p99 / max milliseconds of retrieval + merged build per retrieval so far, and of the
+        global automaton's rebuilds (`global_*`: each covers many turns)."""
+        ns, gns = self._submit(lambda: (list(self._timings_ns), list(self._global_ns))).result()
+        out: dict[str, float] = {}
+        for prefix, values in (("", ns), ("global_", gns)):
+            ms = np.asarray(values, np.float64) / 1e6
+            out.update({f"{prefix}p50": float(np.percentile(ms, 50)) if len(ms) else 0.0,
+                        f"{prefix}p99": float(np.percentile(ms, 99)) if len(ms) else 0.0,
+                        f"{prefix}max": float(ms.max()) if len(ms) else 0.0, f"{prefix}n": len(ms)})
+        return out
 
     def close(self) -> None:
         """Stops the worker; pending tasks are cancelled. Idempotent."""
@@ -429,7 +434,9 @@ class SessionMemory:
         size = len(built) if built is not None else 0
         if self._unbuilt_tokens >= max(self.global_min_rebuild, self.rebuild_fraction * size):
             text = self._text[self._text_start:self._text_end]
+            t0 = time.perf_counter_ns()
             self._global = (self._global[0] + 1, SuffixAutomaton.frozen_of(text))
+            self._global_ns.append(time.perf_counter_ns() - t0)
             self.global_version = self._global[0]  # after _global: a reader of it sees the new one
             self._unbuilt_tokens = 0
             self.stats["global_builds"] += 1
