@@ -11,7 +11,7 @@ LOCKS := requirements
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 UV_INSTALL = $(UV) pip install -q --python $(1)/bin/python $(FIND_LINKS)
 
-.PHONY: demo test test-main test-wheel test-jetstream test-latest lock device-wheels clean
+.PHONY: demo test test-main test-wheel test-jetstream test-latest lock device-wheels clean suffix-decoding
 
 # uv itself is bootstrapped into each venv with pip (one wheel); everything else comes from the lock.
 define make_venv
@@ -19,7 +19,7 @@ define make_venv
 	$(1)/bin/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 endef
 
-$(STAMP): $(LOCKS)/test.txt pyproject.toml setup.py agentinfer_jax/speculation/_sam_native.c
+$(STAMP): $(LOCKS)/test.txt pyproject.toml setup.py
 	$(call make_venv,$(VENV))
 	$(call UV_INSTALL,$(VENV)) -r $(LOCKS)/test.txt
 	$(call UV_INSTALL,$(VENV)) --no-deps -e .
@@ -66,6 +66,11 @@ test-latest:
 	$(LATEST_VENV)/bin/uv pip freeze --python $(LATEST_VENV)/bin/python > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/pytest -q -n 2 --dist loadfile tests
 
+# The real SuffixDecoding (arctic-inference 0.3.0's suffix-tree cache) from the registry's sdist, into
+# build/suffix_decoding: the baseline drafters of experiments/sam_acceptance.py, never a dependency.
+suffix-decoding: $(STAMP)
+	$(PY) tools/build_suffix_decoding.py
+
 # Re-resolve every lock against today's registry (Python 3.11, this platform).
 LOCK_CMD = $(UV) pip compile -q --python-version 3.11 $(FIND_LINKS) --no-header --annotation-style line
 lock: $(STAMP)
@@ -77,7 +82,7 @@ lock: $(STAMP)
 
 # Wheels the accelerator image lacks (it has JAX, flax, optax, orbax, torch...), for Python 3.12 there,
 # at the lock's versions: tools/device_bench.sh installs them with no registry.
-DEVICE_PKGS := pygtrie bm25s fastapi starlette pydantic pydantic-core annotated-types annotated-doc \
+DEVICE_PKGS := pygtrie bm25s numba llvmlite fastapi starlette pydantic pydantic-core annotated-types annotated-doc \
 	typing-inspection uvicorn
 device-wheels:
 	rm -rf .whl && mkdir -p .whl

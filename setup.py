@@ -1,14 +1,14 @@
-"""Discovers the packages and builds the optional compiled drafting walk; the rest is in pyproject.toml.
+"""Discovers the packages; the rest is in pyproject.toml.
 
 Packages: every folder with an `__init__.py` under agentinfer_jax/, the data folders under
 agentinfer_jax/assets/, plus the top-level kernels/ and configs/, which install as
 agentinfer_jax.kernels and agentinfer_jax.configs (pyproject's package-dir). No hand list, so a new subpackage cannot be left out of the wheel.
 
-`optional=True`: without a C compiler the install still succeeds and SAMDrafter uses its Python
-walk (the reference the compiled one is tested against).
+No extension modules: AgentSAM's hot paths are numba kernels (a registry wheel), so a fresh
+machine needs no C toolchain.
 """
 
-from setuptools import Extension, find_namespace_packages, find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 # Top-level folders that install under agentinfer_jax.<name>.
 _REMAPPED = ("kernels", "configs")
@@ -24,13 +24,4 @@ def _packages() -> list[str]:
     return sorted(packages)
 
 
-setup(
-    packages=_packages(),
-    ext_modules=[Extension(
-        "agentinfer_jax.speculation._sam_native",
-        sources=["agentinfer_jax/speculation/_sam_native.c"],
-        # No fused multiply-adds: the compiled walk must round exactly like the Python one.
-        extra_compile_args=["-O2", "-ffp-contract=off"],
-        optional=True,
-    )],
-)
+setup(packages=_packages())

@@ -7,21 +7,29 @@ proposes k tokens, the accepted count is the longest prefix agreeing with the re
 context advances by accepted + 1 tokens. Messages are tokenized one by one, so the next turn's
 prompt extends the previous turn's context token for token (as in a serving engine).
 
-Drafters: prompt-lookup n-gram; SuffixDecoding-style suffix tree at its reference draft-length
-factor (1) and at AgentSAM's (8); AgentSAM on the session only; AgentSAM with cross-session memory
-(BM25-retrieved similar sessions + the global automaton of past responses; each finished session is
-added to memory); optionally `sam_retrieval_only`, the memory without the global automaton, and
-`sam_memory_no_ctx`, SAM + memory whose calibrator does not condition later drafted tokens on the
-one and two tokens before each, and `sam_memory_python`, the default drafter on its Python hot
-paths instead of the compiled ones (identical drafts, slower).
+Drafters: prompt-lookup n-gram; the real SuffixDecoding (arctic-inference's suffix-tree cache,
+built by `make suffix-decoding`) with its defaults (`suffix_decoding`) and with max_spec_factor 8
+(`suffix_decoding_f8`); our own SuffixDecoding-style suffix tree (`suffix_tree`, `suffix_tree_f8`,
+opt-in); AgentSAM on the session only; AgentSAM with cross-session memory (BM25-retrieved similar
+sessions + the global automaton of past responses; each finished session is added to memory);
+optionally `sam_retrieval_only`, the memory without the global automaton, and `sam_memory_no_ctx`,
+SAM + memory whose calibrator does not condition later drafted tokens on the tokens before each.
+
+Per drafter: tokens per step, drafting p50/p99 per step, the process's peak RSS during its replay
+(`rss_mb`: the kernel's high-water mark, reset before each replay), and `bytes_per_token`, the bytes
+of its cross-request store per stored token (SAM: the session memory's arena; the peer: its own
+estimate of its global tree over the response tokens it holds). Every drafter replays the same
+turns (`turns`). SAM + memory also reports its retrieval + build milliseconds per retrieval.
 
   python experiments/sam_acceptance.py --quick
   python experiments/sam_acceptance.py --all_shared --k 4,8,16 --json_out /tmp/sam.json
-  python experiments/sam_acceptance.py --traces a.json --drafters suffix_tree_f8,sam_memory,sam_retrieval_only
+  python experiments/sam_acceptance.py --traces a.json --drafters suffix_decoding_f8,sam_memory,sam_retrieval_only
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import pathlib
 import statistics
@@ -36,10 +44,8 @@ from absl import app, flags
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
-                                        SuffixTreeDrafter)
-from agentinfer_jax.speculation import sam_drafter
-from agentinfer_jax.speculation.sam_drafter import AcceptanceCalibrator
+from agentinfer_jax.speculation import (AcceptanceCalibrator, Drafter, PromptLookupDrafter, SAMDrafter,
+                                        SessionMemory, SuffixTreeDrafter)
 from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces, portable_path, shared_trace_paths
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "agentinfer_jax" / "assets"
@@ -54,7 +60,11 @@ flags.DEFINE_list("k", ["8"], "Draft length(s) k.")
 flags.DEFINE_bool("quick", False, "First 25 trajectories per trace, k = 8 only.")
 flags.DEFINE_integer("limit", None, "At most this many trajectories per trace.")
 flags.DEFINE_string("json_out", None, "Write results JSON here.")
-flags.DEFINE_list("drafters", None, "Drafters to replay (default: all but the sam_retrieval_only ablation).")
+flags.DEFINE_list("drafters", None, "Drafters to replay (default: DEFAULT_DRAFTERS; the peer's only when built).")
+flags.DEFINE_float("memory_cap_mb", 64.0, "SessionMemory's cap on stored sessions, MB (SessionMemory's default).")
+flags.DEFINE_bool("gil_probe", False, "Also measure the main thread's longest stall while the memory's "
+                  "worker builds a 256K-token global automaton and runs retrievals (GIL release check).")
+flags.DEFINE_integer("passes", 1, "Replay each trace this many times with the same drafter (RSS flatness check).")
 
 
 class ChatTokenizer:
@@ -90,7 +100,9 @@ class ChatTokenizer:
 
 class Stats:
     def __init__(self) -> None:
-        self.steps = self.generated = self.proposed = self.accepted = 0
+        self.steps = self.generated = self.proposed = self.accepted = self.turns = 0
+        self.rss_mb = self.bytes_per_token = 0.0
+        self.extra: dict[str, float] = {}
         self.propose_ns: list[int] = []
         self.extend_ns: list[int] = []
 
@@ -102,7 +114,8 @@ class Stats:
                 "draft_us_p50": float(np.percentile(us, 50)) if len(us) else 0.0,
                 "draft_us_p99": float(np.percentile(us, 99)) if len(us) else 0.0,
                 "extend_us_p50": float(np.percentile(ext, 50)) if len(ext) else 0.0,
-                "steps": self.steps, "generated": self.generated}
+                "steps": self.steps, "generated": self.generated, "turns": self.turns,
+                "rss_mb": self.rss_mb, "bytes_per_token": self.bytes_per_token, **self.extra}
 
 
 def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k: int,
@@ -138,6 +151,7 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
                     stats.accepted += min(acc, adv)
                     pos += adv
                 stats.generated += len(response)
+                stats.turns += 1
                 drafter.end(rid)
                 bar.update(1)
             context += chat.message(m)
@@ -146,32 +160,107 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
 def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], None] | None, SessionMemory | None]]]:
     """Factories, so only one drafter (and its global state) is alive at a time."""
 
-    def sam_memory(global_memory=True, token_context=True, native=None):
-        memory = SessionMemory()
-        drafter = SAMDrafter(memory, global_memory=global_memory, native=native,
+    def sam_memory(global_memory=True, token_context=True):
+        memory = SessionMemory(cap_mb=FLAGS.memory_cap_mb)
+        drafter = SAMDrafter(memory, global_memory=global_memory,
                              calibrator=AcceptanceCalibrator(token_context=token_context))
         return drafter, drafter.wait_for_memory, memory
 
+    def peer(factor):
+        import suffix_decoding_peer
+        if not suffix_decoding_peer.available():
+            raise app.UsageError("SuffixDecoding is not built: run `make suffix-decoding` first")
+        return suffix_decoding_peer.SuffixDecodingDrafter(max_spec_factor=factor), None, None
+
     return {"prompt_lookup": lambda: (PromptLookupDrafter(), None, None),
+            "suffix_decoding": lambda: peer(1.0),
+            "suffix_decoding_f8": lambda: peer(8.0),
             "suffix_tree": lambda: (SuffixTreeDrafter(), None, None),
             "suffix_tree_f8": lambda: (SuffixTreeDrafter(factor=8.0), None, None),
             "sam_session": lambda: (SAMDrafter(), None, None),
             "sam_memory": sam_memory,
             "sam_retrieval_only": lambda: sam_memory(global_memory=False),
-            "sam_memory_no_ctx": lambda: sam_memory(token_context=False),
-            "sam_memory_python": lambda: sam_memory(native=False)}
+            "sam_memory_no_ctx": lambda: sam_memory(token_context=False)}
 
 
-DEFAULT_DRAFTERS = ["prompt_lookup", "suffix_tree", "suffix_tree_f8", "sam_session", "sam_memory"]
+DEFAULT_DRAFTERS = ["prompt_lookup", "suffix_decoding", "suffix_decoding_f8", "sam_session", "sam_memory"]
+
+
+def _reset_peak_rss() -> None:
+    """Resets the kernel's RSS high-water mark of this process (Linux; no-op elsewhere)."""
+    try:
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _rss_mb(key: str = "VmHWM") -> float:
+    """Peak (VmHWM) or current (VmRSS) resident memory of this process, MB."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _store_stats(drafter, memory: SessionMemory | None) -> dict[str, float]:
+    """Bytes per stored token of the drafter's cross-request store, and its size."""
+    if memory is not None:
+        return {"bytes_per_token": memory.bytes_per_token(), "store_mb": memory.store_bytes() / 2**20,
+                "memory_mb": memory.nbytes() / 2**20}
+    if hasattr(drafter, "global_bytes"):
+        n = max(drafter.response_tokens, 1)
+        return {"bytes_per_token": drafter.global_bytes() / n, "store_mb": drafter.global_bytes() / 2**20}
+    return {}
+
+
+def gil_probe(text: np.ndarray) -> dict[str, float]:
+    """Longest gap between iterations of a small main-thread loop (a stand-in for the serving loop's
+    steps) while SessionMemory's worker builds a global automaton over `text` (real trace tokens)
+    and runs 64 retrievals, against the same loop with the worker idle. Kernels are loaded first
+    (a process's first call of each loads it from the disk cache, holding the GIL once)."""
+    tokens = len(text)
+    with SessionMemory(global_min_rebuild=1) as warm:
+        warm.add("w", text[:64])
+        warm.add_response(text[:64])
+        warm.retrieve(text[:64]).result()
+
+    def loop_until(done: Callable[[], bool], min_s: float) -> tuple[float, int]:
+        worst, n, t_end = 0.0, 0, time.perf_counter() + min_s
+        last = time.perf_counter()
+        while not done() or time.perf_counter() < t_end:
+            sum(range(200))  # ~2 us of Python work, like a drafting step's own share
+            now = time.perf_counter()
+            worst, last, n = max(worst, now - last), now, n + 1
+        return worst * 1e3, n
+
+    idle_ms, _ = loop_until(lambda: True, 0.5)
+    with SessionMemory(global_tokens=tokens, global_min_rebuild=1) as memory:
+        for i in range(64):
+            memory.add(f"s{i}", text[i * 2048 % len(text):][:2048])
+        memory.flush()
+        t0 = time.perf_counter()
+        futures = [memory.add_response(text)] + [memory.retrieve(text[i * 512 % len(text):][:512]) for i in range(64)]
+        del tokens
+        busy_ms, _ = loop_until(lambda: all(f.done() for f in futures), 0.0)
+        work_s = time.perf_counter() - t0
+    return {"loop_max_gap_ms_idle": idle_ms, "loop_max_gap_ms_during_build": busy_ms,
+            "build_and_retrievals_s": work_s}
 
 
 def print_table(rows: list[tuple[str, int, str, dict]]) -> None:
-    head = f"{'trace':42s} {'k':>3s} {'drafter':18s} {'tok/step':>8s} {'acc_rate':>8s} {'us_p50':>7s} {'us_p99':>7s} {'ext_us':>6s}"
+    head = (f"{'trace':38s} {'k':>3s} {'drafter':18s} {'turns':>6s} {'tok/step':>8s} {'acc_rate':>8s} "
+            f"{'us_p50':>7s} {'us_p99':>7s} {'ext_us':>6s} {'rss_mb':>7s} {'B/tok':>6s} {'mem_p99_ms':>10s}")
     print(head)
     print("-" * len(head))
     for trace, k, name, s in rows:
-        print(f"{trace[:42]:42s} {k:3d} {name:18s} {s['tokens_per_step']:8.3f} {s['accept_rate']:8.3f} "
-              f"{s['draft_us_p50']:7.1f} {s['draft_us_p99']:7.1f} {s['extend_us_p50']:6.1f}")
+        mem = f"{s['memory_ms_p99']:10.2f}" if "memory_ms_p99" in s else f"{'':10s}"
+        print(f"{trace[:38]:38s} {k:3d} {name:18s} {s['turns']:6d} {s['tokens_per_step']:8.3f} "
+              f"{s['accept_rate']:8.3f} {s['draft_us_p50']:7.1f} {s['draft_us_p99']:7.1f} "
+              f"{s['extend_us_p50']:6.1f} {s['rss_mb']:7.0f} {s['bytes_per_token']:6.1f} {mem}")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -189,9 +278,8 @@ def main(argv: Sequence[str]) -> None:
     if any(k < 1 for k in ks):
         raise app.UsageError("--k values must be >= 1")
     limit = 25 if FLAGS.quick and FLAGS.limit is None else FLAGS.limit
-    if sam_drafter._sam_native is None:
-        logging.warning("agentinfer_jax.speculation._sam_native is not built: SAM drafts on its Python "
-                        "hot paths (same tokens, slower); reinstall with a C compiler to build it")
+    if FLAGS.passes < 1:
+        raise app.UsageError("--passes must be >= 1")
     chat = ChatTokenizer(FLAGS.tokenizer)
     # Tool-calling trajectories as the ChatML text turns the template renders them to.
     loaded = {p: [t.as_text_chat() for t in load_traces(p, limit=limit)] for p in paths}
@@ -203,19 +291,39 @@ def main(argv: Sequence[str]) -> None:
     merged: dict[int, dict[str, Stats]] = {}
     factories = make_drafters()
     names = FLAGS.drafters or DEFAULT_DRAFTERS
+    if not FLAGS.drafters:
+        import suffix_decoding_peer
+        if not suffix_decoding_peer.available():
+            logging.warning("SuffixDecoding is not built (make suffix-decoding): replaying without it")
+            names = [n for n in names if not n.startswith("suffix_decoding")]
     unknown = [n for n in names if n not in factories]
     if unknown:
         raise app.UsageError(f"unknown drafters {unknown}; choose from {sorted(factories)}")
-    with tqdm(total=total_turns * len(ks) * len(names), desc="replay", unit="turn") as bar:
+    passes_rss: dict[str, list[float]] = {}
+    with tqdm(total=total_turns * len(ks) * len(names) * FLAGS.passes, desc="replay", unit="turn") as bar:
         for path, trajs in loaded.items():
             name = pathlib.Path(path).name
             for k in ks:
                 for dname in names:
                     factory = factories[dname]
+                    gc.collect()
+                    _reset_peak_rss()
                     drafter, wait, memory = factory()
                     stats = Stats()
-                    replay(drafter, trajs, chat, k, stats, bar, wait)
+                    for p in range(FLAGS.passes):
+                        # Later passes are new sessions with the same text (memory holds the first).
+                        replay(drafter, [t if p == 0 else dataclasses.replace(t, id=f"{t.id}#{p}") for t in trajs],
+                               chat, k, stats, bar, wait)
+                        gc.collect()
+                        passes_rss.setdefault(f"{name}/{k}/{dname}", []).append(_rss_mb("VmRSS"))
+                    stats.rss_mb = _rss_mb()
+                    stats.extra.update(_store_stats(drafter, memory))
+                    stats.bytes_per_token = stats.extra.pop("bytes_per_token", 0.0)
                     if memory is not None:
+                        t = memory.timings_ms()
+                        stats.extra.update(memory_ms_p50=t["p50"], memory_ms_p99=t["p99"], memory_ms_max=t["max"],
+                                           global_build_ms_p50=t["global_p50"], global_build_ms_max=t["global_max"],
+                                           global_builds=t["global_n"], retrievals=t["n"])
                         memory.close()
                     del drafter, wait, memory
                     summary = stats.summary()
@@ -228,11 +336,21 @@ def main(argv: Sequence[str]) -> None:
                     agg.accepted += stats.accepted
                     agg.propose_ns += stats.propose_ns
                     agg.extend_ns += stats.extend_ns
+                    agg.turns += stats.turns
+                    agg.rss_mb = max(agg.rss_mb, stats.rss_mb)
+                    agg.bytes_per_token = max(agg.bytes_per_token, stats.bytes_per_token)
+                    for key, v in stats.extra.items():
+                        agg.extra[key] = max(agg.extra.get(key, 0.0), v)
     print_table(rows)
+    if FLAGS.gil_probe:
+        text = [t for trajs in loaded.values() for traj in trajs for m in traj.messages for t in chat.message(m)]
+        probe = gil_probe(np.asarray(text[:1 << 18], np.int32))
+        print("GIL probe: " + ", ".join(f"{k} {v:.2f}" for k, v in probe.items()))
     if len(paths) > 1:
         print_table([("ALL", k, n, s.summary()) for k, d in merged.items() for n, s in d.items()])
     result = {"drafters": {n: s.summary() for n, s in merged[ks[0]].items()},
-              "sam_compiled": sam_drafter._sam_native is not None,
+              "rss_mb_after_each_pass": passes_rss,
+              "gil_probe": probe if FLAGS.gil_probe else None,
               "k": ks[0], "traces": [portable_path(p) for p in paths], "detail": detail,
               "by_k": {str(k): {n: s.summary() for n, s in d.items()} for k, d in merged.items()}}
     if FLAGS.json_out:

@@ -53,12 +53,14 @@ def test_retrieval_matches_brute_force_bm25_and_excludes_the_caller():
 
 
 def test_bounded_with_oldest_evicted_and_replacement():
-    with SessionMemory(max_sessions=3, max_tokens=100) as mem:
+    # Cap: 110 int32 words = 440 bytes; a session of n equal tokens takes n + 2 words.
+    with SessionMemory(max_sessions=3, cap_mb=440 / 2**20) as mem:
         for i in range(5):
             mem.add(f"s{i}", [i] * 10)
         assert mem.session_ids() == ["s2", "s3", "s4"]
-        mem.add("s2", [2] * 90)  # replaced, becomes newest; token cap evicts the oldest ones
+        mem.add("s2", [2] * 90)  # replaced, becomes newest; the byte cap evicts the oldest ones
         assert mem.session_ids() == ["s4", "s2"] and mem.total_tokens() == 100
+        assert mem.store_bytes() <= 440 + 2 * 40 and mem.bytes_per_token() <= 16
         _, ids = mem.retrieve([3, 3]).result()
         assert ids == []  # s3 was evicted: never returned from a stale index
 
@@ -139,3 +141,26 @@ def test_global_memory_off_and_bad_arguments():
         SessionMemory(global_tokens=-1)
     with pytest.raises(ValueError):
         SessionMemory(global_min_rebuild=0)
+
+
+def test_arena_stays_within_its_cap_and_keeps_texts_through_compactions():
+    """Far more sessions than the cap holds (the arena evicts and compacts many times): the arena
+    never grows past the cap, live sessions are the newest ones, the stored bytes per token stay
+    <= 16, and every retrieved session's text is intact in the merged automaton."""
+    rng = random.Random(8)
+    cap_words = 4000
+    docs = {}
+    with SessionMemory(cap_mb=4 * cap_words / 2**20, top_k=3) as mem:
+        for i in range(400):
+            doc = [rng.randrange(300) for _ in range(rng.randrange(5, 120))]
+            docs[f"s{i}"] = doc
+            mem.add(f"s{i}", doc)
+        ids = mem.session_ids()
+        assert ids == [f"s{i}" for i in range(400 - len(ids), 400)]
+        assert mem.stats["compactions"] > 3 and mem._arena.nbytes <= 4 * cap_words
+        assert mem.store_bytes() <= 4 * cap_words + 40 * len(ids) and mem.bytes_per_token() <= 16
+        for sid in rng.sample(ids, 20):
+            sam, got = mem.retrieve(docs[sid], top_k=3).result()
+            assert sid in got
+            for g in got:
+                assert sam.contains(docs[g])

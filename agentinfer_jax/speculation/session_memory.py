@@ -1,105 +1,235 @@
-"""Cross-session memory for AgentSAM: finished sessions, BM25 retrieval, automata off the hot path.
+"""Cross-session memory for AgentSAM: finished sessions in one bounded arena, BM25 retrieval and
+automaton builds in numba kernels on a worker thread.
 
-`SessionMemory` keeps the token contexts of finished sessions (bounded: at most `max_sessions`
-sessions and `max_tokens` tokens; the least recently added go first) and answers retrievals: the
-top-K sessions most similar to a query context by BM25 (`bm25s`), returned as ONE frozen suffix
-automaton over their concatenation (separated by distinct negative sentinel tokens, so no match
-spans two sessions). One merged automaton pools the continuation counts of all K sessions (a
-continuation that K similar sessions agree on is confident) and costs one match walk per token
-instead of K.
+Store: every finished session's last `doc_tokens` context tokens, with its BM25 postings (distinct
+tokens and their term frequencies), in one int32 arena of at most `cap_mb` megabytes (default 64):
+per stored token 4 bytes plus 8 per distinct token of its session, so at most 12 bytes plus a
+40-byte record per session (`bytes_per_token()` reports it). When the arena is full the oldest
+sessions go first and the live ones are compacted to its front, so memory stays flat however long
+the replay. `max_sessions` caps the count as well.
 
-BM25 runs over token ids as words (each id's decimal string), not decoded text: no detokenisation
-on the request path, the same units the drafter matches on, any tokenizer works, and byte-level BPE
-ids of a 4k-vocabulary are word pieces that BM25's IDF weights sensibly.
+Retrieval: the top-K sessions (at most `retrieved_tokens` tokens of them, default 16K: the build
+is linear in them) most similar to the query by BM25 (Lucene's idf, k1 = 1.5, b = 0.75,
+over token ids as words, exact document frequencies of the live sessions) for the last
+`query_tokens` distinct context tokens, returned as ONE frozen suffix automaton over their
+concatenation (oldest first, separated by distinct negative sentinels so no match spans two
+sessions). One merged automaton pools the continuation counts of all K sessions and costs one
+match walk per token instead of K. Scoring is one pass over the stored postings; the build is
+linear in the retrieved tokens. Both run in numba kernels that release the GIL, so the serving
+loop keeps stepping while they run; `timings_ms()` reports their cost per retrieval.
 
-Global memory: the generated tokens of finished requests (responses only: agents repeat their own
-formats and phrasings across tasks, while prompts carry task-specific observations) also feed one
-frozen automaton over all recent responses, rebuilt on the worker as they accumulate, so a session
-can draft a continuation that no retrieved session holds but many earlier responses share.
+Global memory: the generated tokens of finished requests (responses only) feed one frozen automaton
+over the last `global_tokens` response tokens, rebuilt on the worker once the tokens added since
+the last build exceed max(global_min_rebuild, rebuild_fraction x its size).
 
-Threading: every mutation of the store and the BM25 index, and every automaton build, runs on one
-worker thread (a single-thread executor), so they need no locks; callers get
-`concurrent.futures.Future`s. The automata handed out are frozen (read-only) and shared safely.
-A retrieval's future is "not ready yet" until the build finishes; the drafter meanwhile drafts from
-the request's own automaton.
+Threading: every mutation of the store and every build runs on one worker thread (a
+single-thread executor), so they need no locks; callers get `concurrent.futures.Future`s. The
+automata handed out are frozen (read-only) and shared safely.
 """
 
 from __future__ import annotations
 
-import array
 import collections
 import concurrent.futures
+import math
 import threading
+import time
 from collections.abc import Sequence
 
-from agentinfer_jax.speculation.suffix_automaton import SuffixAutomaton
+import numba
+import numpy as np
+
+from agentinfer_jax.speculation.suffix_automaton import SuffixAutomaton, as_token_array
+
+_njit = numba.njit(cache=True, nogil=True)
+_K1, _B = 1.5, 0.75
+_RECORD_BYTES = 5 * 8  # start, tokens, postings, live, version per session
 
 
-class _Bm25Index:
-    """A bm25s index over a fixed list of sessions (words = token id strings)."""
+@_njit
+def _postings(tokens):
+    """Distinct tokens (ascending) and their counts."""
+    srt = np.sort(tokens)
+    n_distinct = 0
+    for i in range(len(srt)):
+        if i == 0 or srt[i] != srt[i - 1]:
+            n_distinct += 1
+    toks = np.empty(n_distinct, np.int32)
+    tfs = np.empty(n_distinct, np.int32)
+    j = -1
+    for i in range(len(srt)):
+        if i == 0 or srt[i] != srt[i - 1]:
+            j += 1
+            toks[j] = srt[i]
+            tfs[j] = 0
+        tfs[j] += 1
+    return toks, tfs
 
-    def __init__(self, session_ids: list[str], docs: list[list[str]]) -> None:
-        import bm25s  # slow to import (~3 s of CPU); only sessions with memory pay for it
 
-        self.session_ids = session_ids
-        self.index = bm25s.BM25()
-        self.index.index(docs, show_progress=False)
+@_njit
+def _apply_df(df, arena, start, n_tok, n_post, delta):
+    for i in range(n_post):
+        df[arena[start + n_tok + i]] += delta
 
-    def search(self, query: list[str], k: int) -> list[tuple[str, float]]:
-        n = min(len(self.session_ids), k)
-        # numpy selection: bm25s would otherwise pick jax.lax.top_k and compile for every new
-        # (documents, k) shape while the engine is serving.
-        docs, scores = self.index.retrieve([query], k=n, show_progress=False, n_threads=1,
-                                           backend_selection="numpy")
-        return [(self.session_ids[int(d)], float(sc)) for d, sc in zip(docs[0], scores[0]) if sc > 0]
+
+@_njit
+def _query_terms(context, max_terms, mark):
+    """The last `max_terms` distinct tokens of `context` (most recent first); `mark` is scratch
+    (all zero on entry and exit) at least as long as the largest token + 1."""
+    out = np.empty(min(max_terms, len(context)), np.int32)
+    n = 0
+    for i in range(len(context) - 1, -1, -1):
+        t = context[i]
+        if t < 0 or t >= len(mark) or mark[t]:
+            continue
+        mark[t] = 1
+        out[n] = t
+        n += 1
+        if n == max_terms:
+            break
+    for i in range(n):
+        mark[out[i]] = 0
+    return out[:n]
+
+
+@_njit
+def _bm25_top(arena, rec_start, rec_ntok, rec_npost, rec_live, n_rec, df, n_docs, avgdl, terms,
+              exclude, k, weight):
+    """Records of the k best BM25 scores (> 0), best first. `weight` is zeroed scratch like df."""
+    for t in terms:
+        d = df[t]
+        if d > 0:
+            weight[t] = math.log(1.0 + (n_docs - d + 0.5) / (d + 0.5))
+    scores = np.zeros(n_rec, np.float64)
+    for r in range(n_rec):
+        if not rec_live[r] or r == exclude:
+            continue
+        norm = _K1 * (1.0 - _B + _B * rec_ntok[r] / avgdl)
+        base = rec_start[r] + rec_ntok[r]
+        npost = rec_npost[r]
+        s = 0.0
+        for i in range(npost):
+            w = weight[arena[base + i]]
+            if w > 0.0:
+                tf = arena[base + npost + i]
+                s += w * tf * (_K1 + 1.0) / (tf + norm)
+        scores[r] = s
+    for t in terms:
+        if t < len(weight):
+            weight[t] = 0.0
+    order = np.argsort(-scores, kind="mergesort")
+    n = 0
+    while n < min(k, n_rec) and scores[order[n]] > 0.0:
+        n += 1
+    return order[:n]
+
+
+@_njit
+def _take_within(rec_ntok, recs, budget):
+    """Tokens to take from each record (in order of preference) within `budget`: whole records
+    while they fit, the most recent tokens of the first one that does not, none after."""
+    take = np.zeros(len(recs), np.int64)
+    left = budget
+    for i in range(len(recs)):
+        if left <= 0:
+            break
+        take[i] = min(rec_ntok[recs[i]], left)
+        left -= take[i]
+    return take
+
+
+@_njit
+def _concat(arena, rec_start, rec_ntok, recs, take):
+    """The last take[i] tokens of each record, one after another, each followed by its own
+    negative sentinel (no match spans two sessions)."""
+    total = 0
+    for i in range(len(recs)):
+        total += take[i] + 1
+    out = np.empty(total, np.int32)
+    pos = 0
+    for i in range(len(recs)):
+        r = recs[i]
+        n = take[i]
+        end = rec_start[r] + rec_ntok[r]
+        out[pos:pos + n] = arena[end - n:end]
+        out[pos + n] = -1 - i
+        pos += n + 1
+    return out
+
+
+@_njit
+def _select(arena, rec_start, rec_ntok, rec_npost, rec_live, n_rec, df, n_docs, avgdl, query, max_terms,
+            mark, weight, exclude, k, budget):
+    """One retrieval in one call (the worker takes the GIL back once): the query's terms, the top-k
+    records by BM25 within the token budget, oldest first, and their text with sentinels."""
+    terms = _query_terms(query, max_terms, mark)
+    top = _bm25_top(arena, rec_start, rec_ntok, rec_npost, rec_live, n_rec, df, n_docs, avgdl, terms,
+                    exclude, k, weight)
+    take = _take_within(rec_ntok, top, budget)
+    n = 0
+    while n < len(top) and take[n] > 0:
+        n += 1
+    order = np.argsort(top[:n], kind="mergesort")
+    recs = top[:n][order]
+    return recs, _concat(arena, rec_start, rec_ntok, recs, take[:n][order])
+
+
+@_njit
+def _compact(arena, rec_start, rec_words, rec_live, n_rec):
+    """Moves live records to the arena's front in order; returns the new end."""
+    end = 0
+    for r in range(n_rec):
+        if not rec_live[r]:
+            continue
+        start, n = rec_start[r], rec_words[r]
+        if start != end:
+            arena[end:end + n] = arena[start:start + n]
+            rec_start[r] = end
+        end += n
+    return end
 
 
 class SessionMemory:
-    """Bounded store of finished sessions with asynchronous BM25 retrieval (see module doc).
+    """Bounded store of finished sessions with asynchronous BM25 retrieval (see module doc)."""
 
-    Indexing is log-structured so a retrieval never re-indexes the whole store: a main index is
-    rebuilt only when the sessions added since its build exceed `rebuild_fraction` of it; newer
-    sessions sit in a small delta index rebuilt when a retrieval finds it stale. Hits of both are
-    merged by score; hits of evicted sessions or of superseded versions are dropped.
-
-    Default caps: 4096 sessions and 8M tokens (~130 MB of token arrays and word lists when full).
-    Agents meet the same task again long after: in FireAct's multitask file 160 of 292 repeated
-    questions recur more than 512 sessions later, and raising the cap from 512 sessions lifted
-    AgentSAM's tokens per step there from 2.393 to 2.401 (k = 8). A larger `top_k` is not worth its
-    memory: 64 sessions gave 2.4193 against 2.4159 there (token-context calibrator), at about four
-    times the retrieved automaton per active request (~840 B per retrieved token as Python objects).
-    """
-
-    def __init__(self, max_sessions: int = 4096, max_tokens: int = 1 << 23, top_k: int = 16,
-                 query_tokens: int = 256, doc_tokens: int = 4096, rebuild_fraction: float = 0.1,
-                 global_tokens: int = 1 << 19, global_min_rebuild: int = 512) -> None:
-        if min(max_sessions, max_tokens, top_k, query_tokens, doc_tokens) < 1 or rebuild_fraction <= 0:
-            raise ValueError("max_sessions, max_tokens, top_k, query_tokens, doc_tokens must be >= 1 "
-                             "and rebuild_fraction > 0")
+    def __init__(self, cap_mb: float = 64.0, top_k: int = 16, query_tokens: int = 256,
+                 doc_tokens: int = 4096, retrieved_tokens: int = 1 << 14, max_sessions: int = 1 << 16,
+                 global_tokens: int = 1 << 18,
+                 global_min_rebuild: int = 512, rebuild_fraction: float = 0.1) -> None:
+        if not cap_mb > 0 or min(top_k, query_tokens, doc_tokens, retrieved_tokens, max_sessions) < 1 \
+                or rebuild_fraction <= 0:
+            raise ValueError("cap_mb must be > 0, top_k, query_tokens, doc_tokens, retrieved_tokens, "
+                             "max_sessions >= 1 and rebuild_fraction > 0")
         if global_tokens < 0 or global_min_rebuild < 1:
             raise ValueError("global_tokens must be >= 0 (0 = off) and global_min_rebuild >= 1")
-        self.max_sessions, self.max_tokens, self.top_k = max_sessions, max_tokens, top_k
-        self.query_tokens, self.doc_tokens, self.rebuild_fraction = query_tokens, doc_tokens, rebuild_fraction
+        self.cap_mb, self.top_k, self.query_tokens = cap_mb, top_k, query_tokens
+        self.doc_tokens, self.max_sessions, self.rebuild_fraction = doc_tokens, max_sessions, rebuild_fraction
+        self.retrieved_tokens = retrieved_tokens
         self.global_tokens, self.global_min_rebuild = global_tokens, global_min_rebuild
+        self._arena_words = max(int(cap_mb * (1 << 20)) // 4, 16)
+        self._arena = np.zeros(0, np.int32)  # grows (doubling) up to _arena_words
+        self._end = 0
+        self._recs = np.zeros((5, 64), np.int64)  # start, tokens, postings, live, words per record
+        self._n_rec = 0
+        self._ids: collections.OrderedDict[str, int] = collections.OrderedDict()  # oldest first
+        self._rec_ids: list[str] = []  # session id of every record
+        self._live_tokens = 0
+        self._live_words = 0
+        self._df = np.zeros(1 << 12, np.int32)
+        self._scratch = np.zeros(1 << 12, np.float64)
+        self._mark = np.zeros(1 << 12, np.int8)
         # Responses of finished requests, newest last (worker only), and the latest frozen automaton
         # over them: (version, automaton), replaced whole so any thread may read it without a lock.
-        self._responses: collections.deque[list[int]] = collections.deque()
+        self._text = np.zeros(1024, np.int32)
+        self._text_start = self._text_end = 0
+        self._response_lens: collections.deque[int] = collections.deque()
+        self._sentinels = 0
         self._response_tokens = 0
         self._unbuilt_tokens = 0
         self._global: tuple[int, SuffixAutomaton | None] = (0, None)
-        # The version of _global, readable as a plain attribute (a cheap "anything new?" check).
         self.global_version = 0
-        # Worker-thread-only state. _store: session -> (version, tokens, words), oldest first.
-        self._store: collections.OrderedDict[str, tuple[int, array.array, list[str]]] = \
-            collections.OrderedDict()
-        self._version = 0
-        self._total_tokens = 0
-        self._main: _Bm25Index | None = None
-        self._main_versions: dict[str, int] = {}
-        self._delta: _Bm25Index | None = None
-        self._delta_ids: list[str] = []  # sessions (re)added since the main index was built
-        self._delta_stale = False
-        self._word_cache: dict[int, str] = {}
+        self._timings_ns: collections.deque[int] = collections.deque(maxlen=1 << 16)
+        self._global_ns: collections.deque[int] = collections.deque(maxlen=1 << 16)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-memory")
         self._closed = False
         self._close_lock = threading.Lock()
@@ -107,32 +237,28 @@ class SessionMemory:
 
     # ---- public API (any thread) -------------------------------------------------------------
 
-    def add(self, session_id: str, tokens: Sequence[int]) -> concurrent.futures.Future:
+    def add(self, session_id: str, tokens: Sequence[int] | np.ndarray) -> concurrent.futures.Future:
         """Stores (or replaces) a session's context; evicts the oldest sessions beyond the caps."""
         if not isinstance(session_id, str):
             raise ValueError(f"session_id must be a str, got {type(session_id).__name__}")
-        return self._submit(self._add, session_id, list(tokens))
+        return self._submit(self._add, session_id, as_token_array(tokens))
 
-    def retrieve(self, query: Sequence[int], exclude: str | None = None,
+    def retrieve(self, query: Sequence[int] | np.ndarray, exclude: str | None = None,
                  top_k: int | None = None) -> concurrent.futures.Future:
         """Future of (merged frozen SuffixAutomaton or None, [session ids]) for the top-K sessions
-        most similar to the last `query_tokens` distinct tokens of `query` (BM25 query words are
-        deduplicated: repeats add little and cost search time), never including `exclude`."""
+        most similar to the last `query_tokens` distinct tokens of `query`, never `exclude`.
+        `query` may be a view of a growing context: only its current tokens are read."""
         k = self.top_k if top_k is None else top_k
         if k < 1:
             raise ValueError(f"top_k must be >= 1, got {k}")
-        distinct = list(dict.fromkeys(reversed(list(query))))[:self.query_tokens]
-        return self._submit(self._retrieve, distinct, exclude, k)
+        return self._submit(self._retrieve, as_token_array(query), exclude, k)
 
-    def add_response(self, tokens: Sequence[int]) -> concurrent.futures.Future:
-        """Stores one finished request's generated tokens for the global automaton (bounded by
-        `global_tokens`, oldest dropped first). The automaton is rebuilt on the worker once the
-        tokens added since its build exceed max(global_min_rebuild, rebuild_fraction x its size)."""
-        return self._submit(self._add_response, list(tokens))
+    def add_response(self, tokens: Sequence[int] | np.ndarray) -> concurrent.futures.Future:
+        """Stores one finished request's generated tokens for the global automaton."""
+        return self._submit(self._add_response, as_token_array(tokens))
 
     def global_automaton(self) -> tuple[int, SuffixAutomaton | None]:
-        """(version, frozen automaton over the stored responses, or None); callable from any thread.
-        The version changes with every rebuild, so a reader knows when to re-match."""
+        """(version, frozen automaton over the stored responses, or None); any thread."""
         return self._global
 
     def flush(self) -> None:
@@ -141,11 +267,42 @@ class SessionMemory:
 
     def session_ids(self) -> list[str]:
         """Stored session ids, oldest first (a consistent snapshot taken on the worker)."""
-        return self._submit(lambda: list(self._store)).result()
+        return self._submit(lambda: list(self._ids)).result()
 
     def total_tokens(self) -> int:
         """Stored tokens (a consistent snapshot taken on the worker)."""
-        return self._submit(lambda: self._total_tokens).result()
+        return self._submit(lambda: self._live_tokens).result()
+
+    def store_bytes(self) -> int:
+        """Bytes the stored sessions take: tokens, postings and records."""
+        return self._submit(lambda: 4 * self._live_words + _RECORD_BYTES * len(self._ids)).result()
+
+    def bytes_per_token(self) -> float:
+        """Stored bytes per stored token (tokens, postings and records)."""
+        n = self.total_tokens()
+        return self.store_bytes() / n if n else 0.0
+
+    def nbytes(self) -> int:
+        """Bytes of every array the memory holds: arena (its allocated part), records, document
+        frequencies, scratch, the global automaton and its response tokens."""
+        def count() -> int:
+            g = self._global[1]
+            return (self._arena.nbytes + self._recs.nbytes + self._df.nbytes + self._scratch.nbytes
+                    + self._mark.nbytes + (g.nbytes if g is not None else 0)
+                    + self._text.nbytes)
+        return self._submit(count).result()
+
+    def timings_ms(self) -> dict[str, float]:
+        """p50 / p99 / max milliseconds of retrieval + merged build per retrieval so far, and of the
+        global automaton's rebuilds (`global_*`: each covers many turns)."""
+        ns, gns = self._submit(lambda: (list(self._timings_ns), list(self._global_ns))).result()
+        out: dict[str, float] = {}
+        for prefix, values in (("", ns), ("global_", gns)):
+            ms = np.asarray(values, np.float64) / 1e6
+            out.update({f"{prefix}p50": float(np.percentile(ms, 50)) if len(ms) else 0.0,
+                        f"{prefix}p99": float(np.percentile(ms, 99)) if len(ms) else 0.0,
+                        f"{prefix}max": float(ms.max()) if len(ms) else 0.0, f"{prefix}n": len(ms)})
+        return out
 
     def close(self) -> None:
         """Stops the worker; pending tasks are cancelled. Idempotent."""
@@ -167,92 +324,140 @@ class SessionMemory:
                 raise RuntimeError("SessionMemory is closed")
             return self._executor.submit(fn, *args)
 
-    def _add(self, session_id: str, tokens: list[int]) -> None:
+    def _vocab(self, top: int) -> None:
+        """Grows the per-token arrays to cover token ids up to `top`."""
+        if top < len(self._df):
+            return
+        size = 1 << int(top).bit_length()
+        for name in ("_df", "_scratch", "_mark"):
+            old = getattr(self, name)
+            new = np.zeros(size, old.dtype)
+            new[:len(old)] = old
+            setattr(self, name, new)
+
+    def _evict_oldest(self) -> None:
+        _, r = self._ids.popitem(last=False)
+        self._drop(r)
+        self.stats["evicted"] += 1
+
+    def _drop(self, r: int) -> None:
+        start, n_tok, n_post, _, words = self._recs[:, r]
+        _apply_df(self._df, self._arena, start, n_tok, n_post, -1)
+        self._recs[3, r] = 0
+        self._live_tokens -= int(n_tok)
+        self._live_words -= int(words)
+
+    def _add(self, session_id: str, tokens: np.ndarray) -> None:
         tokens = tokens[-self.doc_tokens:]
-        words = self._words(tokens)
-        tokens = array.array("q", tokens)  # 8 bytes a token instead of a pointer to an int object
-        old = self._store.pop(session_id, None)
+        tokens = tokens[tokens >= 0]
+        old = self._ids.pop(session_id, None)
         if old is not None:
-            self._total_tokens -= len(old[1])
-        self._version += 1
-        self._store[session_id] = (self._version, tokens, words)
-        self._total_tokens += len(tokens)
-        while len(self._store) > self.max_sessions or self._total_tokens > self.max_tokens:
-            _, (_, evicted, _) = self._store.popitem(last=False)
-            self._total_tokens -= len(evicted)
-            self.stats["evicted"] += 1
-        self._delta_ids.append(session_id)
-        self._delta_stale = True
+            self._drop(old)
+        if not len(tokens):
+            return
+        self._vocab(int(tokens.max()))
+        toks, tfs = _postings(tokens)
+        words = len(tokens) + 2 * len(toks)
+        if words > self._arena_words:
+            return  # larger than the whole cap (a tiny cap): not stored
+        while self._ids and (len(self._ids) >= self.max_sessions or self._live_words + words > self._arena_words):
+            self._evict_oldest()
+        if self._end + words > len(self._arena):
+            self._make_room(words)
+        start = self._end
+        arena = self._arena
+        arena[start:start + len(tokens)] = tokens
+        arena[start + len(tokens):start + len(tokens) + len(toks)] = toks
+        arena[start + len(tokens) + len(toks):start + words] = tfs
+        self._end += words
+        if self._n_rec == self._recs.shape[1]:
+            self._compact_records()
+            if self._n_rec == self._recs.shape[1]:
+                grown = np.zeros((5, 2 * self._n_rec), np.int64)
+                grown[:, :self._n_rec] = self._recs[:, :self._n_rec]
+                self._recs = grown
+        r = self._n_rec
+        self._recs[:, r] = (start, len(tokens), len(toks), 1, words)
+        self._n_rec += 1
+        self._ids[session_id] = r
+        self._rec_ids.append(session_id)
+        _apply_df(self._df, arena, start, len(tokens), len(toks), 1)
+        self._live_tokens += len(tokens)
+        self._live_words += words
         self.stats["added"] += 1
 
-    def _words(self, tokens: list[int]) -> list[str]:
-        # One shared string per token id (at most the vocabulary): a stored session costs a
-        # pointer per token for its BM25 words, not a fresh string each.
-        cache = self._word_cache
-        return [cache[t] if t in cache else cache.setdefault(t, str(t)) for t in tokens]
+    def _make_room(self, words: int) -> None:
+        """Compacts the live records to the front, growing the arena (up to the cap) if needed."""
+        need = self._live_words + words
+        if need > len(self._arena) and len(self._arena) < self._arena_words:
+            size = min(self._arena_words, max(need, 2 * len(self._arena), 1 << 16))
+            grown = np.zeros(size, np.int32)
+            self._end = _compact(self._arena, self._recs[0], self._recs[4], self._recs[3], self._n_rec)
+            grown[:self._end] = self._arena[:self._end]
+            self._arena = grown
+        else:
+            self._end = _compact(self._arena, self._recs[0], self._recs[4], self._recs[3], self._n_rec)
+        self.stats["compactions"] += 1
 
-    def _add_response(self, tokens: list[int]) -> None:
-        if not self.global_tokens or not tokens:
+    def _compact_records(self) -> None:
+        live = np.flatnonzero(self._recs[3, :self._n_rec])
+        remap = {int(old): new for new, old in enumerate(live)}
+        self._recs[:, :len(live)] = self._recs[:, live]
+        self._n_rec = len(live)
+        self._rec_ids = [self._rec_ids[r] for r in live]
+        for sid, r in self._ids.items():
+            self._ids[sid] = remap[r]
+
+    def _add_response(self, tokens: np.ndarray) -> None:
+        if not self.global_tokens or not len(tokens):
             return
         tokens = tokens[-self.global_tokens:]
-        self._responses.append(tokens)
+        m = len(tokens) + 1
+        if self._text_end + m > len(self._text):  # move the live text to the front, grow if needed
+            live = self._text[self._text_start:self._text_end]
+            buf = self._text if len(live) + m <= len(self._text) // 2 else np.empty(2 * (len(live) + m), np.int32)
+            buf[:len(live)] = live
+            self._text, self._text_start, self._text_end = buf, 0, len(live)
+        # Each response is followed by its own sentinel: no match crosses two responses.
+        self._sentinels += 1
+        self._text[self._text_end:self._text_end + len(tokens)] = tokens
+        self._text[self._text_end + len(tokens)] = -1 - (self._sentinels % (1 << 30))
+        self._text_end += m
+        self._response_lens.append(len(tokens))
         self._response_tokens += len(tokens)
         self._unbuilt_tokens += len(tokens)
         while self._response_tokens > self.global_tokens:
-            self._response_tokens -= len(self._responses.popleft())
+            n = self._response_lens.popleft()
+            self._response_tokens -= n
+            self._text_start += n + 1
         built = self._global[1]
         size = len(built) if built is not None else 0
         if self._unbuilt_tokens >= max(self.global_min_rebuild, self.rebuild_fraction * size):
-            text: list[int] = []
-            for i, resp in enumerate(self._responses):
-                text += resp
-                text.append(-1 - i)  # sentinel: no match crosses two responses
+            text = self._text[self._text_start:self._text_end]
+            t0 = time.perf_counter_ns()
             self._global = (self._global[0] + 1, SuffixAutomaton.frozen_of(text))
+            self._global_ns.append(time.perf_counter_ns() - t0)
             self.global_version = self._global[0]  # after _global: a reader of it sees the new one
             self._unbuilt_tokens = 0
             self.stats["global_builds"] += 1
 
-    def _refresh_indexes(self) -> None:
-        if len(self._delta_ids) > self.rebuild_fraction * max(len(self._main_versions), 16):
-            ids = list(self._store)
-            self._main = _Bm25Index(ids, [self._store[s][2] for s in ids]) if ids else None
-            self._main_versions = {s: self._store[s][0] for s in ids}
-            self._delta, self._delta_ids, self._delta_stale = None, [], False
-            self.stats["main_builds"] += 1
-        elif self._delta_stale:
-            ids = [s for s in dict.fromkeys(self._delta_ids) if s in self._store]
-            self._delta = _Bm25Index(ids, [self._store[s][2] for s in ids]) if ids else None
-            self._delta_stale = False
-            self.stats["delta_builds"] += 1
-
-    def _live(self, session_id: str, version: int | None) -> bool:
-        entry = self._store.get(session_id)
-        return entry is not None and (version is None or entry[0] == version)
-
-    def _retrieve(self, query: list[int], exclude: str | None,
+    def _retrieve(self, query: np.ndarray, exclude: str | None,
                   k: int) -> tuple[SuffixAutomaton | None, list[str]]:
-        self._refresh_indexes()
+        t0 = time.perf_counter_ns()
         self.stats["retrievals"] += 1
-        if not query:
+        if not self._ids or not len(query):
             return None, []
-        words = self._words(query)
-        scores: dict[str, float] = {}
-        if self._main is not None:
-            for sid, sc in self._main.search(words, k + 1 + len(self._delta_ids)):
-                if self._live(sid, self._main_versions[sid]):
-                    scores[sid] = sc
-        if self._delta is not None:
-            for sid, sc in self._delta.search(words, k + 1):
-                if self._live(sid, None):
-                    scores[sid] = max(sc, scores.get(sid, 0.0))
-        scores.pop(exclude, None)
-        ids = sorted(scores, key=scores.__getitem__, reverse=True)[:k]
-        if not ids:
+        ex = self._ids.get(exclude, -1) if exclude is not None else -1
+        recs = self._recs
+        n_docs = len(self._ids)
+        # The best-scored sessions within the token budget, oldest first (later text is newer).
+        chosen, text = _select(self._arena, recs[0], recs[1], recs[2], recs[3], self._n_rec, self._df, n_docs,
+                               self._live_tokens / n_docs, query, self.query_tokens, self._mark,
+                               self._scratch, ex, k, self.retrieved_tokens)
+        if not len(chosen):
+            self._timings_ns.append(time.perf_counter_ns() - t0)
             return None, []
-        text: list[int] = []
-        # Oldest retrieved session first, so later text is the most recent one.
-        order = {s: i for i, s in enumerate(self._store)}
-        for i, sid in enumerate(sorted(ids, key=order.__getitem__)):
-            text += self._store[sid][1]
-            text.append(-1 - i)  # a sentinel no query token equals: no match crosses sessions
-        return SuffixAutomaton.frozen_of(text), ids
+        ids = [self._rec_ids[r] for r in chosen]
+        sam = SuffixAutomaton.frozen_of(text, copy=False)
+        self._timings_ns.append(time.perf_counter_ns() - t0)
+        return sam, ids

@@ -1,274 +1,417 @@
-"""Online suffix automaton (SAM) over token ids, with what drafting needs.
+"""Online suffix automaton (SAM) over token ids, stored in flat numpy arrays, built by numba kernels.
 
-State arrays (index = state id, 0 = root, the empty string):
-- `next[s]`: dict token -> state (transitions), `link[s]`: suffix link, `length[s]`: length of the
-  longest string in s. Built online (Blumer et al.): `extend(token)` is O(1) amortised, and the
-  automaton has at most 2n - 1 states and 3n - 4 transitions for n tokens (memory linear in n).
-- `first_end[s]`: end position of the first occurrence of s's strings (exact, set at creation).
-- `last_end[s]`: an end position of s's strings, the most recent one known (see below).
-- `count[s]`: occurrence count |endpos(s)| (see below).
-- `top_table[s]`: `top_next(s)` as a plain list, for hot loops (valid when frozen or track_top).
+Layout (one automaton = four arrays; every hot path is a `@njit(nogil=True, cache=True)` kernel
+over them, the only implementation; tests check it against a plain-Python oracle in tests/):
+- `st[s, F]` (int32, one row per state, so a walk touches one cache line per state):
+  LEN (longest string of s), LINK (suffix link, -1 at the root), COUNT (occurrences, below),
+  TOP_TOK / TOP_CHILD (the most frequent continuation: token and state, -1 when none),
+  TOP_TOTAL (summed occurrences over s's transitions), and while the automaton can still grow
+  FIRST_EDGE (head of s's edge list) and CLONE (1 for clone states).
+- transitions in an open-addressing hash table: `keys[i]` = state << 32 | (token as uint32) (-1:
+  empty), `vals[0, i]` = child, `vals[1, i]` = the next edge of the same state (edge lists let a
+  clone copy its original's transitions). Load stays <= 1/2; a full table is doubled by `_rehash`.
+- `tokens` (int32) and `meta` = [states, last state, edges, tokens].
 
-Every string in a state has the same end positions, so `last_end`/`count` are per state. Keeping
-them exact online would mean touching the whole suffix-link path of every new token (O(n) per token
-on repetitive text). Instead each new token credits its new occurrence to the first `count_depth`
-states of the path from the matched state (O(1) per token). Invariants either way:
-`last_end[s]` is a true end position of s, and `count[s] <= |endpos(s)|`; both are exact when the
-link path is shorter than `count_depth` (true for almost all states of natural text) or after
-`freeze()`, which recomputes them exactly in O(n) and makes the automaton read-only (safe to share
-between threads).
+A suffix automaton of n tokens has <= 2n - 1 states and <= 3n - 4 transitions. `nbytes` counts what
+is stored (about 60-120 bytes per token while growing; `freeze()` trims to the read-only fields).
 
-Top continuation of every state, kept online: `top_next(s)` = (token, child, count[child], total
-count over s's transitions) of the most frequent next token. A count only changes for the states
-credited above, and every transition into a credited state starts on the previous text end's
-suffix-link path, which `extend` walks anyway; so `extend` refreshes those parents (at most
-`4 * count_depth + 16` of them per token: O(1)) and a query is one list lookup, as in a frozen
-automaton. Invariants: `top_table[s]` is a real transition `(t, next[s][t])` with t >= 0 (None iff s has
-none), its n <= count[child] and its total <= the sum over s's transitions; with
-`count_depth=None` (uncapped) both are exact and n is the maximum. Ties keep the continuation that
-reached the maximum first. `freeze()` rescans every state.
+Counts (as in Blumer et al.'s online construction, plus an O(1) credit): each new token credits its
+occurrence to the first `count_depth` states on the suffix-link path of its match, so COUNT[s] <=
+|endpos(s)|, exact when that path is shorter than `count_depth` (almost every state of natural
+text) and after `freeze()`, which recomputes all counts exactly in O(n). Top continuations are kept
+online (`track_top`): every credited child's parents are on the path `extend` walks anyway, so it
+refreshes at most `4 * count_depth + 16` of them per token. A top's count is read live, COUNT of
+TOP_CHILD. Ties keep the earlier top (online) or the smaller child state, i.e. the continuation
+first seen (frozen).
 
-Matching as the text grows: after each `extend` the state `link[last]` holds the longest suffix of
-the text that also occurs ending earlier (a standard SAM fact), so the self-match is O(1) per token.
-`Matcher` walks a *different* token stream against a (frozen) automaton: it keeps the longest
-suffix of that stream that is a substring of the automaton's text, O(1) amortised per token.
-
-`extend_many` and `frozen_of` run in `_sam_native` (C) where it is built; the Python code is the
-reference, and tests compare every field of the two.
+After each `extend` the state LINK[last] holds the longest suffix of the text that also occurs
+ending earlier, so the session's self-match is O(1) per token. `Matcher` walks a different token
+stream against an automaton, O(1) amortised per token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-ROOT = 0
+import numba
+import numpy as np
 
-try:  # compiled construction of frozen automata (setup.py builds it where a C compiler exists)
-    from agentinfer_jax.speculation import _sam_native
-except ImportError:  # pragma: no cover - depends on the install
-    _sam_native = None
+ROOT = 0
+# Row fields (calibrator.py compiles some into its kernels: touch it when changing these).
+LEN, LINK, COUNT, TOP_TOK, TOP_CHILD, TOP_TOTAL, FIRST_EDGE, CLONE = range(8)
+FROZEN_FIELDS = 6  # the fields a frozen automaton keeps (drafting and matching read only these)
+N_STATES, LAST, N_EDGES, N_TOKENS = range(4)
+_EMPTY = -1
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_njit = numba.njit(cache=True, nogil=True)
 
 
 class FrozenAutomatonError(RuntimeError):
     """An `extend` on an automaton after `freeze()`."""
 
 
+# ---- kernels ------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _key(state, token):
+    return (np.int64(state) << 32) | (np.int64(token) & 0xFFFFFFFF)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _slot(keys, key):
+    """Index of `key` in the table, or of the empty slot where it would go."""
+    mask = len(keys) - 1
+    i = np.int64((np.uint64(key) * _MIX) >> np.uint64(33)) & mask
+    while True:
+        k = keys[i]
+        if k == key or k == _EMPTY:
+            return i
+        i = (i + 1) & mask
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def get_child(keys, vals, state, token):
+    """The transition state --token--> child, or -1."""
+    key = _key(state, token)
+    i = _slot(keys, key)
+    return vals[0, i] if keys[i] == key else -1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _set_child(st, keys, vals, meta, state, token, child):
+    key = _key(state, token)
+    i = _slot(keys, key)
+    if keys[i] != key:  # a new edge: head of its state's edge list
+        keys[i] = key
+        vals[1, i] = st[state, FIRST_EDGE]
+        st[state, FIRST_EDGE] = i
+        meta[N_EDGES] += 1
+    vals[0, i] = child
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _new_state(st, meta, length, link, count, clone):
+    s = meta[N_STATES]
+    meta[N_STATES] = s + 1
+    st[s, LEN] = length
+    st[s, LINK] = link
+    st[s, COUNT] = count
+    st[s, TOP_TOK] = -1
+    st[s, TOP_CHILD] = -1
+    st[s, TOP_TOTAL] = 0
+    st[s, FIRST_EDGE] = -1
+    st[s, CLONE] = clone
+    return s
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _table_full(meta, slots):
+    # Edges + states <= 3/4 of the slots: one token adds at most (states on its suffix path) +
+    # (a clone's copied edges) edges, so it always finds free slots; edge load stays below ~0.45.
+    return 4 * (meta[N_EDGES] + meta[N_STATES] + 2) > 3 * slots
+
+
+@_njit
+def _extend_run(new_tokens, st, keys, vals, tokens, meta, track, count_depth, refresh_cap):
+    """Appends tokens until done or until the table or the state rows need growing (the caller
+    grows them and calls again); returns how many tokens were appended."""
+    for i in range(len(new_tokens)):
+        if _table_full(meta, len(keys)) or meta[N_STATES] + 2 > st.shape[0] \
+                or meta[N_TOKENS] >= len(tokens):
+            return i
+        token = new_tokens[i]
+        pos = meta[N_TOKENS]
+        tokens[pos] = token
+        meta[N_TOKENS] = pos + 1
+        last = meta[LAST]
+        cur = _new_state(st, meta, st[last, LEN] + 1, ROOT, 1, 0)
+        p = last
+        while p != -1 and get_child(keys, vals, p, token) < 0:
+            _set_child(st, keys, vals, meta, p, token, cur)
+            if track:  # a new continuation, seen once
+                st[p, TOP_TOTAL] += 1
+                if st[p, TOP_CHILD] < 0 and token >= 0:
+                    st[p, TOP_TOK] = token
+                    st[p, TOP_CHILD] = cur
+            p = st[p, LINK]
+        first_parent = p
+        if p != -1:
+            q = get_child(keys, vals, p, token)
+            if st[p, LEN] + 1 == st[q, LEN]:
+                st[cur, LINK] = q
+            else:
+                clone = _new_state(st, meta, st[p, LEN] + 1, st[q, LINK], st[q, COUNT], 1)
+                st[clone, TOP_TOK] = st[q, TOP_TOK]
+                st[clone, TOP_CHILD] = st[q, TOP_CHILD]
+                st[clone, TOP_TOTAL] = st[q, TOP_TOTAL]
+                e = st[q, FIRST_EDGE]
+                while e >= 0:
+                    _set_child(st, keys, vals, meta, clone, np.int32(keys[e] & 0xFFFFFFFF), vals[0, e])
+                    e = vals[1, e]
+                while p != -1:
+                    key = _key(p, token)
+                    j = _slot(keys, key)
+                    if keys[j] != key or vals[0, j] != q:
+                        break
+                    vals[0, j] = clone
+                    if track and st[p, TOP_CHILD] == q:
+                        st[p, TOP_CHILD] = clone
+                    p = st[p, LINK]
+                st[q, LINK] = clone
+                st[cur, LINK] = clone
+        meta[LAST] = cur
+        # Credit the new occurrence to the match and its first suffix-link ancestors.
+        state = st[cur, LINK]
+        depth = count_depth
+        shortest = 0
+        while state > ROOT and depth != 0:
+            st[state, COUNT] += 1
+            shortest = st[state, LEN]
+            state = st[state, LINK]
+            depth -= 1
+        if track and first_parent != -1 and shortest:
+            # Parents whose `token` child was credited gained an occurrence there: refresh tops.
+            state = first_parent
+            budget = refresh_cap
+            while state != -1 and budget != 0:
+                child = get_child(keys, vals, state, token)
+                if st[child, LEN] < shortest:
+                    break
+                st[state, TOP_TOTAL] += 1
+                top = st[state, TOP_CHILD]
+                if token >= 0 and (top < 0 or top == child or st[child, COUNT] > st[top, COUNT]):
+                    st[state, TOP_TOK] = token
+                    st[state, TOP_CHILD] = child
+                state = st[state, LINK]
+                budget -= 1
+    return len(new_tokens)
+
+
+@_njit
+def _rehash(st, keys, vals, n_states, slots):
+    """The edge table moved into `slots` slots, edge lists rebuilt."""
+    new_keys = np.full(slots, _EMPTY, np.int64)
+    new_vals = np.empty((vals.shape[0], slots), np.int32)
+    for s in range(n_states):
+        st[s, FIRST_EDGE] = -1
+    for i in range(len(keys)):
+        key = keys[i]
+        if key == _EMPTY:
+            continue
+        j = _slot(new_keys, key)
+        new_keys[j] = key
+        new_vals[0, j] = vals[0, i]
+        if vals.shape[0] > 1:
+            s = key >> 32
+            new_vals[1, j] = st[s, FIRST_EDGE]
+            st[s, FIRST_EDGE] = j
+    return new_keys, new_vals
+
+
+@_njit
+def _freeze(st, keys, vals, n_states):
+    """Exact counts (own occurrence of every non-clone state summed up the suffix-link tree, in
+    order of decreasing length) and tops; returns the trimmed read-only rows and child table."""
+    out = np.empty((n_states, FROZEN_FIELDS), np.int32)
+    max_len = 0
+    for s in range(n_states):
+        for f in range(FROZEN_FIELDS):
+            out[s, f] = st[s, f]
+        out[s, COUNT] = 0 if (s == ROOT or st[s, CLONE]) else 1
+        out[s, TOP_TOK] = -1
+        out[s, TOP_CHILD] = -1
+        out[s, TOP_TOTAL] = 0
+        if st[s, LEN] > max_len:
+            max_len = st[s, LEN]
+    # Counting sort by length, then sum up the suffix-link tree from the longest states.
+    bucket = np.zeros(max_len + 2, np.int64)
+    for s in range(n_states):
+        bucket[out[s, LEN] + 1] += 1
+    for i in range(1, max_len + 2):
+        bucket[i] += bucket[i - 1]
+    order = np.empty(n_states, np.int64)
+    for s in range(n_states):
+        ln = out[s, LEN]
+        order[bucket[ln]] = s
+        bucket[ln] += 1
+    for i in range(n_states - 1, 0, -1):
+        s = order[i]
+        parent = out[s, LINK]
+        if parent > ROOT:
+            out[parent, COUNT] += out[s, COUNT]
+    child_of = np.empty((1, len(keys)), np.int32)
+    for i in range(len(keys)):
+        key = keys[i]
+        child_of[0, i] = vals[0, i]
+        if key == _EMPTY:
+            continue
+        s = key >> 32
+        token = np.int32(key & 0xFFFFFFFF)
+        c = vals[0, i]
+        n = out[c, COUNT]
+        out[s, TOP_TOTAL] += n
+        top = out[s, TOP_CHILD]
+        if token >= 0 and (top < 0 or n > out[top, COUNT] or (n == out[top, COUNT] and c < top)):
+            out[s, TOP_TOK] = token
+            out[s, TOP_CHILD] = c
+    return out, child_of
+
+
+@_njit
+def build_frozen(text):
+    """The frozen automaton of `text` in one call (no GIL held): (rows, keys, children)."""
+    n = len(text)
+    st = np.empty((2 * n + 2, 8), np.int32)
+    st[ROOT, LEN] = 0
+    st[ROOT, LINK] = -1
+    st[ROOT, COUNT] = 0
+    st[ROOT, TOP_TOK] = -1
+    st[ROOT, TOP_CHILD] = -1
+    st[ROOT, TOP_TOTAL] = 0
+    st[ROOT, FIRST_EDGE] = -1
+    st[ROOT, CLONE] = 0
+    slots = 16
+    while slots < 4 * n:
+        slots *= 2
+    keys = np.full(slots, _EMPTY, np.int64)
+    vals = np.empty((2, slots), np.int32)
+    tokens = np.empty(max(n, 1), np.int32)
+    meta = np.zeros(4, np.int64)
+    meta[N_STATES] = 1
+    done = 0
+    while done < n:
+        done += _extend_run(text[done:], st, keys, vals, tokens, meta, False, 1, 1)
+        if done < n:
+            keys, vals = _rehash(st, keys, vals, meta[N_STATES], 2 * len(keys))
+    out, child_of = _freeze(st, keys, vals, meta[N_STATES])
+    return out, keys, child_of, meta
+
+
+@_njit
+def advance(st, keys, vals, state, length, token):
+    """(state, length) of the longest suffix of (matched string + token) in the automaton's text;
+    `state`, `length` must describe a matched suffix. Unknown tokens reset to (ROOT, 0)."""
+    while state != ROOT and get_child(keys, vals, state, token) < 0:
+        state = st[state, LINK]
+        length = st[state, LEN]
+    child = get_child(keys, vals, state, token)
+    if child < 0:
+        return ROOT, 0
+    return child, length + 1
+
+
+@_njit
+def feed_run(st, keys, vals, state, length, stream):
+    """`advance` over every token of `stream`; returns the final (state, length)."""
+    for i in range(len(stream)):
+        state, length = advance(st, keys, vals, state, length, stream[i])
+    return state, length
+
+
+# ---- Python wrapper -----------------------------------------------------------------------------
+
+def as_token_array(tokens: Iterable[int] | np.ndarray) -> np.ndarray:
+    """Tokens as a contiguous int32 array; ValueError if any does not fit int32."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.int32:
+        return np.ascontiguousarray(tokens)
+    arr = np.asarray(tokens if isinstance(tokens, (np.ndarray, list, tuple)) else list(tokens))
+    if arr.size == 0:
+        return np.zeros(0, np.int32)
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D sequence of ints, got dtype {arr.dtype} shape {arr.shape}")
+    if arr.min() < -(1 << 31) or arr.max() >= (1 << 31):
+        raise ValueError("token ids must fit in int32")
+    return arr.astype(np.int32)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(4, int(n - 1).bit_length())
+
+
 class SuffixAutomaton:
-    """Suffix automaton of `tokens`, extended one token at a time (see module docstring)."""
+    """Suffix automaton of `tokens`, extended in place (see module docstring)."""
 
     def __init__(self, tokens: Iterable[int] = (), *, count_depth: int | None = 8,
-                 track_top: bool = True, native: bool | None = None) -> None:
-        """`track_top=False` skips the online top continuations (automata built only to be frozen,
-        which rescans them); `top_next` then scans edges until `freeze()`. `native`: as in
-        `extend_many`, for the initial tokens."""
+                 track_top: bool = True, capacity: int = 0) -> None:
+        """`count_depth=None`: exact counts online (O(path) per token); `track_top=False` skips the
+        online tops (automata built only to be frozen); `capacity`: tokens to reserve room for."""
         if count_depth is not None and count_depth < 1:
             raise ValueError(f"count_depth must be >= 1 or None (exact), got {count_depth}")
         self.count_depth = count_depth
         self.track_top = track_top
-        # Parents refreshed per token (see module docstring); None: all of them (exact).
-        self._refresh_cap = None if count_depth is None else 4 * count_depth + 16
-        self.tokens: list[int] = []
-        self.next: list[dict[int, int]] = [{}]
-        self.link: list[int] = [-1]
-        self.length: list[int] = [0]
-        self.first_end: list[int] = [-1]
-        self.last_end: list[int] = [-1]
-        self.count: list[int] = [0]
-        self.last = ROOT
-        # An end position (< len - 1) of the current self-match; -1 when there is no match.
-        self.match_end = -1
+        arr = as_token_array(tokens)
+        cap = max(capacity, len(arr), 16)
+        self.st = np.empty((2 * cap + 2, 8), np.int32)
+        self.keys = np.full(_pow2_at_least(4 * cap), _EMPTY, np.int64)
+        self.vals = np.empty((2, len(self.keys)), np.int32)
+        self._tokens = np.empty(cap, np.int32)
+        self.meta = np.zeros(4, np.int64)
+        self.meta[N_STATES] = 1
+        self.st[ROOT] = (0, -1, 0, -1, -1, 0, -1, 0)
         self.frozen = False
-        # Per-state top continuation (online if track_top, rebuilt by freeze()) and the summed
-        # count over each state's transitions (online only).
-        self.top_table: list[tuple[int, int, int, int] | None] = [None]
-        self._out_total: list[int] = [0]
-        self.extend_many(tokens, native=native)
+        self.extend_many(arr)
 
     @classmethod
-    def frozen_of(cls, tokens: Sequence[int], *, native: bool | None = None) -> SuffixAutomaton:
-        """`SuffixAutomaton(tokens, count_depth=1, track_top=False).freeze()`, the same fields,
-        built in C when `_sam_native` is (None: when built). Memory retrieval builds one per request
-        off the critical path, but the sooner it is ready the sooner the request drafts from it."""
-        if native is None:
-            native = _sam_native is not None
-        if not native:
-            return cls(tokens, count_depth=1, track_top=False, native=False).freeze()
-        if _sam_native is None:
-            raise RuntimeError("native=True but agentinfer_jax.speculation._sam_native is not built")
-        sam = cls(count_depth=1, track_top=False)
-        (sam.tokens, sam.next, sam.link, sam.length, sam.first_end, sam.last_end, sam.count,
-         sam.top_table, sam.last, sam.match_end) = _sam_native.build_frozen(list(tokens))
-        sam._out_total = []
-        sam.frozen = True
+    def frozen_of(cls, tokens: Sequence[int] | np.ndarray, *, copy: bool = True) -> SuffixAutomaton:
+        """A read-only automaton of `tokens` with exact counts, built in one kernel call.
+        `copy=False` keeps `tokens` itself (an int32 array nobody else writes) as its text."""
+        arr = as_token_array(tokens)
+        sam = cls.__new__(cls)
+        sam.count_depth, sam.track_top, sam.frozen = 1, False, True
+        sam.st, sam.keys, sam.vals, sam.meta = build_frozen(arr)
+        sam._tokens = arr.copy() if copy else arr
         return sam
 
+    # ---- views ----------------------------------------------------------------------------------
+
     def __len__(self) -> int:
-        return len(self.tokens)
+        return int(self.meta[N_TOKENS])
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self._tokens[:self.meta[N_TOKENS]]
 
     @property
     def num_states(self) -> int:
-        return len(self.length)
+        return int(self.meta[N_STATES])
 
-    # ---- construction -------------------------------------------------------------------------
+    @property
+    def last(self) -> int:
+        return int(self.meta[LAST])
 
-    def _new_state(self, length: int, link: int, first_end: int, last_end: int, count: int,
-                   nxt: dict[int, int]) -> int:
-        self.next.append(nxt)
-        self.link.append(link)
-        self.length.append(length)
-        self.first_end.append(first_end)
-        self.last_end.append(last_end)
-        self.count.append(count)
-        return len(self.length) - 1
+    @property
+    def length(self) -> np.ndarray:
+        return self.st[:self.num_states, LEN]
 
-    def _set_top_of_new(self, like: int) -> None:
-        """The newest state's top: none (a fresh `cur`, like < 0) or a clone's copy of `like`'s."""
-        if like < 0:
-            self.top_table.append(None)
-            self._out_total.append(0)
-        else:
-            self.top_table.append(self.top_table[like])
-            self._out_total.append(self._out_total[like])
+    @property
+    def link(self) -> np.ndarray:
+        return self.st[:self.num_states, LINK]
 
-    def extend(self, token: int) -> None:
-        """Appends one token (O(1) amortised)."""
-        if self.frozen:
-            raise FrozenAutomatonError("cannot extend a frozen suffix automaton")
-        pos = len(self.tokens)
-        self.tokens.append(token)
-        nxt, link, length = self.next, self.link, self.length
-        track = self.track_top
-        top, out_total = self.top_table, self._out_total
-        cur = self._new_state(length[self.last] + 1, ROOT, pos, pos, 1, {})
-        if track:
-            self._set_top_of_new(-1)
-        p = self.last
-        while p != -1 and token not in nxt[p]:
-            nxt[p][token] = cur
-            if track:  # a new continuation seen once
-                out_total[p] += 1
-                t = top[p]
-                if t is not None:
-                    top[p] = (t[0], t[1], t[2], out_total[p])
-                elif token >= 0:
-                    top[p] = (token, cur, 1, out_total[p])
-            p = link[p]
-        first_parent = p
-        if p != -1:
-            q = nxt[p][token]
-            if length[p] + 1 == length[q]:
-                link[cur] = q
-            else:
-                clone = self._new_state(length[p] + 1, link[q], self.first_end[q], self.last_end[q],
-                                        self.count[q], dict(nxt[q]))
-                if track:
-                    self._set_top_of_new(q)
-                while p != -1 and nxt[p].get(token) == q:
-                    nxt[p][token] = clone
-                    if track:  # same count, new child state
-                        t = top[p]
-                        if t is not None and t[1] == q:
-                            top[p] = (t[0], clone, t[2], t[3])
-                    p = link[p]
-                link[q] = clone
-                link[cur] = clone
-        self.last = cur
-        match = link[cur]
-        self.match_end = self.last_end[match] if match != ROOT else -1
-        shortest = self._credit_occurrence(match, pos)
-        if track and first_parent != -1 and shortest:
-            self._refresh_parents(first_parent, token, shortest)
+    @property
+    def count(self) -> np.ndarray:
+        return self.st[:self.num_states, COUNT]
 
-    def _refresh_parents(self, state: int, token: int, shortest: int) -> None:
-        """After crediting: `state` and its suffix-link ancestors whose `token` transition leads to
-        a credited state (length >= `shortest`) gained one occurrence there; refresh their tops."""
-        nxt, link, length, count = self.next, self.link, self.length, self.count
-        top, out_total = self.top_table, self._out_total
-        budget = self._refresh_cap if self._refresh_cap is not None else len(length)
-        while state != -1 and budget > 0:
-            child = nxt[state][token]
-            if length[child] < shortest:
-                break
-            out_total[state] += 1
-            t = top[state]
-            n = count[child]
-            if token >= 0 and (t is None or t[1] == child or n > t[2]):
-                top[state] = (token, child, n, out_total[state])
-            elif t is not None:  # same top, larger total (sentinels count there too)
-                top[state] = (t[0], t[1], t[2], out_total[state])
-            state = link[state]
-            budget -= 1
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array the automaton holds."""
+        return self.st.nbytes + self.keys.nbytes + self.vals.nbytes + self._tokens.nbytes + self.meta.nbytes
 
-    def _credit_occurrence(self, state: int, pos: int) -> int:
-        """Adds end position `pos` to `state` and its suffix-link ancestors (up to count_depth);
-        returns the length of the shortest state credited (0 if none)."""
-        depth = self.count_depth if self.count_depth is not None else len(self.length)
-        count, last_end, link, length = self.count, self.last_end, self.link, self.length
-        shortest = 0
-        while state > ROOT and depth > 0:
-            count[state] += 1
-            last_end[state] = pos
-            shortest = length[state]
-            state = link[state]
-            depth -= 1
-        return shortest
+    def child(self, state: int, token: int) -> int:
+        """The transition state --token--> child, or -1."""
+        return int(get_child(self.keys, self.vals, state, token))
 
-    def extend_many(self, tokens: Iterable[int], *, native: bool | None = None) -> None:
-        """`extend` for each token. `native`: run the loop in `_sam_native` (None: when built;
-        True: required). It updates the same lists in the same way (tested field for field); it
-        needs int tokens and checks them all before changing anything."""
-        if native is None:
-            native = _sam_native is not None
-        if not native:
-            for t in tokens:
-                self.extend(t)
-            return
-        if _sam_native is None:
-            raise RuntimeError("native=True but agentinfer_jax.speculation._sam_native is not built")
-        if self.frozen:
-            raise FrozenAutomatonError("cannot extend a frozen suffix automaton")
-        _sam_native.extend_many(self, tokens if tokens.__class__ is list else list(tokens))
-
-    def freeze(self) -> SuffixAutomaton:
-        """Makes counts and last_end exact (O(n)) and the automaton read-only; returns self."""
-        if self.frozen:
-            return self
-        n = self.num_states
-        # Own occurrences: 1 for states created as `cur` (first_end's position is their own end),
-        # 0 for clones. Then sum up the suffix-link tree in order of decreasing length.
-        count = [0] * n
-        last_end = list(self.first_end)
-        for s in range(1, n):
-            # A state is a clone iff a longer-or-equal state shares its first_end... simpler test:
-            # non-clones are exactly the states whose length equals first_end + 1.
-            if self.length[s] == self.first_end[s] + 1:
-                count[s] = 1
-        by_len: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]
-        for s in range(1, n):
-            by_len[self.length[s]].append(s)
-        for states in reversed(by_len):
-            for s in states:
-                parent = self.link[s]
-                if parent > ROOT:
-                    count[parent] += count[s]
-                    if last_end[s] > last_end[parent]:
-                        last_end[parent] = last_end[s]
-        count[ROOT] = len(self.tokens) + 1
-        self.count, self.last_end = count, last_end
-        # Most frequent continuation of every state, so drafting never scans a wide state's edges
-        # on the request path (O(transitions) once, here, on whichever thread freezes).
-        self.top_table = [self._scan_top(s) for s in range(n)]
-        self._out_total = []  # only the online updates need it
-        self.frozen = True
-        return self
-
-    # ---- queries ------------------------------------------------------------------------------
+    def transitions(self, state: int) -> dict[int, int]:
+        """{token: child} of a state (a scan of the table: for tests and inspection)."""
+        mask = self.keys != _EMPTY
+        keys, children = self.keys[mask], self.vals[0][mask]
+        sel = (keys >> 32) == state
+        return {int(np.int32(np.uint32(k & 0xFFFFFFFF))): int(c) for k, c in zip(keys[sel], children[sel])}
 
     def walk(self, tokens: Sequence[int]) -> int:
         """The state reached by reading `tokens` from the root, or -1 if not a substring."""
         s = ROOT
         for t in tokens:
-            s = self.next[s].get(t, -1)
+            s = self.child(s, int(t))
             if s < 0:
                 return -1
         return s
@@ -278,53 +421,71 @@ class SuffixAutomaton:
         return self.walk(tokens) >= 0
 
     @property
-    def match_length(self) -> int:
-        """Length of the longest suffix of the text that also ends at an earlier position."""
-        return self.length[self.link[self.last]] if self.last != ROOT else 0
+    def match_state(self) -> int:
+        """The state of the longest suffix of the text that also ends earlier (ROOT if none)."""
+        return int(self.st[self.last, LINK]) if self.last != ROOT else ROOT
 
     @property
-    def match_state(self) -> int:
-        return self.link[self.last] if self.last != ROOT else ROOT
+    def match_length(self) -> int:
+        return int(self.st[self.match_state, LEN])
 
     def top_next(self, state: int) -> tuple[int, int, int, int] | None:
-        """(token, child, count of child, total count over state's transitions) of the most frequent
-        next token after `state`'s strings, or None if nothing follows. Negative tokens (session
-        sentinels) count in the total but are never returned. O(1): kept online (see the module
-        docstring for its exactness) or rebuilt by `freeze`; O(out-degree) with track_top=False."""
-        if self.frozen or self.track_top:
-            return self.top_table[state]
-        return self._scan_top(state)
+        """(token, child, count[child], total) of the most frequent continuation of `state`."""
+        child = int(self.st[state, TOP_CHILD])
+        if child < 0:
+            return None
+        return (int(self.st[state, TOP_TOK]), child, int(self.st[child, COUNT]), int(self.st[state, TOP_TOTAL]))
 
-    def _scan_top(self, state: int) -> tuple[int, int, int, int] | None:
-        count = self.count
-        best_tok, best_child, best, total = -1, -1, 0, 0
-        for tok, child in self.next[state].items():
-            n = count[child]
-            total += n
-            if tok >= 0 and n > best:
-                best_tok, best_child, best = tok, child, n
-        return (best_tok, best_child, best, total) if best_child >= 0 else None
+    # ---- construction ---------------------------------------------------------------------------
 
+    def extend(self, token: int) -> None:
+        """Appends one token (O(1) amortised)."""
+        self.extend_many((token,))
 
-def advance(sam: SuffixAutomaton, state: int, length: int, token: int) -> tuple[int, int]:
-    """(state, length) of the longest suffix of (matched string + token) in `sam`'s text.
+    def extend_many(self, tokens: Iterable[int] | np.ndarray) -> None:
+        """Appends tokens (validated as int32 before anything changes)."""
+        if self.frozen:
+            raise FrozenAutomatonError("cannot extend a frozen suffix automaton")
+        arr = as_token_array(tokens)
+        depth = -1 if self.count_depth is None else self.count_depth
+        refresh = -1 if self.count_depth is None else 4 * self.count_depth + 16
+        done = 0
+        while done < len(arr):
+            done += _extend_run(arr[done:], self.st, self.keys, self.vals, self._tokens, self.meta,
+                                self.track_top, depth, refresh)
+            if done < len(arr):
+                self._grow(len(arr) - done)
 
-    `state`, `length` must describe a matched suffix (the last `length` tokens of a stream spell a
-    string of `state`); O(1) amortised along a stream. Unknown tokens reset to (ROOT, 0).
-    """
-    nxt, link, lengths = sam.next, sam.link, sam.length
-    while state != ROOT and token not in nxt[state]:
-        state = link[state]
-        length = lengths[state]
-    child = nxt[state].get(token)
-    return (ROOT, 0) if child is None else (child, length + 1)
+    def _grow(self, pending: int) -> None:
+        n = self.num_states
+        if n + 2 > self.st.shape[0]:
+            st = np.empty((max(2 * self.st.shape[0], n + 2 * pending + 2), 8), np.int32)
+            st[:n] = self.st[:n]
+            self.st = st
+        if len(self) >= len(self._tokens):
+            toks = np.empty(max(2 * len(self._tokens), len(self) + pending), np.int32)
+            toks[:len(self)] = self._tokens[:len(self)]
+            self._tokens = toks
+        if _table_full(self.meta, len(self.keys)):
+            self.keys, self.vals = _rehash(self.st, self.keys, self.vals, n, 2 * len(self.keys))
+
+    def freeze(self) -> SuffixAutomaton:
+        """Exact counts and tops (O(n)), read-only from now on, trimmed; returns self."""
+        if self.frozen:
+            return self
+        self.st, child_of = _freeze(self.st, self.keys, self.vals, self.num_states)
+        self.vals = child_of
+        self._tokens = self._tokens[:len(self)].copy()
+        self.frozen = True
+        return self
 
 
 class Matcher:
     """Longest suffix of a token stream that is a substring of an automaton's text.
 
     Invariant after each `feed`: the last `length` tokens fed spell a string of `state`, and no
-    longer suffix of the stream is a substring of the automaton's text.
+    longer suffix of the stream is a substring of the automaton's text. The automaton must not grow
+    while matched (memory automata are frozen).
     """
 
     __slots__ = ("sam", "state", "length")
@@ -335,8 +496,9 @@ class Matcher:
         self.length = 0
 
     def feed(self, token: int) -> None:
-        self.state, self.length = advance(self.sam, self.state, self.length, token)
+        self.feed_many((token,))
 
-    def feed_many(self, tokens: Iterable[int]) -> None:
-        for t in tokens:
-            self.feed(t)
+    def feed_many(self, tokens: Iterable[int] | np.ndarray) -> None:
+        sam = self.sam
+        state, length = feed_run(sam.st, sam.keys, sam.vals, self.state, self.length, as_token_array(tokens))
+        self.state, self.length = int(state), int(length)

@@ -1,0 +1,331 @@
+"""AcceptanceCalibrator: P(a drafted token is accepted) by the evidence behind it, learned online,
+in flat arrays read and written by numba kernels (the drafter's walk and its scoring).
+
+A hierarchy of (accepted, trials) tables, each level shrunk towards the one above it:
+- cells: (evidence class, log2 match length, log2 occurrences of the matched context, the token's
+  share of those occurrences in 5 bins), estimated as (accepted + w * prior) / (trials + w) with
+  prior = the smoothed count ratio n / (total + 1), w = `prior_weight`;
+- by the preceding token, shrunk towards the cell with weight w: for a draft's first token
+  (FIRST: class, last context token, token), for later ones (PAIR: class, previous draft token,
+  token). After a '.' agents start a new line of a known format, after a name they copy the rest;
+- by the two preceding tokens (CONTEXT: class, prev2, prev, token), shrunk towards the level above
+  with weight `context_weight`.
+The PAIR and CONTEXT levels (`token_context`, on by default) apply to the first
+`context_positions` draft positions. A fresh calibrator behaves like a count-based drafter and
+sharpens as it observes.
+
+The drafter's two hot paths live here too, beside the formulas they inline, so numba's on-disk
+cache (which tracks only a kernel's own file) can never pair a kernel with stale formulas:
+`walk_candidates` (propose: every source's most frequent continuation, valued by these
+probabilities, best first with pruning) and `score_candidates` (the update from verified tokens).
+
+Storage: `cells` is a (NUM_CELLS, 2) float64 array; the three token levels share one open-addressing
+table (`keys` int64, 0 = empty; `stats` (slots, 2) float64) keyed by a 64-bit hash of (level,
+class, tokens), so any token ids work. Each level holds at most `max_first_tokens` keys (a full
+level keeps updating the keys it has); the table doubles on the caller's thread between steps.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# Row fields of an automaton (compiled into the kernels below; numba's cache does not track other
+# files, so a change of these constants in suffix_automaton.py must touch this file too).
+from agentinfer_jax.speculation.suffix_automaton import COUNT, TOP_CHILD, TOP_TOK, TOP_TOTAL
+
+OWN, MEMORY, GLOBAL = 0, 1, 2
+SOURCE_NAMES = ("own", "memory", "global")
+NUM_SOURCES = len(SOURCE_NAMES)
+# Evidence classes: source + AGREED when another cursor's top continuation starts with the same token.
+AGREED = len(SOURCE_NAMES)
+NUM_CLASSES = 2 * AGREED
+NUM_CELLS = NUM_CLASSES * 8 * 8 * 5
+FIRST, PAIR, CONTEXT = 0, 1, 2
+_EMPTY = 0
+_njit = numba.njit(cache=True, nogil=True)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _log2_bin(x):
+    b = 0
+    while x > 0 and b < 7:
+        x >>= 1
+        b += 1
+    return b
+
+
+@_njit
+def cell_index(cls, match_len, n, total):
+    """The cell of a drafted token: class, log2 bins (capped at 7) of the match length and of the
+    total count, and the share n / total in 5 bins."""
+    if total < 1:
+        total = 1
+    if n > total:  # online counts are lower bounds; a share never exceeds 1
+        n = total
+    share = 4 if n == total else 4 * n // total
+    return ((cls * 8 + _log2_bin(match_len)) * 8 + _log2_bin(total)) * 5 + share
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _mix_in(x, v):
+    # Scramble what came before, then add the next 32-bit value (XOR of raw small values collides).
+    x = x * np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(29)
+    return x ^ np.uint64(np.int64(v) & 0xFFFFFFFF)
+
+
+@_njit
+def token_key(level, cls, prev2, prev, token):
+    """64-bit key of a token-level entry (never 0, the empty marker)."""
+    x = np.uint64(level * NUM_CLASSES + cls + 1)
+    x = _mix_in(x, prev2)
+    x = _mix_in(x, prev)
+    x = _mix_in(x, token)
+    x = (x ^ (x >> np.uint64(32))) * np.uint64(0xD6E8FEB86659FD93)
+    key = np.int64(x ^ (x >> np.uint64(32)))
+    return key if key != _EMPTY else np.int64(1)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _find(keys, key):
+    mask = len(keys) - 1
+    i = np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)) & mask
+    while True:
+        k = keys[i]
+        if k == key or k == _EMPTY:
+            return i
+        i = (i + 1) & mask
+
+
+@_njit
+def lookup(keys, stats, key, prior, weight):
+    """(accepted + weight * prior) / (trials + weight) of `key`'s entry; `prior` if it has none."""
+    i = _find(keys, key)
+    if keys[i] != key:
+        return prior
+    return (stats[i, 0] + weight * prior) / (stats[i, 1] + weight)
+
+
+@_njit
+def cell_prob(cells, c, n, total, weight):
+    return (cells[c, 0] + weight * n / (total + 1)) / (cells[c, 1] + weight)
+
+
+@_njit
+def record(keys, stats, sizes, level, key, accepted, max_keys):
+    """Counts one trial of a token-level entry (a new key only while its level has room)."""
+    i = _find(keys, key)
+    if keys[i] != key:
+        if sizes[level] >= max_keys:
+            return
+        keys[i] = key
+        sizes[level] += 1
+        sizes[3] += 1
+    stats[i, 0] += accepted
+    stats[i, 1] += 1.0
+
+
+@_njit
+def _rehash(keys, stats, slots):
+    new_keys = np.zeros(slots, np.int64)
+    new_stats = np.zeros((slots, 2), np.float64)
+    for i in range(len(keys)):
+        if keys[i] != _EMPTY:
+            j = _find(new_keys, keys[i])
+            new_keys[j] = keys[i]
+            new_stats[j, 0] = stats[i, 0]
+            new_stats[j, 1] = stats[i, 1]
+    return new_keys, new_stats
+
+
+@numba.njit(cache=True, nogil=True)
+def walk_candidates(sts, states, lengths, limit, cells, ckeys, cstats, w, wc, ctx_stop, last, last2, min_prob,
+          out, cand_src, cand_len, cand_toks, cand_cells):
+    """The drafter's selection (see sam_drafter): proposes the best candidate into `out`; returns (draft length, candidates, expected
+    accepted). `states[i] < 0`: source i has no cursor. Candidates (source class, tokens, cells)
+    are kept for `score_candidates`."""
+    n_heads = 0
+    h_q = np.empty(NUM_SOURCES, np.float64)
+    h_i = np.empty(NUM_SOURCES, np.int64)
+    h_tok = np.empty(NUM_SOURCES, np.int64)
+    for i in range(NUM_SOURCES):
+        if states[i] >= 0 and sts[i][states[i], TOP_CHILD] >= 0:
+            h_i[n_heads] = i
+            h_tok[n_heads] = sts[i][states[i], TOP_TOK]
+            n_heads += 1
+    for h in range(n_heads):
+        i = h_i[h]
+        st = sts[i]
+        s = states[i]
+        tok = h_tok[h]
+        cls = i
+        for g in range(n_heads):
+            if g != h and h_tok[g] == tok:
+                cls = i + AGREED
+        n = st[st[s, TOP_CHILD], COUNT]
+        total = st[s, TOP_TOTAL]
+        c = cell_index(cls, lengths[i], n, total)
+        q = cell_prob(cells, c, n, total, w)
+        q = lookup(ckeys, cstats, token_key(FIRST, cls, -1, last, tok), q, w)
+        if ctx_stop > 0:
+            q = lookup(ckeys, cstats, token_key(CONTEXT, cls, last2, last, tok), q, wc)
+        h_q[h] = q
+        cand_src[h] = cls
+        cand_len[h] = 1
+        cand_toks[h, 0] = tok
+        cand_cells[h, 0] = c
+    # Best first (ties in source order), so weaker candidates stop early.
+    order = np.argsort(-h_q[:n_heads], kind="mergesort")
+    best_score = 0.0
+    best_len = 0
+    best_h = -1
+    for r in range(n_heads):
+        h = order[r]
+        p = h_q[h]
+        if p < min_prob or p * limit <= best_score:
+            continue  # scored from its first token only
+        i = h_i[h]
+        st = sts[i]
+        s = st[states[i], TOP_CHILD]
+        cls = cand_src[h]
+        length = lengths[i] + 1
+        prev2, prev = last, cand_toks[h, 0]
+        size = 1
+        score, keep = p, 1
+        while size < limit and score + p * (limit - size) > best_score:
+            child = st[s, TOP_CHILD]
+            if child < 0:
+                break
+            tok = st[s, TOP_TOK]
+            n = st[child, COUNT]
+            total = st[s, TOP_TOTAL]
+            c = cell_index(cls, length, n, total)
+            q = cell_prob(cells, c, n, total, w)
+            if size < ctx_stop:
+                q = lookup(ckeys, cstats, token_key(PAIR, cls, -1, prev, tok), q, w)
+                q = lookup(ckeys, cstats, token_key(CONTEXT, cls, prev2, prev, tok), q, wc)
+                prev2, prev = prev, tok
+            p *= q
+            cand_toks[h, size] = tok
+            cand_cells[h, size] = c
+            size += 1
+            length += 1
+            s = child
+            if p < min_prob:
+                break
+            score += p
+            keep += 1
+        cand_len[h] = size
+        if score > best_score:
+            best_score, best_len, best_h = score, keep, h
+    for j in range(best_len):
+        out[j] = cand_toks[best_h, j]
+    return best_len, n_heads, best_score
+
+
+@numba.njit(cache=True, nogil=True)
+def score_candidates(true, n_cand, cand_src, cand_len, cand_toks, cand_cells, cells, ckeys, cstats, sizes,
+           last, last2, ctx_n, max_keys):
+    """Every candidate's tokens up to its first mismatch with the verified `true` tokens (past that
+    the context is no longer the candidate's) count as trials of their cells and token levels."""
+    for h in range(n_cand):
+        cls = cand_src[h]
+        size = cand_len[h]
+        if size == 0 or len(true) == 0:
+            continue
+        record(ckeys, cstats, sizes, FIRST, token_key(FIRST, cls, -1, last, cand_toks[h, 0]),
+               1.0 if cand_toks[h, 0] == true[0] else 0.0, max_keys)
+        prev2, prev = last2, last
+        for j in range(min(size, len(true))):
+            tok = cand_toks[h, j]
+            ok = tok == true[j]
+            acc = 1.0 if ok else 0.0
+            c = cand_cells[h, j]
+            cells[c, 0] += acc
+            cells[c, 1] += 1.0
+            if j < ctx_n:
+                if j:
+                    record(ckeys, cstats, sizes, PAIR, token_key(PAIR, cls, -1, prev, tok), acc, max_keys)
+                record(ckeys, cstats, sizes, CONTEXT, token_key(CONTEXT, cls, prev2, prev, tok), acc,
+                       max_keys)
+            if not ok:
+                break
+            prev2, prev = prev, tok
+
+
+class AcceptanceCalibrator:
+    """Acceptance rates by evidence (see module docstring); the arrays are read by the drafter's
+    compiled walk and written by its compiled scoring."""
+
+    NUM_CELLS = NUM_CELLS
+
+    def __init__(self, prior_weight: float = 4.0, max_first_tokens: int = 1 << 18,
+                 context_weight: float = 2.0, token_context: bool = True,
+                 context_positions: int = 4) -> None:
+        if not prior_weight > 0 or not context_weight > 0 or max_first_tokens < 0 or context_positions < 1:
+            raise ValueError("need prior_weight > 0, context_weight > 0, max_first_tokens >= 0 and "
+                             "context_positions >= 1")
+        self.prior_weight, self.context_weight = float(prior_weight), float(context_weight)
+        self.token_context = token_context
+        self.context_positions = context_positions
+        self.max_first_tokens = max_first_tokens
+        self.cells = np.zeros((NUM_CELLS, 2), np.float64)
+        self.keys = np.zeros(1 << 12, np.int64)
+        self.stats = np.zeros((1 << 12, 2), np.float64)
+        self.sizes = np.zeros(4, np.int64)  # keys per level (FIRST, PAIR, CONTEXT) and in all
+
+    @staticmethod
+    def cell(source: int, match_len: int, n: int, total: int) -> int:
+        return int(cell_index(source, match_len, n, total))
+
+    def reserve(self, draft_len: int) -> None:
+        """Keeps the table at most half full with room for one scoring call of drafts up to
+        `draft_len` tokens (3 candidates x 3 levels per token), on the caller's thread."""
+        if 2 * (self.sizes[3] + 9 * draft_len + 9) > len(self.keys):
+            self.keys, self.stats = _rehash(self.keys, self.stats, 2 * len(self.keys))
+
+    def prob(self, cell: int, n: int, total: int) -> float:
+        return float(cell_prob(self.cells, cell, n, total, self.prior_weight))
+
+    def token_prob(self, source: int, position: int, prev2: int, prev: int, token: int,
+                   cell_prob_: float) -> float:
+        """The full hierarchy for a drafted token at `position` (0 = first) after prev2, prev."""
+        w, wc = self.prior_weight, self.context_weight
+        if position == 0:
+            q = lookup(self.keys, self.stats, token_key(FIRST, source, -1, prev, token), cell_prob_, w)
+        elif self.token_context and position < self.context_positions:
+            q = lookup(self.keys, self.stats, token_key(PAIR, source, -1, prev, token), cell_prob_, w)
+        else:
+            return cell_prob_
+        if not self.token_context or position >= self.context_positions:
+            return float(q)
+        return float(lookup(self.keys, self.stats, token_key(CONTEXT, source, prev2, prev, token), q, wc))
+
+    def update(self, level: int, source: int, prev2: int, prev: int, token: int, accepted: bool) -> None:
+        """Counts one trial of a token-level entry (FIRST ignores prev2), through the kernel the
+        drafter's scoring uses (for tests and offline fitting)."""
+        self.reserve(1)
+        record(self.keys, self.stats, self.sizes, level,
+               token_key(level, source, -1 if level == FIRST else prev2, prev, token),
+               1.0 if accepted else 0.0, self.max_first_tokens)
+
+    def level_sizes(self) -> dict[str, int]:
+        return {"first": int(self.sizes[FIRST]), "pair": int(self.sizes[PAIR]), "context": int(self.sizes[CONTEXT])}
+
+    @property
+    def nbytes(self) -> int:
+        return self.cells.nbytes + self.keys.nbytes + self.stats.nbytes
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """Observed cells by readable name (for logs and the experiment's JSON)."""
+        out = {}
+        for c in np.flatnonzero(self.cells[:, 1]):
+            acc, n = self.cells[c]
+            rest, share = divmod(int(c), 5)
+            rest, occ = divmod(rest, 8)
+            src, length = divmod(rest, 8)
+            name = SOURCE_NAMES[src % AGREED] + ("+agree" if src >= AGREED else "")
+            out[f"{name}/len<2^{length}/occ<2^{occ}/share{share}"] = {
+                "accepted": float(acc), "trials": float(n), "rate": round(float(acc / n), 4)}
+        return out

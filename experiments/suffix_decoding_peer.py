@@ -1,0 +1,80 @@
+"""The real SuffixDecoding (arctic-inference 0.3.0's suffix-tree cache) behind our Drafter interface.
+
+Built by `make suffix-decoding` (tools/build_suffix_decoding.py) into build/suffix_decoding/site;
+never a dependency of the package. `available()` says whether it is built.
+
+Each request starts a local tree over its prompt (`start_request`), every verified token goes to
+its local tree and to its response in the global tree (`add_active_response`), and a proposal is
+`speculate` over the last `max_tree_depth` context tokens with the peer's own selection between
+the two trees, as in arctic-inference's vLLM model runner.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+SITE = pathlib.Path(__file__).resolve().parents[1] / "build" / "suffix_decoding" / "site"
+
+
+def _import_cache():
+    if str(SITE) not in sys.path and SITE.exists():
+        sys.path.insert(0, str(SITE))
+    from arctic_inference.suffix_decoding import SuffixDecodingCache
+    return SuffixDecodingCache
+
+
+def available() -> bool:
+    try:
+        _import_cache()
+    except ImportError:
+        return False
+    return True
+
+
+class SuffixDecodingDrafter:
+    """Drafter over arctic-inference's SuffixDecodingCache (defaults: depth 64, min prob 0.1,
+    max_spec_factor 1)."""
+
+    def __init__(self, max_tree_depth: int = 64, max_spec_factor: float = 1.0,
+                 min_token_prob: float = 0.1, max_cached_requests: int = -1) -> None:
+        self.cache = _import_cache()(max_tree_depth=max_tree_depth, max_cached_requests=max_cached_requests)
+        self.depth, self.factor, self.min_prob = max_tree_depth, max_spec_factor, min_token_prob
+        self._contexts: dict[str, tuple[np.ndarray, int]] = {}
+        self.response_tokens = 0
+
+    def begin(self, request_id: str, prompt_tokens: Sequence[int], session_id: str | None = None) -> None:
+        prompt = np.asarray(prompt_tokens, np.int32)
+        self.cache.start_request(request_id, prompt)
+        buf = np.empty(max(64, 2 * len(prompt)), np.int32)
+        buf[:len(prompt)] = prompt
+        self._contexts[request_id] = (buf, len(prompt))
+
+    def extend(self, request_id: str, tokens: Sequence[int]) -> None:
+        toks = np.asarray(tokens, np.int32)
+        self.cache.add_active_response(request_id, toks)
+        buf, n = self._contexts[request_id]
+        if n + len(toks) > len(buf):
+            grown = np.empty(2 * (n + len(toks)), np.int32)
+            grown[:n] = buf[:n]
+            buf = grown
+        buf[n:n + len(toks)] = toks
+        self._contexts[request_id] = (buf, n + len(toks))
+        self.response_tokens += len(toks)
+
+    def propose(self, request_id: str, k: int) -> list[int]:
+        buf, n = self._contexts[request_id]
+        draft = self.cache.speculate(request_id, buf[max(0, n - self.depth):n], max_spec_tokens=k,
+                                     max_spec_factor=self.factor, min_token_prob=self.min_prob)
+        return list(draft.token_ids)
+
+    def end(self, request_id: str) -> None:
+        self.cache.stop_request(request_id)
+        del self._contexts[request_id]
+
+    def global_bytes(self) -> int:
+        """The peer's own estimate of its global tree's memory."""
+        return int(self.cache._global_tree.estimate_memory())

@@ -1,0 +1,42 @@
+"""The real SuffixDecoding behind our Drafter interface (experiments/suffix_decoding_peer.py).
+
+Skipped unless `make suffix-decoding` has built the peer into build/suffix_decoding. The peer is the
+reference: a draft it proposes must be a continuation its own cache would give for the same context,
+and our suffix tree reimplementation (suffix_tree.py) follows the same rule on the local tree."""
+
+import importlib.util
+import pathlib
+import random
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "suffix_decoding_peer.py"
+_spec = importlib.util.spec_from_file_location("suffix_decoding_peer", _PATH)
+peer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(peer)
+
+pytestmark = pytest.mark.skipif(not peer.available(), reason="SuffixDecoding not built (make suffix-decoding)")
+
+
+def test_adapter_drafts_what_the_peer_cache_speculates_and_follows_the_drafter_protocol():
+    rng = random.Random(3)
+    d = peer.SuffixDecodingDrafter(max_spec_factor=8.0)
+    reference = peer._import_cache()(max_tree_depth=64)
+    for trial in range(20):
+        prompt = [rng.randrange(5) for _ in range(rng.randrange(4, 40))]
+        rid = f"r{trial}"
+        d.begin(rid, prompt)
+        reference.start_request(rid, prompt)
+        context = list(prompt)
+        for _ in range(5):
+            draft = d.propose(rid, 6)
+            expect = reference.speculate(rid, context[-64:], max_spec_tokens=6, max_spec_factor=8.0,
+                                         min_token_prob=0.1).token_ids
+            assert draft == list(expect) and len(draft) <= 6
+            step = [rng.randrange(5) for _ in range(rng.randrange(1, 4))]
+            d.extend(rid, step)
+            reference.add_active_response(rid, step)
+            context += step
+        d.end(rid)
+        reference.stop_request(rid)
+    assert d.response_tokens > 0 and d.global_bytes() > 0
