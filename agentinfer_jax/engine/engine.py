@@ -29,8 +29,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from agentinfer_jax.engine.paged import PagedAttention, PagedMeta
-from agentinfer_jax.engine.sampling import SamplingArrays, verify_rows
-from agentinfer_jax.engine.step_batch import StepBatch, StepLimits, StepSeq, pack_step
+from agentinfer_jax.engine.sampling import SamplingArrays, emitted_logprobs, verify_rows
+from agentinfer_jax.engine.step_batch import (SampledTokens, StepBatch, StepLimits, StepSeq, TokenLogprob,
+                                              pack_extras, pack_step)
 from agentinfer_jax.model.config import ModelConfig
 from agentinfer_jax.model.sharding import paged_cache_sharding, shard_state
 
@@ -142,19 +143,25 @@ class StaticGraph:
             self.graphdef is other.graphdef or (self._hash == other._hash and self.graphdef == other.graphdef))
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "backend"), donate_argnames=("kv",))
+@functools.partial(jax.jit, static_argnames=("graph", "backend", "logprobs"), donate_argnames=("kv",))
 def _engine_step(graph, backend, state, kv, tokens, positions, meta, rows, drafts, num_drafts, sample_pos,
-                 sampling):
+                 sampling, adjust=(None, None, None), logprobs=False):
     """Forward over the ragged batch, then verification/sampling; returns [S, 1 + K+1] on device:
-    column 0 the number of new tokens, then the tokens."""
+    column 0 the number of new tokens, then the tokens. `adjust` = (mask, bias_ids, bias_vals), each
+    None unless a row needs it (a plain step traces without them); with `logprobs` the result is
+    (tokens, chosen logprobs [S, K+1], top ids [S, K+1, 20], top logprobs [S, K+1, 20])."""
     _TRACES[0] += 1
     model = nnx.merge(graph.graphdef, state)
     x, kv = model.hidden(tokens[None], positions[None], kv, meta, backend)
     x = x[0]
     if rows.size < x.shape[0]:  # static: the LM head only on rows that predict a token (prefill)
         x, rows = x[rows.reshape(-1)], jnp.arange(rows.size, dtype=jnp.int32).reshape(rows.shape)
-    out_tokens, num_new = verify_rows(model.logits(x), rows, drafts, num_drafts, sampling, sample_pos)
-    return jnp.concatenate([num_new[:, None], out_tokens], axis=1), kv
+    logits = model.logits(x)
+    out_tokens, num_new = verify_rows(logits, rows, drafts, num_drafts, sampling, sample_pos, *adjust)
+    result = jnp.concatenate([num_new[:, None], out_tokens], axis=1)
+    if logprobs:
+        return (result, *emitted_logprobs(logits[rows], out_tokens)), kv
+    return result, kv
 
 
 @dataclasses.dataclass
@@ -242,18 +249,41 @@ class Engine:
         # jnp.asarray per array from Python.
         meta = PagedMeta(slots, kv_lens, pages, cu, np.int32(len(seqs)))
         sampling = SamplingArrays(temp, top_k, top_p, seed)
+        extras = pack_extras(seqs, num_seqs=s_pad, draft_width=k, vocab_size=self.model_config.vocab_size)
         t0 = time.perf_counter()
         traces = _TRACES[0]
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             result, self.kv = _engine_step(self.graph, self.backend, self.state, self.kv, tokens, positions, meta,
-                                           rows, drafts, num_drafts, sample_pos, sampling)
+                                           rows, drafts, num_drafts, sample_pos, sampling,
+                                           (extras.mask, extras.bias_ids, extras.bias_vals), extras.logprobs)
+        if extras.logprobs:
+            result, *lp = jax.device_get(result)  # the one device-to-host transfer of the step
+            return self._finish_step(seqs, result, t_pad, t_start, t0, traces, lp)
         result = np.asarray(result)  # the one device-to-host transfer of the step
+        return self._finish_step(seqs, result, t_pad, t_start, t0, traces)
+
+    def _finish_step(self, seqs, result, t_pad, t_start, t0, traces, lp=None) -> dict[str, list[int]]:
         self.num_compilations += _TRACES[0] - traces
         t_done = time.perf_counter()
         self.last_timing = StepTiming(t0 - t_start, t_done - t0)
         if self.record_steps:
             self.steps.append(self._record(seqs, t_pad, t_done - t0, t_start, t_done))
-        return {s.request_id: result[i, 1:1 + result[i, 0]].tolist() for i, s in enumerate(seqs) if s.samples}
+        if lp is None:
+            return {s.request_id: result[i, 1:1 + result[i, 0]].tolist() for i, s in enumerate(seqs) if s.samples}
+        chosen, top_ids, top_vals = lp
+        out = {}
+        for i, s in enumerate(seqs):
+            if not s.samples:
+                continue
+            n = int(result[i, 0])
+            toks = SampledTokens(result[i, 1:1 + n].tolist())
+            k = s.sampling.logprobs
+            if k is not None:
+                toks.logprobs = [TokenLogprob(float(chosen[i, j]),
+                                              tuple(zip(top_ids[i, j, :k].tolist(), top_vals[i, j, :k].tolist())))
+                                 for j in range(n)]
+            out[s.request_id] = toks
+        return out
 
     @staticmethod
     def _record(seqs: Sequence[StepSeq], t_pad: int, seconds: float, start_s: float, end_s: float) -> StepRecord:

@@ -110,7 +110,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, pool, prefix_cache=None, policy: AdmissionPolicy | None = None,
                  drafter=None, retention: SessionRetention | None = None,
-                 clock: Callable[[], float] = time.monotonic, adaptive=None):
+                 clock: Callable[[], float] = time.monotonic, adaptive=None, grammar=None):
         self.config = config
         self.pool = pool
         self.prefix_cache = prefix_cache
@@ -121,6 +121,9 @@ class Scheduler:
         # The adaptive switch (speculation.adaptive.AdaptiveSpeculation): per-request draft length,
         # at most config.num_draft_tokens; None drafts config.num_draft_tokens whenever it can.
         self.adaptive = adaptive
+        # engine.structured.GrammarCompiler: builds each structured-output request's matcher (None:
+        # such requests are refused with InvalidRequestError).
+        self.grammar = grammar
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -134,6 +137,12 @@ class Scheduler:
         if req.request_id in self.requests:
             raise InvalidRequestError(f"duplicate request id {req.request_id!r}")
         req.validate(self.config.vocab_size, self.config.max_model_len)
+        if req.sampling.structured is not None and req.grammar is None:
+            if self.grammar is None:
+                raise InvalidRequestError("structured outputs are not available on this server (no grammar compiler)")
+            req.grammar = self.grammar.matcher(req.sampling.structured)
+            for t in req.output_tokens:
+                req.grammar.advance(t)
         req.state = RequestState.WAITING
         req.waiting_since_s = req.arrival_s = self.clock() if req.arrival_s == 0.0 else req.arrival_s
         self.requests[req.request_id] = req
@@ -218,12 +227,15 @@ class Scheduler:
             req = self.requests.get(seq.request_id)
             if req is None or req.done or req.state is not RequestState.RUNNING:
                 continue  # aborted while the step ran
-            toks = list(new_tokens.get(req.request_id, ())) if seq.samples else []
+            raw = new_tokens.get(req.request_id, ()) if seq.samples else ()
+            toks = list(raw)
+            logprobs = getattr(raw, "logprobs", None)
             if seq.samples and not toks:
                 raise RuntimeError(f"executor returned no token for sampling request {req.request_id}")
             if seq.samples and req.forced_output is not None:
                 # Past the record (max_tokens larger than the trace): the model's own next token.
                 toks = replay_tokens(seq, req) or toks[:1]
+                logprobs = None
             num_acc = max(0, len(toks) - 1) if seq.num_draft else 0
             if len(toks) > 1 + seq.num_draft:
                 raise RuntimeError(f"executor returned {len(toks)} tokens for {seq.num_draft} drafts")
@@ -237,7 +249,7 @@ class Scheduler:
                 if self.adaptive is not None:
                     self.adaptive.observe(req.request_id, seq.num_draft, num_acc)
             if toks:
-                reason = self._append(req, toks, now)
+                reason = self._append(req, toks, now, logprobs)
                 if self.drafter is not None:
                     self.drafter.extend(req.request_id, toks)
             else:
@@ -259,13 +271,23 @@ class Scheduler:
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _append(self, req: Request, toks: list[int], now: float) -> FinishReason | None:
+    def _append(self, req: Request, toks: list[int], now: float, logprobs=None) -> FinishReason | None:
         sp = req.sampling
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.config.eos_token_ids))
         reason = None
+        count = sp.presence_penalty or sp.frequency_penalty
         for n, t in enumerate(toks):
             req.output_tokens.append(t)
-            if t in stops:
+            if sp.logprobs is not None:
+                req.output_logprobs.append(logprobs[n] if logprobs is not None else None)
+            if count:
+                req.token_counts[t] = req.token_counts.get(t, 0) + 1
+            # A complete grammar allows only EOS: stop here. A token the grammar forbids (only a
+            # forced replay can emit one) also ends the constrained request.
+            if req.grammar is not None and (not req.grammar.advance(t) or req.grammar.is_stopped) \
+                    and t not in stops:
+                reason = FinishReason.STOP
+            elif t in stops:
                 reason = FinishReason.STOP
             elif len(req.output_tokens) >= sp.max_tokens or req.num_tokens >= self.config.max_model_len:
                 reason = FinishReason.LENGTH
@@ -319,14 +341,23 @@ class Scheduler:
                 drafts = list(self.drafter.propose(req.request_id, k))[:k]
         else:
             pending = pending[:budget]
+        samples = start + len(pending) == req.num_tokens
+        allowed = None
+        if req.grammar is not None and samples:
+            # Drafts past the first token the grammar forbids can never be accepted: cut them, so
+            # drafting stays lossless; row j's mask is the state after drafts[:j].
+            drafts = drafts[:req.grammar.valid_prefix(drafts)]
+            allowed = req.grammar.allowed_rows(drafts)
         tokens = pending + drafts
         new = self._allocate(self._blocks_needed(req, start + len(tokens)))
         if new is None:
             return None
         req.block_ids.extend(new)
+        sp = req.sampling
+        counts = tuple(req.token_counts.items()) if (sp.presence_penalty or sp.frequency_penalty) else ()
         return StepSeq(req.request_id, start, tuple(tokens), len(drafts), tuple(req.block_ids),
-                       SeqSampling.resolve(req.sampling, req.request_id),
-                       samples=start + len(tokens) - len(drafts) == req.num_tokens)
+                       SeqSampling.resolve(sp, req.request_id), samples=samples, allowed=allowed,
+                       token_counts=counts)
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks of the request's tokens, leaving at least one token to compute."""
@@ -335,6 +366,18 @@ class Scheduler:
         toks = req.all_tokens
         hit = self.prefix_cache.match(toks, namespace=req.namespace)
         return hit[: (len(toks) - 1) // self.config.block_size]
+
+    def _forked_prefix(self, req: Request) -> list[int] | None:
+        """n > 1: the full prompt blocks of the sibling `req.fork_of` ([] when there is none to
+        share: no sibling, it is gone or its prompt differs); None while the sibling is still
+        computing them (the request then waits, so the prompt is computed once)."""
+        parent = self.requests.get(req.fork_of) if req.fork_of is not None else None
+        if parent is None or parent.done or parent.prompt_tokens != req.prompt_tokens:
+            return []
+        shared = (len(req.prompt_tokens) - 1) // self.config.block_size
+        if parent.state is not RequestState.RUNNING or parent.num_computed_tokens < shared * self.config.block_size:
+            return None
+        return parent.block_ids[:shared]
 
     def _admit(self, now: float, budget: int, seqs: list[StepSeq]) -> int:
         bs = self.config.block_size
@@ -348,8 +391,13 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             req = self.requests[cand.request_id]
+            forked = self._forked_prefix(req)
+            if forked is None:
+                continue  # its sibling is still computing the shared prompt
             # Matched again: admitting an earlier candidate may have evicted blocks seen above.
             hit = self._cached_prefix(req)
+            if len(forked) > len(hit):
+                hit = forked
             if self.retention is not None and req.session_id is not None:
                 self.retention.drop(req.session_id)  # the prefix cache now serves this session
             if hit:
@@ -410,6 +458,7 @@ class Scheduler:
                 and req.num_inserted_blocks):
             self.retention.hold(req.session_id, req.block_ids[: req.num_inserted_blocks], self.clock())
         self._release_blocks(req)
+        req.grammar = None
         req.state = state
         req.finish_reason = reason
         req.finish_s = self.clock()
