@@ -325,7 +325,8 @@ class Scheduler:
                    self.config.max_model_len - req.num_tokens) - 1
         k = min(self.config.num_draft_tokens, room)
         if k > 0 and self.adaptive is not None:
-            k = self.adaptive.choose_k(req.request_id, len(self.running), req.num_tokens, max_k=k,
+            # max(1, ...): a request admitted with one token left to feed drafts before it is running.
+            k = self.adaptive.choose_k(req.request_id, max(1, len(self.running)), req.num_tokens, max_k=k,
                                        tokens_fed=max(step_tokens, 1))
         return max(0, k)
 

@@ -7,13 +7,15 @@ Thread model: the engine runs in the ServingLoop's background thread; each HTTP 
 its request in `finally`, so the request's KV blocks always come back.
 
 Extension fields beside OpenAI's: session_id, priority, speculative, cache_salt (prefix-cache
-namespace), top_k, ignore_eos, return_token_ids (token ids in each choice).
+namespace), top_k, ignore_eos, return_token_ids (token ids in each choice). n, logprobs /
+top_logprobs, penalties, logit_bias and response_format are mapped by `openai_sampling`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import socket
@@ -34,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from agentinfer_jax.sampling_params import fold_seed
 from agentinfer_jax.serving.builder import ServingStack
 from agentinfer_jax.serving.loop import StreamEvent
+from agentinfer_jax.serving.openai_sampling import FieldError, child_seed, choice_logprobs, sampling_fields
 from agentinfer_jax.serving.request import InvalidRequestError, Request, SamplingParams
 
 __all__ = ["ApiError", "ServerLimits", "create_app", "serve", "BackgroundServer"]
@@ -98,31 +101,30 @@ class BodyParser:
     def completion(self, body: Mapping[str, Any]) -> ParsedRequest:
         if "prompt" not in body:
             raise ApiError(400, "missing required field 'prompt'", "missing_field")
-        for field in ("echo", "logprobs", "suffix"):
+        for field in ("echo", "suffix"):
             if body.get(field):
                 raise ApiError(400, f"'{field}' is not supported", "unsupported_field")
-        return self._common(body, self._prompt_ids(body["prompt"]))
+        return self._common(body, self._prompt_ids(body["prompt"]), chat=False)
 
     def chat(self, body: Mapping[str, Any]) -> ParsedRequest:
         if "messages" not in body:
             raise ApiError(400, "missing required field 'messages'", "missing_field")
-        if body.get("logprobs"):
-            raise ApiError(400, "'logprobs' is not supported", "unsupported_field")
         messages = self._messages(body["messages"])
         try:
             ids = self.stack.tokenizer.encode_chat(messages)
         except ValueError as e:  # TokenizerError is a ValueError
             raise ApiError(400, f"messages cannot be formatted: {e}", "invalid_messages") from e
-        return self._common(body, ids, max_tokens_field="max_completion_tokens")
+        return self._common(body, ids, max_tokens_field="max_completion_tokens", chat=True)
 
     # -- fields
 
     def _common(self, body: Mapping[str, Any], prompt: list[int],
-                max_tokens_field: str | None = None) -> ParsedRequest:
+                max_tokens_field: str | None = None, chat: bool = False) -> ParsedRequest:
         self._check_model(body)
-        n = _get(body, "n", int, 1)
-        if n != 1:
-            raise ApiError(400, f"only n=1 is supported, got n={n}", "unsupported_n")
+        try:
+            fields = sampling_fields(body, chat=chat)
+        except FieldError as e:
+            raise ApiError(400, str(e), f"invalid_{e.field}") from e
         if _get(body, "best_of", int, 1) != 1:
             raise ApiError(400, "only best_of=1 is supported", "unsupported_best_of")
         max_tokens = _get(body, "max_tokens", int, None)
@@ -147,6 +149,7 @@ class BodyParser:
             seed=self._seed(body),
             stop=self._stop(body.get("stop")),
             ignore_eos=_get(body, "ignore_eos", bool, False),
+            **fields,
         )
         try:
             sampling.validate()
@@ -271,45 +274,70 @@ class TextDeltas:
 
 
 class _Generation:
-    """One submitted request and the queue its StreamEvents arrive on (event-loop side)."""
+    """The n submitted requests of one call (choice i = requests[i]; choices past the first share
+    the first's prompt blocks through `fork_of`) and the queue their StreamEvents arrive on as
+    (choice index, event) (event-loop side)."""
 
     def __init__(self, stack: ServingStack, parsed: ParsedRequest, request_id: str):
         self.stack = stack
         self.parsed = parsed
-        self.request = Request(request_id, parsed.prompt_tokens, parsed.sampling, session_id=parsed.session_id,
-                               namespace=parsed.namespace, priority=parsed.priority,
-                               speculative=parsed.speculative)
-        self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        self.finished = False
-        self.token_ids: list[int] = []
+        n = parsed.sampling.n
+        self.requests = [
+            Request(request_id if i == 0 else f"{request_id}-{i}", parsed.prompt_tokens,
+                    parsed.sampling if i == 0 else dataclasses.replace(
+                        parsed.sampling, seed=child_seed(parsed.sampling.seed, i)),
+                    session_id=parsed.session_id, namespace=parsed.namespace, priority=parsed.priority,
+                    speculative=parsed.speculative, fork_of=request_id if i else None)
+            for i in range(n)]
+        self.request = self.requests[0]
+        self.queue: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
+        self.finished = [False] * n
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
         aio_loop = asyncio.get_running_loop()
 
-        def on_event(ev: StreamEvent) -> None:  # serving-loop thread
-            aio_loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        def on_event(index: int, ev: StreamEvent) -> None:  # serving-loop thread
+            aio_loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev))
 
-        try:
-            stack.loop.submit(self.request, on_event)
-        except InvalidRequestError as e:
-            code = "context_length_exceeded" if "context limit" in str(e) else "invalid_request"
-            raise ApiError(400, str(e), code) from e
+        for i, req in enumerate(self.requests):
+            try:
+                stack.loop.submit(req, functools.partial(on_event, i))
+            except InvalidRequestError as e:
+                self.finished[i:] = [True] * (n - i)
+                self.cancel_unless_finished()
+                code = "context_length_exceeded" if "context limit" in str(e) else "invalid_request"
+                raise ApiError(400, str(e), code) from e
 
-    async def next_event(self) -> StreamEvent:
-        ev = await self.queue.get()
-        self.token_ids.extend(ev.new_tokens)
-        self.finished = ev.finished
+    @property
+    def all_finished(self) -> bool:
+        return all(self.finished)
+
+    async def next_event(self) -> tuple[int, StreamEvent]:
+        index, ev = await self.queue.get()
+        self.token_ids[index].extend(ev.new_tokens)
+        self.finished[index] = ev.finished
         if ev.finished and ev.error:
+            self.cancel_unless_finished()
             raise ApiError(500, ev.error, "engine_error", "server_error")
-        return ev
+        return index, ev
 
     def cancel_unless_finished(self) -> None:
-        if not self.finished:
-            self.stack.loop.cancel(self.request.request_id)
-            self.finished = True
+        for i, req in enumerate(self.requests):
+            if not self.finished[i]:
+                self.stack.loop.cancel(req.request_id)
+                self.finished[i] = True
+
+    def logprobs(self, index: int, start: int, token_ids: list[int], chat: bool,
+                 text_offset: int = 0) -> dict[str, Any] | None:
+        """The choice's logprobs object for its tokens [start, start + len(token_ids)) (None when off)."""
+        if self.parsed.sampling.logprobs is None:
+            return None
+        lps = self.requests[index].output_logprobs[start:start + len(token_ids)]
+        return choice_logprobs(self.stack.detokenize, token_ids, lps, chat=chat, text_offset=text_offset)
 
     def usage(self) -> dict[str, Any]:
         prompt = len(self.request.prompt_tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": len(self.token_ids),
-                "total_tokens": prompt + len(self.token_ids),
+        completion = sum(len(ids) for ids in self.token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": self.request.num_cached_tokens}}
 
 
@@ -366,11 +394,12 @@ class _OpenAIRoutes:
         # One pending get at a time (never wait_for on queue.get: a timeout could drop an event).
         # The disconnect check runs on a clock, not only when no event came: a decoding request
         # delivers an event every step, and its client may be long gone.
-        pending: asyncio.Future[StreamEvent] | None = None
+        pending: asyncio.Future[tuple[int, StreamEvent]] | None = None
         loop = asyncio.get_running_loop()
         next_check = loop.time() + _DISCONNECT_POLL_S
+        final: dict[int, StreamEvent] = {}
         try:
-            while True:
+            while len(final) < len(gen.requests):
                 pending = pending or asyncio.ensure_future(gen.next_event())
                 done, _ = await asyncio.wait({pending}, timeout=max(0.0, next_check - loop.time()))
                 if loop.time() >= next_check:
@@ -379,27 +408,33 @@ class _OpenAIRoutes:
                     next_check = loop.time() + _DISCONNECT_POLL_S
                 if not done:
                     continue
-                ev, pending = pending.result(), None
+                (index, ev), pending = pending.result(), None
                 if ev.finished:
-                    break
+                    final[index] = ev
         finally:
             if pending is not None:
                 pending.cancel()
-        text = ev.text or ""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        if gen.parsed.return_token_ids:
-            choice["token_ids"] = gen.token_ids
+        choices = []
+        for index in range(len(gen.requests)):
+            ev = final[index]
+            text = ev.text or ""
+            choice: dict[str, Any] = {"index": index, "finish_reason": ev.finish_reason,
+                                      "logprobs": gen.logprobs(index, 0, gen.token_ids[index], chat)}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            if gen.parsed.return_token_ids:
+                choice["token_ids"] = gen.token_ids[index]
+            choices.append(choice)
         return {"id": gen.request.request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.stack.model_name, "choices": [choice],
+                "created": int(time.time()), "model": self.stack.model_name, "choices": choices,
                 "usage": gen.usage()}
 
     async def _stream(self, gen: _Generation, chat: bool) -> AsyncIterator[str]:
         rid, created = gen.request.request_id, int(time.time())
-        deltas = TextDeltas(gen.parsed.sampling.stop)
+        n = len(gen.requests)
+        deltas = [TextDeltas(gen.parsed.sampling.stop) for _ in range(n)]
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
             obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -408,8 +443,9 @@ class _OpenAIRoutes:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj)}\n\n"
 
-        def choice(text: str, finish_reason: str | None, first: bool, new_ids: list[int]) -> dict[str, Any]:
-            c: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        def choice(index: int, text: str, finish_reason: str | None, first: bool, new_ids: list[int]) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
+                                 "logprobs": gen.logprobs(index, sent_ids[index], new_ids, chat, sent_text[index])}
             if chat:
                 c["delta"] = ({"role": "assistant", "content": text} if first else {"content": text})
             else:
@@ -418,23 +454,24 @@ class _OpenAIRoutes:
                 c["token_ids"] = new_ids
             return c
 
+        first, ids = [True] * n, [[] for _ in range(n)]
+        sent_ids, sent_text = [0] * n, [0] * n  # tokens and characters already sent, per choice
         try:
-            first, ids = True, []
-            while True:
+            while not gen.all_finished:
                 try:
-                    ev = await gen.next_event()
+                    i, ev = await gen.next_event()
                 except ApiError as e:
                     yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'code': e.code}})}\n\n"
                     break
-                text = deltas.push(ev.text, ev.finished)
-                ids.extend(ev.new_tokens)  # ids of held-back text go out with the next chunk
-                if text or ev.finished or (first and chat):
-                    yield chunk([choice(text, ev.finish_reason if ev.finished else None, first, ids)])
-                    first, ids = False, []
-                if ev.finished:
-                    if gen.parsed.include_usage:
-                        yield chunk([], gen.usage())
-                    break
+                text = deltas[i].push(ev.text, ev.finished)
+                ids[i].extend(ev.new_tokens)  # ids of held-back text go out with the next chunk
+                if text or ev.finished or (first[i] and chat):
+                    yield chunk([choice(i, text, ev.finish_reason if ev.finished else None, first[i], ids[i])])
+                    sent_ids[i] += len(ids[i])
+                    sent_text[i] += len(text)
+                    first[i], ids[i] = False, []
+                if gen.all_finished and gen.parsed.include_usage:
+                    yield chunk([], gen.usage())
             yield "data: [DONE]\n\n"
         finally:  # client gone (generator closed or cancelled) -> free the request's blocks
             gen.cancel_unless_finished()
