@@ -7,6 +7,8 @@ and sequences, the page table is cut to a power-of-two bucket of columns coverin
 longest context (attention work follows the live context, not max_model_len), and the draft width
 is 0 or max_draft_tokens, so the compilations are bounded by
 len(token_buckets) * len(seq_buckets) * len(page_buckets) * 2; `compile_all` runs them all up front.
+Steps with grammar masks, logit biases (penalties, logit_bias) or logprobs pass extra arrays (a
+different pytree) and compile lazily on first use; plain steps keep their shapes and fast paths.
 
 Input and output are plain data (engine/step_batch.py): a `StepBatch` in, the model's tokens per
 request id out. What the caller does with them (trace replay, stop rules) is serving's business.
