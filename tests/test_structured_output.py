@@ -213,3 +213,28 @@ def test_tool_choice_maps_to_the_tool_call_grammar():
         with pytest.raises(FieldError, match="tool_choice") as err:
             tool_choice_constraint(tools, choice)
         assert err.value.field == "tool_choice"
+
+
+def test_batched_masks_equal_one_matcher_at_a_time(compiler):
+    """The scheduler's one parallel call per step gives each row the mask a lone matcher gives."""
+    rng = random.Random(4)
+
+    def allowed(row):
+        return [t for t in range(CFG.vocab_size) if (row[t // 32] >> (t % 32)) & 1]
+
+    jobs = []
+    for i in range(10):
+        m = compiler.matcher(StructuredOutput("json_schema", json.dumps(SCHEMA)) if i % 2 else tool_call_grammar(TOOLS))
+        for _ in range(rng.randint(0, 12)):
+            if m.is_stopped:
+                break
+            assert m.advance(rng.choice(allowed(m.allowed_rows([])[0])))
+        drafts = []
+        for _ in range(rng.randint(0, 4)):
+            drafts.append(rng.choice(allowed(m.allowed_rows(drafts)[-1])))
+        drafts.append(rng.randrange(CFG.vocab_size))  # usually forbidden: cut
+        jobs.append((m, drafts[:m.valid_prefix(drafts)]))
+    batched = compiler.allowed_rows_batch(jobs)
+    for (m, drafts), got in zip(jobs, batched):
+        np.testing.assert_array_equal(got, m.allowed_rows(drafts))
+        assert got.shape == (len(drafts) + 1, compiler.words)

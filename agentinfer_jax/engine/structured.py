@@ -128,6 +128,24 @@ class GrammarCompiler:
         self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
         self.words = -(-vocab_size // 32)
         self._cache: dict[tuple[str, str], str] = {}  # spec -> grammar text (schemas repeat per session)
+        self._executor = None  # llguidance's thread pool, made on first batched use
+
+    def allowed_rows_batch(self, jobs: Sequence[tuple[GrammarMatcher, Sequence[int]]]) -> list[np.ndarray]:
+        """`allowed_rows` of many matchers at once, on llguidance's thread pool (one call per step)."""
+        if len(jobs) <= 1:
+            return [m.allowed_rows(d) for m, d in jobs]
+        from llguidance.numpy import fill_next_token_bitmask_par, fill_next_token_bitmask_par_with_draft_tokens
+        if self._executor is None:
+            self._executor = _llguidance().LLExecutor()
+        offsets = np.cumsum([0] + [len(d) + 1 for _, d in jobs])
+        out = np.empty((int(offsets[-1]), self.words), np.int32)
+        plain = [(m._m, int(o)) for (m, d), o in zip(jobs, offsets) if not d]
+        drafted = [(m._m, int(o), [int(t) for t in d]) for (m, d), o in zip(jobs, offsets) if d]
+        if plain:
+            fill_next_token_bitmask_par(self._executor, plain, out)
+        if drafted:  # llguidance refuses empty draft lists here
+            fill_next_token_bitmask_par_with_draft_tokens(self._executor, drafted, out)
+        return [out[offsets[i]:offsets[i + 1]] for i in range(len(jobs))]
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int, eos_token_ids: Sequence[int] = ()) -> GrammarCompiler:

@@ -215,6 +215,8 @@ class Scheduler:
         if self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             budget = self._admit(now, budget, seqs)
         self.num_steps += 1
+        if self.grammar is not None:
+            self._add_grammar_masks(seqs)
         return SchedulerOutput(seqs, preempted, len(self.waiting))
 
     def update(self, output: SchedulerOutput, new_tokens: dict[str, Sequence[int]]) -> list[Request]:
@@ -300,6 +302,17 @@ class Scheduler:
         req.last_token_s = now
         return reason
 
+    def _add_grammar_masks(self, seqs: list[StepSeq]) -> None:
+        """Constrained sampling seqs get one allowed-token mask per verification row (row j: the
+        grammar's state after drafts[:j]), all computed in one batched call."""
+        jobs = [(i, self.requests[s.request_id].grammar) for i, s in enumerate(seqs) if s.samples]
+        jobs = [(i, g) for i, g in jobs if g is not None]
+        if not jobs:
+            return
+        masks = self.grammar.allowed_rows_batch([(g, seqs[i].drafts) for i, g in jobs])
+        for (i, _), mask in zip(jobs, masks):
+            seqs[i] = dataclasses.replace(seqs[i], allowed=mask)
+
     def _blocks_needed(self, req: Request, upto_pos: int) -> int:
         return max(0, math.ceil(upto_pos / self.config.block_size) - len(req.block_ids))
 
@@ -343,12 +356,10 @@ class Scheduler:
         else:
             pending = pending[:budget]
         samples = start + len(pending) == req.num_tokens
-        allowed = None
         if req.grammar is not None and samples:
             # Drafts past the first token the grammar forbids can never be accepted: cut them, so
-            # drafting stays lossless; row j's mask is the state after drafts[:j].
+            # drafting stays lossless. The rows' masks are added for the whole step in schedule().
             drafts = drafts[:req.grammar.valid_prefix(drafts)]
-            allowed = req.grammar.allowed_rows(drafts)
         tokens = pending + drafts
         new = self._allocate(self._blocks_needed(req, start + len(tokens)))
         if new is None:
@@ -357,8 +368,7 @@ class Scheduler:
         sp = req.sampling
         counts = tuple(req.token_counts.items()) if (sp.presence_penalty or sp.frequency_penalty) else ()
         return StepSeq(req.request_id, start, tuple(tokens), len(drafts), tuple(req.block_ids),
-                       SeqSampling.resolve(sp, req.request_id), samples=samples, allowed=allowed,
-                       token_counts=counts)
+                       SeqSampling.resolve(sp, req.request_id), samples=samples, token_counts=counts)
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks of the request's tokens, leaving at least one token to compute."""
