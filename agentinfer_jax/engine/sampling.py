@@ -59,10 +59,16 @@ def _row_keys(seed, position, salt):
 
 
 def filtered_log_probs(logits, temperature, top_k, top_p):
-    """Log-probabilities after temperature, top-k and top-p; logits f32 [N, V]."""
-    v = logits.shape[-1]
+    """Log-probabilities after temperature, top-k and top-p; logits f32 [N, V]. Without any top-k
+    or top-p cut in the batch the vocabulary sort is skipped (lax.cond)."""
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     x = logits / t
+    return jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1.0), lambda: _cut_log_probs(x, top_k, top_p),
+                        lambda: jax.nn.log_softmax(x, axis=-1))
+
+
+def _cut_log_probs(x, top_k, top_p):
+    v = x.shape[-1]
     sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
     # top-k: keep values >= the k-th largest.
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
@@ -72,7 +78,9 @@ def filtered_log_probs(logits, temperature, top_k, top_p):
     sorted_x = jnp.where(jnp.arange(v)[None, :] < k[:, None], sorted_x, _NEG)
     probs = jax.nn.softmax(sorted_x, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p[:, None]
+    # top_p = 1 keeps all (a rounded mass_before can reach 1.0): such a row gets exactly the
+    # uncut path's values, so a batch's other rows never change its draws.
+    keep_sorted = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
     cutoff = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
     x = jnp.where(x >= cutoff, x, _NEG)
     return jax.nn.log_softmax(x, axis=-1)
