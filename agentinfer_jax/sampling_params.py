@@ -30,6 +30,30 @@ class InvalidRequestError(ValueError):
     """The request cannot be served as given (empty or over-long prompt, bad ids or parameters)."""
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit; the engine always computes this many and cuts per request
+MAX_N = 16  # completions per request at most
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "lark")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the output must follow (compiled by engine.structured with llguidance).
+
+    kind: "json_object" (any JSON object; spec unused), "json_schema" (spec: the schema as JSON
+    text), "regex" (spec: a regular expression) or "lark" (spec: an llguidance Lark grammar, e.g.
+    `engine.structured.tool_call_grammar`).
+    """
+
+    kind: str
+    spec: str = ""
+
+    def validate(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidRequestError(f"structured output kind must be one of {STRUCTURED_KINDS}, got {self.kind!r}")
+        if self.kind != "json_object" and not self.spec:
+            raise InvalidRequestError(f"structured output of kind {self.kind!r} needs a spec")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop."""
@@ -42,6 +66,16 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop ids besides the model's EOS
     stop: tuple[str, ...] = ()  # stop strings (checked by the serving loop on decoded text)
     ignore_eos: bool = False  # keep going past EOS (benchmarks, forced replay)
+    # Logprobs of each emitted token: None = off, k = the chosen token's logprob plus the k most
+    # likely tokens' (0..MAX_TOP_LOGPROBS). Raw model logprobs: log_softmax of the model's logits,
+    # before temperature, penalties, logit_bias and grammar masks (vLLM's default "raw_logprobs").
+    logprobs: int | None = None
+    # OpenAI penalties over the generated tokens: logit[t] -= frequency * count(t) + presence * (count(t) > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100])
+    structured: StructuredOutput | None = None  # grammar the output must follow
+    n: int = 1  # completions of the prompt (serving forks n requests that share the prompt's KV)
 
     def validate(self) -> None:
         if self.max_tokens <= 0:
@@ -55,6 +89,30 @@ class SamplingParams:
         if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
             raise InvalidRequestError(f"seed must be in 0..{SEED_MAX} (fold wider seeds with fold_seed), "
                                       f"got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}")
+        for tok, bias in self.logit_bias:
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidRequestError(f"logit_bias for token {tok} must be in [-100, 100], got {bias}")
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be in 1..{MAX_N}, got {self.n}")
+        if self.structured is not None:
+            self.structured.validate()
+
+    def validate_ids(self, vocab_size: int) -> None:
+        """The logit_bias token ids lie in the vocabulary."""
+        for tok, _ in self.logit_bias:
+            if not 0 <= tok < vocab_size:
+                raise InvalidRequestError(f"logit_bias token id {tok} is outside the vocabulary [0, {vocab_size})")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether logits get an additive bias (penalties or logit_bias) before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def greedy(self) -> bool:

@@ -7,6 +7,7 @@ adds fails this test until the server decides what to do with it (EFFECTS or REF
 
 from __future__ import annotations
 
+import json
 import random
 import typing
 
@@ -167,13 +168,71 @@ def check_prompt(api, path):
     assert api.ok(path, prompt=PROMPT[:5])["usage"]["prompt_tokens"] == 5
 
 
+def check_n(api, path):  # n choices, each its own draw (choice 0 is the request's own seed)
+    body = api.ok(path, n=3, temperature=1.5, seed=5)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert len({api.out({"choices": [c]}) for c in body["choices"]}) > 1
+    assert api.out(body) == api.out(api.ok(path, temperature=1.5, seed=5))
+    status, err = api.post(path, n=0)
+    assert status == 400 and err["error"]["param"] == "n"
+
+
+def _repeats(ids):
+    return len(ids) - len(set(ids))
+
+
+def check_penalty(field):
+    def check(api, path):  # a strong penalty on repeats changes a greedy reply that repeats itself
+        plain = api.ok(path, max_tokens=32, return_token_ids=True)["choices"][0]["token_ids"]
+        penal = api.ok(path, max_tokens=32, return_token_ids=True, **{field: 2.0})["choices"][0]["token_ids"]
+        assert _repeats(plain) > 0, "the greedy reply does not repeat: pick another prompt"
+        assert penal != plain and _repeats(penal) <= _repeats(plain)
+        status, err = api.post(path, **{field: 3.0})
+        assert status == 400 and err["error"]["param"] == field
+    return check
+
+
+def check_logit_bias(api, path):  # +100 on one token makes every greedy token that one
+    body = api.ok(path, logit_bias={"77": 100}, return_token_ids=True)
+    assert body["choices"][0]["token_ids"] == [77] * NEW
+    status, err = api.post(path, logit_bias={"77": 101})
+    assert status == 400 and err["error"]["param"] == "logit_bias"
+
+
+def check_chat_logprobs(api, path):
+    body = api.ok(path, logprobs=True, top_logprobs=2)
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == NEW and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["logprob"] <= 0 for c in content)
+    assert api.ok(path, logprobs=False)["choices"][0]["logprobs"] is None
+
+
+def check_top_logprobs(api, path):
+    status, err = api.post(path, top_logprobs=2)  # without logprobs: refused, named
+    assert status == 400 and err["error"]["param"] == "top_logprobs"
+    check_chat_logprobs(api, path)
+
+
+def check_completion_logprobs(api, path):
+    lp = api.ok(path, logprobs=3)["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == NEW and all(len(t) <= 3 for t in lp["top_logprobs"])
+
+
+def check_response_format(api, path):  # the reply follows the schema
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    body = api.ok(path, max_tokens=64, response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "r", "schema": schema}})
+    assert isinstance(json.loads(api.out(body))["ok"], bool)
+    status, err = api.post(path, response_format={"type": "json_schema", "json_schema": {"name": "r"}})
+    assert status == 400 and err["error"]["param"] == "response_format"
+
+
 COMMON = {
     "model": check_model, "max_tokens": check_max_tokens, "temperature": check_temperature, "top_p": check_top_p,
     "seed": check_seed, "stop": check_stop, "stream": check_stream, "stream_options": check_stream_options,
-    "n": check_noop_or_refused("n", 1, 2),
-    "presence_penalty": check_noop_or_refused("presence_penalty", 0, 0.5),
-    "frequency_penalty": check_noop_or_refused("frequency_penalty", 0, 0.5),
-    "logit_bias": check_noop_or_refused("logit_bias", {}, {"7": 5}),
+    "n": check_n, "presence_penalty": check_penalty("presence_penalty"),
+    "frequency_penalty": check_penalty("frequency_penalty"), "logit_bias": check_logit_bias,
     "user": check_noop_or_refused("user", None, "u-1"),
 }
 CHAT_EFFECTS = {
@@ -181,9 +240,7 @@ CHAT_EFFECTS = {
     "max_completion_tokens": lambda api, path: check_max_tokens(api, path, "max_completion_tokens"),
     "tools": check_tools, "tool_choice": check_tool_choice, "parallel_tool_calls": check_parallel_tool_calls,
     "prompt_cache_key": check_prompt_cache_key, "modalities": check_modalities,
-    "logprobs": check_noop_or_refused("logprobs", False, True),
-    "top_logprobs": check_noop_or_refused("top_logprobs", None, 2),
-    "response_format": check_noop_or_refused("response_format", {"type": "text"}, {"type": "json_object"}),
+    "logprobs": check_chat_logprobs, "top_logprobs": check_top_logprobs, "response_format": check_response_format,
     "store": check_noop_or_refused("store", False, True),
     "service_tier": check_noop_or_refused("service_tier", "auto", "flex"),
     "audio": check_noop_or_refused("audio", None, {"voice": "alloy", "format": "wav"}),
@@ -203,7 +260,7 @@ COMPLETION_EFFECTS = {
     **COMMON, "prompt": check_prompt,
     "best_of": check_noop_or_refused("best_of", 1, 2),
     "echo": check_noop_or_refused("echo", False, True),
-    "logprobs": check_noop_or_refused("logprobs", None, 1),
+    "logprobs": check_completion_logprobs,
     "suffix": check_noop_or_refused("suffix", None, "tail"),
 }
 

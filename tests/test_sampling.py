@@ -131,3 +131,42 @@ def test_mixed_batch_takes_the_full_path():
     np.testing.assert_array_equal(np.asarray(got[0])[keep], np.asarray(greedy[0])[keep])
     mixed = sample(logits[:, 0], params, pos)
     np.testing.assert_array_equal(np.asarray(mixed)[keep], np.asarray(logits[:, 0]).argmax(-1)[keep])
+
+
+def test_rows_without_cuts_draw_the_same_beside_rows_with_cuts():
+    """A row with top_k=0, top_p=1 gets identical log-probs (so identical draws) whether or not
+    another row of the batch forces the sorting path."""
+    logits = jax.random.normal(jax.random.key(8), (5, 300)) * 3
+    t = jnp.full((5,), 0.9)
+    plain = filtered_log_probs(logits, t, jnp.zeros(5, jnp.int32), jnp.ones(5))
+    mixed = filtered_log_probs(logits, t, jnp.asarray([0, 0, 7, 0, 0]), jnp.asarray([1.0, 1.0, 1.0, 0.5, 1.0]))
+    for r in (0, 1, 4):
+        np.testing.assert_array_equal(np.asarray(plain[r]), np.asarray(mixed[r]))
+    a = sample(logits, SamplingArrays(t, jnp.zeros(5, jnp.int32), jnp.ones(5), jnp.arange(5, dtype=jnp.uint32)),
+               jnp.arange(5))
+    b = sample(logits, SamplingArrays(t, jnp.asarray([0, 0, 7, 0, 0]), jnp.asarray([1.0, 1.0, 1.0, 0.5, 1.0]),
+                                      jnp.arange(5, dtype=jnp.uint32)), jnp.arange(5))
+    np.testing.assert_array_equal(np.asarray(a)[[0, 1, 4]], np.asarray(b)[[0, 1, 4]])
+
+
+def test_adjusted_logits_match_numpy():
+    """Bias (repeated ids add up) then the bitmask (bit t % 32 of word t // 32), against numpy."""
+    from agentinfer_jax.engine.sampling import adjust_logits
+    rng = np.random.default_rng(6)
+    s, kp1, v, p = 3, 2, 70, 5
+    logits = rng.normal(size=(s, kp1, v)).astype(np.float32)
+    ids = rng.integers(0, v, (s, kp1, p)).astype(np.int32)
+    vals = rng.normal(size=(s, kp1, p)).astype(np.float32)
+    allowed = rng.random((s, kp1, v)) < 0.4
+    words = np.zeros((s, kp1, -(-v // 32)), np.uint32)
+    for t in range(v):
+        words[..., t // 32] |= allowed[..., t].astype(np.uint32) << np.uint32(t % 32)
+    got = np.asarray(adjust_logits(jnp.asarray(logits), jnp.asarray(words.view(np.int32)), jnp.asarray(ids),
+                                   jnp.asarray(vals)))
+    want = logits.astype(np.float64)
+    for a in range(s):
+        for b in range(kp1):
+            for t, x in zip(ids[a, b], vals[a, b]):
+                want[a, b, t] += x
+    np.testing.assert_allclose(got[allowed], want[allowed], rtol=1e-6, atol=1e-6)
+    assert (got[~allowed] < -1e29).all()

@@ -157,7 +157,7 @@ def _bad_cases(name):
         ("missing messages", "/v1/chat/completions", base, 400),
         ("missing model", "/v1/completions", {"prompt": "hi"}, 400),
         ("bad message", "/v1/chat/completions", {**base, "messages": [{"content": "no role"}]}, 400),
-        ("n=2", "/v1/completions", {**base, "prompt": "hi", "n": 2}, 400),
+        ("n too large", "/v1/completions", {**base, "prompt": "hi", "n": 99}, 400),
         ("bad type", "/v1/completions", {**base, "prompt": "hi", "temperature": "hot"}, 400),
         ("bad stop", "/v1/completions", {**base, "prompt": "hi", "stop": [""]}, 400),
         ("bad top_p", "/v1/completions", {**base, "prompt": "hi", "top_p": 0}, 400),

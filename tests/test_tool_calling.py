@@ -353,22 +353,47 @@ def test_sam_acceptance_replays_a_tool_calling_trajectory_file(tmp_path):
     assert result["drafters"]["sam_session"]["tokens_per_step"] > 1.0
 
 
-@pytest.mark.skip(reason="issue #21 item 2: needs the grammar constraint (GRAMMAR HOOK in serving/protocol.py); "
-                         "the tiny random model cannot write valid arguments unconstrained")
+BOUNDED_TOOLS = [  # bounded strings and numbers: a random model's reply must end within max_tokens
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "search", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string", "maxLength": 12}}, "required": ["query"],
+        "additionalProperties": False}}},
+]
+
+
+@pytest.fixture(scope="module")
+def plain_server():
+    stack = build_stack(ServerConfig(config="tiny", num_blocks=160, block_size=16, max_num_seqs=2,
+                                     max_tokens_per_step=256, min_token_bucket=256, max_model_len=2048))
+    stack.engine.warmup()
+    srv = BackgroundServer(stack).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("drafting", [True, False], ids=["drafting", "no_drafting"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_required_and_named_tool_calls_validate_against_the_schema(server, client, temperature):
-    """Acceptance: tool_choice "required" returns tool_calls whose arguments parse and validate against
-    the tool's schema on 50 of 50 requests (this server drafts; run it on a drafter-free one as well)."""
-    jsonschema = pytest.importorskip("jsonschema")
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+def test_required_and_named_tool_calls_validate_against_the_schema(server, plain_server, drafting, temperature):
+    """Acceptance: tool_choice "required" (and a named tool) returns tool_calls whose arguments parse
+    and validate against the tool's schema on 50 of 50 requests: the grammar holds the reply to the
+    schema, greedy and sampled, drafting on and off."""
+    import jsonschema
+    srv = server if drafting else plain_server
+    client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in BOUNDED_TOOLS}
     choices = ["required", {"type": "function", "function": {"name": "get_weather"}}]
     ok = 0
     for i in range(50):
-        res = client.chat.completions.create(model=server.stack.model_name, messages=HISTORY[:2], tools=TOOLS,
+        res = client.chat.completions.create(model=srv.stack.model_name, messages=HISTORY[:2], tools=BOUNDED_TOOLS,
                                              tool_choice=choices[i % 2], temperature=temperature, seed=i,
-                                             max_tokens=128)
+                                             max_tokens=160, parallel_tool_calls=False)  # bounded: one call
         calls = res.choices[0].message.tool_calls or []
         for call in calls:
             jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        if i % 2:
+            assert [c.function.name for c in calls] == ["get_weather"]
         ok += bool(calls)
     assert ok == 50

@@ -7,6 +7,8 @@ and sequences, the page table is cut to a power-of-two bucket of columns coverin
 longest context (attention work follows the live context, not max_model_len), and the draft width
 is 0 or max_draft_tokens, so the compilations are bounded by
 len(token_buckets) * len(seq_buckets) * len(page_buckets) * 2; `compile_all` runs them all up front.
+Steps with grammar masks, logit biases (penalties, logit_bias) or logprobs pass extra arrays (a
+different pytree) and compile lazily on first use; plain steps keep their shapes and fast paths.
 
 Input and output are plain data (engine/step_batch.py): a `StepBatch` in, the model's tokens per
 request id out. What the caller does with them (trace replay, stop rules) is serving's business.
@@ -24,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +35,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from agentinfer_jax.engine.paged import PagedAttention, PagedMeta
-from agentinfer_jax.engine.sampling import SamplingArrays, verify_rows
-from agentinfer_jax.engine.step_batch import PREVIOUS_TOKEN, StepBatch, StepLimits, StepSeq, pack_step
+from agentinfer_jax.engine.sampling import SamplingArrays, emitted_logprobs, verify_rows
+from agentinfer_jax.engine.step_batch import (PREVIOUS_TOKEN, SampledTokens, StepBatch, StepLimits, StepSeq,
+                                              TokenLogprob, pack_extras, pack_step)
 from agentinfer_jax.model.config import ModelConfig
 from agentinfer_jax.model.sharding import paged_cache_sharding, shard_state
 
@@ -148,13 +152,15 @@ class StaticGraph:
             self.graphdef is other.graphdef or (self._hash == other._hash and self.graphdef == other.graphdef))
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "backend"), donate_argnames=("kv",))
+@functools.partial(jax.jit, static_argnames=("graph", "backend", "logprobs"), donate_argnames=("kv",))
 def _engine_step(graph, backend, state, kv, tokens, prev_last, prev_row, positions, meta, rows, drafts, num_drafts,
-                 sample_pos, sampling):
-    """Forward over the ragged batch, then verification/sampling; returns ([S, 1 + K+1], last, kv) on
-    device: column 0 the number of new tokens, then the tokens; `last` [max_num_seqs] each
-    sequence's newest token, which the next step can feed without a trip to the host (token rows
-    with prev_row >= 0 take prev_last[prev_row]: host/device overlap)."""
+                 sample_pos, sampling, adjust=(None, None, None), logprobs=False):
+    """Forward over the ragged batch, then verification/sampling; returns (result, last, kv) on
+    device. result: [S, 1 + K+1], column 0 the number of new tokens, then the tokens; with
+    `logprobs`, (tokens, chosen logprobs [S, K+1], top ids [S, K+1, 20], top logprobs [S, K+1, 20]).
+    `adjust` = (mask, bias_ids, bias_vals), each None unless a row needs it (a plain step traces
+    without them). `last` [max_num_seqs]: each sequence's newest token, which the next step can feed
+    without a trip to the host (token rows with prev_row >= 0 take prev_last[prev_row])."""
     _TRACES[0] += 1
     tokens = jnp.where(prev_row >= 0, prev_last[jnp.maximum(prev_row, 0)], tokens)
     model = nnx.merge(graph.graphdef, state)
@@ -162,11 +168,15 @@ def _engine_step(graph, backend, state, kv, tokens, prev_last, prev_row, positio
     x = x[0]
     if rows.size < x.shape[0]:  # static: the LM head only on rows that predict a token (prefill)
         x, rows = x[rows.reshape(-1)], jnp.arange(rows.size, dtype=jnp.int32).reshape(rows.shape)
-    out_tokens, num_new = verify_rows(model.logits(x), rows, drafts, num_drafts, sampling, sample_pos)
+    logits = model.logits(x)
+    out_tokens, num_new = verify_rows(logits, rows, drafts, num_drafts, sampling, sample_pos, *adjust)
+    result = jnp.concatenate([num_new[:, None], out_tokens], axis=1)
     last = jnp.take_along_axis(out_tokens, (num_new - 1)[:, None], axis=1)[:, 0]
     n = min(last.shape[0], prev_last.shape[0])
     last = jnp.zeros_like(prev_last).at[:n].set(last[:n])
-    return jnp.concatenate([num_new[:, None], out_tokens], axis=1), last, kv
+    if logprobs:
+        return (result, *emitted_logprobs(logits[rows], out_tokens)), last, kv
+    return result, last, kv
 
 
 @dataclasses.dataclass
@@ -174,10 +184,11 @@ class PendingStep:
     """A dispatched step whose result is still on the device (`Engine.collect` fetches it)."""
 
     seqs: Sequence[StepSeq]
-    result: jax.Array  # [S, 1 + K+1] on device
+    result: Any  # [S, 1 + K+1] on device, or that and the logprob arrays
     t_pad: int
     start_s: float  # perf_counter when dispatch began (batch building)
     call_s: float  # perf_counter when the jitted call was made (the device may start then)
+    logprobs: bool = False  # result carries logprobs
 
 
 @dataclasses.dataclass
@@ -295,19 +306,25 @@ class Engine:
         # jnp.asarray per array from Python.
         meta = PagedMeta(slots, kv_lens, pages, cu, np.int32(len(seqs)))
         sampling = SamplingArrays(temp, top_k, top_p, seed)
+        extras = pack_extras(seqs, num_seqs=s_pad, draft_width=k, vocab_size=self.model_config.vocab_size)
         traces = _TRACES[0]
         t_call = time.perf_counter()
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             result, self._prev_last, self.kv = _engine_step(
                 self.graph, self.backend, self.state, self.kv, tokens, self._prev_last, prev_row, positions, meta,
-                rows, drafts, num_drafts, sample_pos, sampling)
+                rows, drafts, num_drafts, sample_pos, sampling, (extras.mask, extras.bias_ids, extras.bias_vals),
+                extras.logprobs)
         self.num_compilations += _TRACES[0] - traces
         self._prev_rows = {s.request_id: i for i, s in enumerate(seqs) if s.samples}
-        return PendingStep(seqs, result, t_pad, t_start, t_call)
+        return PendingStep(seqs, result, t_pad, t_start, t_call, bool(extras.logprobs))
 
     def collect(self, pending: PendingStep) -> dict[str, list[int]]:
         """Waits for a dispatched step; returns its tokens per sampling request id."""
-        result = np.asarray(pending.result)  # the one device-to-host transfer of the step
+        lp = None
+        if pending.logprobs:
+            result, *lp = jax.device_get(pending.result)  # the one device-to-host transfer of the step
+        else:
+            result = np.asarray(pending.result)
         t_done = time.perf_counter()
         # The device starts a step at its call or when the step before it is done, whichever is later.
         t_run = max(pending.call_s, self._last_done_s)
@@ -317,8 +334,23 @@ class Engine:
         self.last_timing = StepTiming(pending.call_s - pending.start_s, t_done - t_run)
         if self.record_steps:
             self.steps.append(self._record(pending.seqs, pending.t_pad, t_done - t_run, t_start, t_done))
-        return {s.request_id: result[i, 1:1 + result[i, 0]].tolist() for i, s in enumerate(pending.seqs)
-                if s.samples}
+        seqs = pending.seqs
+        if lp is None:
+            return {s.request_id: result[i, 1:1 + result[i, 0]].tolist() for i, s in enumerate(seqs) if s.samples}
+        chosen, top_ids, top_vals = lp
+        out = {}
+        for i, s in enumerate(seqs):
+            if not s.samples:
+                continue
+            n = int(result[i, 0])
+            toks = SampledTokens(result[i, 1:1 + n].tolist())
+            k = s.sampling.logprobs
+            if k is not None:
+                toks.logprobs = [TokenLogprob(float(chosen[i, j]),
+                                              tuple(zip(top_ids[i, j, :k].tolist(), top_vals[i, j, :k].tolist())))
+                                 for j in range(n)]
+            out[s.request_id] = toks
+        return out
 
     @staticmethod
     def _record(seqs: Sequence[StepSeq], t_pad: int, seconds: float, start_s: float, end_s: float) -> StepRecord:

@@ -10,6 +10,15 @@ renormalised. The output distribution is exactly p's. Greedy rows accept d iff d
 
 A batch whose rows are all greedy (the common serving case) takes a fast path under lax.cond:
 argmax only, no vocabulary sort, no PRNG; it gives the same tokens as the full path.
+
+Optional per-row adjustments (`StepExtras`, present only when some row of the step needs them, so
+plain steps keep their compiled shapes): an additive logit bias (logit_bias and the OpenAI
+presence/frequency penalties, computed on the host per row) and a grammar's allowed-token bitmask,
+both applied to the verification rows before greedy or sampled verification. Drafts that break the
+grammar are cut on the host, and row j's mask is the grammar's state after drafts 0..j-1, so
+greedy verification under a mask emits exactly what masked decoding without drafts would.
+Logprobs are the raw model's (log_softmax of the unadjusted logits, no temperature), computed for
+every verification row and gathered at the emitted tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 _NEG = -1e30
+TOP_LOGPROBS = 20  # top logprobs computed per row when any row wants them (cut per request on host)
 
 
 class SamplingArrays:
@@ -49,10 +59,16 @@ def _row_keys(seed, position, salt):
 
 
 def filtered_log_probs(logits, temperature, top_k, top_p):
-    """Log-probabilities after temperature, top-k and top-p; logits f32 [N, V]."""
-    v = logits.shape[-1]
+    """Log-probabilities after temperature, top-k and top-p; logits f32 [N, V]. Without any top-k
+    or top-p cut in the batch the vocabulary sort is skipped (lax.cond)."""
     t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
     x = logits / t
+    return jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1.0), lambda: _cut_log_probs(x, top_k, top_p),
+                        lambda: jax.nn.log_softmax(x, axis=-1))
+
+
+def _cut_log_probs(x, top_k, top_p):
+    v = x.shape[-1]
     sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
     # top-k: keep values >= the k-th largest.
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
@@ -62,7 +78,9 @@ def filtered_log_probs(logits, temperature, top_k, top_p):
     sorted_x = jnp.where(jnp.arange(v)[None, :] < k[:, None], sorted_x, _NEG)
     probs = jax.nn.softmax(sorted_x, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p[:, None]
+    # top_p = 1 keeps all (a rounded mass_before can reach 1.0): such a row gets exactly the
+    # uncut path's values, so a batch's other rows never change its draws.
+    keep_sorted = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
     cutoff = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), axis=-1, keepdims=True)
     x = jnp.where(x >= cutoff, x, _NEG)
     return jax.nn.log_softmax(x, axis=-1)
@@ -94,12 +112,43 @@ def verify(logits, drafts, num_drafts, params: SamplingArrays, positions):
     return verify_rows(logits.reshape(s * kp1, v), rows, drafts, num_drafts, params, positions)
 
 
-def verify_rows(logits, rows, drafts, num_drafts, params: SamplingArrays, positions):
+def adjust_logits(logits, mask=None, bias_ids=None, bias_vals=None):
+    """logits [S, K+1, V] plus the additive bias (bias_ids/bias_vals [S, K+1, P]), then every token
+    whose bit in mask [S, K+1, ceil(V/32)] (int32 words) is 0 set to -1e30."""
+    logits = logits.astype(jnp.float32)
+    if bias_ids is not None:
+        s, kp1, _ = bias_ids.shape
+        logits = logits.at[jnp.arange(s)[:, None, None], jnp.arange(kp1)[None, :, None], bias_ids].add(bias_vals)
+    if mask is not None:
+        vocab = jnp.arange(logits.shape[-1])
+        bits = (mask[..., vocab // 32] >> (vocab % 32)) & 1
+        logits = jnp.where(bits != 0, logits, _NEG)
+    return logits
+
+
+def emitted_logprobs(logits, tokens):
+    """Raw logprobs of tokens [S, K+1] under logits [S, K+1, V] and the TOP_LOGPROBS best per row:
+    (chosen [S, K+1] f32, top_ids [S, K+1, TOP] i32, top_logprobs [S, K+1, TOP] f32)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    top_vals, top_ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
+    return chosen, top_ids.astype(jnp.int32), top_vals
+
+
+def verify_rows(logits, rows, drafts, num_drafts, params: SamplingArrays, positions, mask=None, bias_ids=None,
+                bias_vals=None):
     """`verify` on logits [N, V] of which rows [S, K+1] are the verification rows.
 
     When every row is greedy only the argmax of the N rows is computed (no gather of [S, K+1, V]
-    logits, no vocabulary sort, no PRNG); otherwise `verify_full` runs on the gathered rows.
+    logits, no vocabulary sort, no PRNG); otherwise `verify_full` runs on the gathered rows. With a
+    mask or a bias the rows are gathered and adjusted first (`adjust_logits`).
     """
+    if mask is not None or bias_ids is not None:
+        adjusted = adjust_logits(logits[rows], mask, bias_ids, bias_vals)
+        return jax.lax.cond(jnp.all(params.temperature <= 0),
+                            lambda: verify_greedy(jnp.argmax(adjusted, axis=-1).astype(jnp.int32), drafts,
+                                                  num_drafts),
+                            lambda: verify_full(adjusted, drafts, num_drafts, params, positions))
     return jax.lax.cond(jnp.all(params.temperature <= 0),
                         lambda: verify_greedy(jnp.argmax(logits, axis=-1).astype(jnp.int32)[rows], drafts,
                                               num_drafts),

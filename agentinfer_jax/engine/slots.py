@@ -225,6 +225,12 @@ class SlotEngine:
         tokens = self._check_tokens(tokens)
         sampling = sampling or SamplingParams()
         sampling.validate()
+        unsupported = [name for name, on in (("logprobs", sampling.logprobs is not None),
+                                             ("penalties/logit_bias", sampling.penalized),
+                                             ("structured", sampling.structured is not None), ("n", sampling.n > 1))
+                       if on]
+        if unsupported:  # the slot interface samples plainly; refuse rather than ignore
+            raise ValueError(f"SlotEngine does not support {', '.join(unsupported)}")
         n = tokens.shape[0]
         shared = 0
         if existing_prefix is not None:

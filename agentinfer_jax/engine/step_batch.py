@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["PREVIOUS_TOKEN", "StepLimits", "SeqSampling", "StepSeq", "StepBatch", "StepArrays", "pack_step", "default_seed"]
+__all__ = ["PREVIOUS_TOKEN", "StepLimits", "SeqSampling", "StepSeq", "StepBatch", "StepArrays", "pack_step",
+           "default_seed", "StepExtras", "pack_extras", "TokenLogprob", "SampledTokens"]
 
 
 # A token not yet on the host: the one its request sampled in the step dispatched just before this
@@ -61,12 +62,23 @@ class SeqSampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # None = off; else top logprobs per emitted token (0..20)
 
     @classmethod
     def resolve(cls, params, key: str) -> SeqSampling:
-        """From anything with temperature / top_k / top_p / seed (None = `default_seed(key)`)."""
+        """From anything with temperature / top_k / top_p / seed (None = `default_seed(key)`) and,
+        optionally, penalties, logit_bias and logprobs (SamplingParams)."""
         seed = params.seed if params.seed is not None else default_seed(key)
-        return cls(params.temperature, params.top_k, params.top_p, seed)
+        return cls(params.temperature, params.top_k, params.top_p, seed,
+                   getattr(params, "presence_penalty", 0.0), getattr(params, "frequency_penalty", 0.0),
+                   tuple(getattr(params, "logit_bias", ())), getattr(params, "logprobs", None))
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +93,11 @@ class StepSeq:
     block_ids: tuple[int, ...]  # the block table, covering every fed position
     sampling: SeqSampling = SeqSampling()
     samples: bool = True  # the feed ends at the request's newest token, so it yields tokens
+    # Grammar constraint: allowed-token bitmasks (int32 [num_draft + 1, ceil(V / 32)], bit t % 32 of
+    # word t // 32) for the token after the newest one and after each draft; None = unconstrained.
+    allowed: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    # Generated tokens so far as (token id, count) pairs: what presence/frequency penalties count.
+    token_counts: tuple[tuple[int, int], ...] = ()
 
     @property
     def drafts(self) -> tuple[int, ...]:
@@ -169,3 +186,87 @@ def pack_step(seqs: Sequence[StepSeq], *, block_size: int, max_pages: int, draft
     cu[len(seqs) + 1:] = at
     return StepArrays(tokens, positions, slots, kv_lens, pages, cu, rows, drafts, num_drafts, sample_pos, temp,
                       top_k, top_p, seed)
+
+
+class TokenLogprob(NamedTuple):
+    """The emitted token's raw log-probability and the most likely tokens' (id, logprob), best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+class SampledTokens(list):
+    """The model's tokens for one request (a plain list of ids, as the step contract promises), with
+    `logprobs[i]` for token i when the request asked for them (else None)."""
+
+    logprobs: list[TokenLogprob] | None = None
+
+
+class StepExtras(NamedTuple):
+    """Optional per-row arrays of a step; each is None unless some sequence of the step needs it, so a
+    plain step keeps its compiled shape. Row j of sequence s predicts the token after its j-th draft."""
+
+    mask: np.ndarray | None  # int32 [S, K + 1, ceil(V / 32)]: allowed-token bitmask (-1 = all)
+    bias_ids: np.ndarray | None  # int32 [S, K + 1, P]: tokens whose logit gets bias_vals added
+    bias_vals: np.ndarray | None  # f32 [S, K + 1, P] (padding: id 0, value 0)
+    logprobs: bool  # whether to return logprobs of the emitted tokens
+
+    @property
+    def any(self) -> bool:
+        return self.mask is not None or self.bias_ids is not None or self.logprobs
+
+
+NO_EXTRAS = StepExtras(None, None, None, False)
+
+
+def _row_biases(seq: StepSeq, k: int) -> list[dict[int, float]]:
+    """Additive logit biases of the k + 1 rows: logit_bias, then the OpenAI penalties over the
+    generated tokens, which for row j include the sequence's first j drafts (as if accepted)."""
+    sp = seq.sampling
+    counts = dict(seq.token_counts)
+    drafts = seq.drafts
+    out = []
+    for j in range(k + 1):
+        bias: dict[int, float] = {}
+        for tok, b in sp.logit_bias:
+            bias[tok] = bias.get(tok, 0.0) + b
+        for tok, c in counts.items():
+            if c > 0:
+                bias[tok] = bias.get(tok, 0.0) - sp.frequency_penalty * c - sp.presence_penalty
+        out.append(bias)
+        if j < len(drafts):
+            counts[drafts[j]] = counts.get(drafts[j], 0) + 1
+    return out
+
+
+def pack_extras(seqs: Sequence[StepSeq], *, num_seqs: int, draft_width: int, vocab_size: int,
+                min_bias_width: int = 16) -> StepExtras:
+    """The optional arrays of a step (grammar masks, logit biases, logprobs flag) for `seqs` as laid
+    out by `pack_step`. Bias rows are padded to a power of two >= min_bias_width entries."""
+    k, words = draft_width, -(-vocab_size // 32)
+    live = [(i, s) for i, s in enumerate(seqs) if s.samples]
+    mask = None
+    if any(s.allowed is not None for _, s in live):
+        mask = np.full((num_seqs, k + 1, words), -1, np.int32)
+        for i, s in live:
+            if s.allowed is not None:
+                a = np.asarray(s.allowed).view(np.int32).reshape(-1, words)
+                if a.shape[0] != s.num_draft + 1:
+                    raise ValueError(f"{s.request_id}: {a.shape[0]} mask rows for {s.num_draft} drafts")
+                mask[i, :a.shape[0]] = a
+                mask[i, a.shape[0]:] = a[-1]  # rows past the drafts repeat the last (never emitted)
+    bias_ids = bias_vals = None
+    rows = {i: _row_biases(s, k) for i, s in live if s.sampling.penalized}
+    if rows:
+        width = max((len(b) for bs in rows.values() for b in bs), default=1)
+        p = min_bias_width
+        while p < width:
+            p *= 2
+        bias_ids = np.zeros((num_seqs, k + 1, p), np.int32)
+        bias_vals = np.zeros((num_seqs, k + 1, p), np.float32)
+        for i, biases in rows.items():
+            for j, b in enumerate(biases):
+                bias_ids[i, j, :len(b)] = list(b.keys())
+                bias_vals[i, j, :len(b)] = list(b.values())
+    logprobs = any(s.sampling.logprobs is not None for _, s in live)
+    return StepExtras(mask, bias_ids, bias_vals, logprobs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 import pathlib
 import re
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.engine.engine import Engine, EngineConfig
 from agentinfer_jax.engine.slots import SlotEngine
+from agentinfer_jax.engine.structured import GrammarCompiler
 from agentinfer_jax.model.config import ModelConfig
 from agentinfer_jax.model.sharding import make_mesh
 from agentinfer_jax.model.transformer import Transformer, init_model
@@ -33,6 +35,8 @@ from agentinfer_jax.serving.scheduler import Scheduler, SessionRetention
 from agentinfer_jax.speculation import PromptLookupDrafter, SAMDrafter, SessionMemory
 from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ServerConfig", "ServingStack", "build_stack", "build_engine", "build_slot_engine", "build_jetstream_engine",
            "load_model_config", "SafeDetokenizer", "DRAFTERS", "BUILTIN_TOKENIZER"]
@@ -206,6 +210,16 @@ def _tokenizer_path(config: ServerConfig) -> str | None:
     return config.checkpoint
 
 
+def _grammar_compiler(tokenizer: Tokenizer, vocab_size: int, eos: tuple[int, ...]):
+    """Structured outputs' grammar compiler over the tokenizer; None (such requests get a 400)
+    when the tokenizer cannot be read by llguidance or no EOS ends a grammar."""
+    try:
+        return GrammarCompiler.from_tokenizer(tokenizer, vocab_size, eos)
+    except Exception as e:  # noqa: BLE001 - structured outputs are optional for serving
+        log.warning("structured outputs are off: %s", e)
+        return None
+
+
 def _load_tokenizer(config: ServerConfig) -> Tokenizer:
     return load_tokenizer(_tokenizer_path(config))
 
@@ -276,7 +290,8 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, 
         if drafter is not None and config.adaptive_draft else None
     retention = SessionRetention(pool, config.retention_ttl_s) if config.retention_ttl_s > 0 else None
     scheduler = Scheduler(sched_config, pool, prefix_cache, policy, drafter=drafter,
-                          retention=retention, adaptive=adaptive)
+                          retention=retention, adaptive=adaptive,
+                          grammar=_grammar_compiler(tokenizer, model_config.vocab_size, eos))
     loop = ServingLoop(scheduler, engine, detokenize=SafeDetokenizer(tokenizer), metrics=metrics,
                        overlap=config.overlap)
     return ServingStack(config, config.model_name or default_name, model_config, model, tokenizer, engine, pool,

@@ -20,7 +20,9 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agentinfer_jax.sampling_params import InvalidRequestError, SamplingParams, fold_seed
+from agentinfer_jax.engine.structured import validate_structured
+from agentinfer_jax.sampling_params import InvalidRequestError, SamplingParams, StructuredOutput, fold_seed
+from agentinfer_jax.serving.openai_sampling import FieldError, sampling_fields
 
 __all__ = ["ApiError", "error_response", "ChatMessage", "ToolDefinition", "ChatCompletionRequest",
            "CompletionRequest", "UNSUPPORTED", "check_supported", "parse_request", "sampling_params_from_request",
@@ -241,20 +243,12 @@ class ChatCompletionRequest(_RequestBase):
 
 # ---- fields we cannot honour yet ----------------------------------------------------------------
 # field -> (the value(s) that change nothing, why not). A field holding anything else is a 400
-# naming it. Structured outputs, logprobs, n, penalties and logit_bias leave this table as the
-# engine learns them.
+# naming it.
 
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda v: v == 1, "only 'n' = 1 is supported"),
     "best_of": (lambda v: v == 1, "only 'best_of' = 1 is supported"),
     "echo": (lambda v: v is False, "'echo' is not supported"),
     "suffix": (lambda v: v == "", "'suffix' is not supported"),
-    "logprobs": (lambda v: v is False, "'logprobs' is not supported"),
-    "top_logprobs": (lambda v: False, "'top_logprobs' is not supported (logprobs are not)"),
-    "presence_penalty": (lambda v: v == 0, "'presence_penalty' is not supported"),
-    "frequency_penalty": (lambda v: v == 0, "'frequency_penalty' is not supported"),
-    "logit_bias": (lambda v: not v, "'logit_bias' is not supported"),
-    "response_format": (lambda v: v.type == "text", "'response_format' json_object / json_schema is not supported"),
     "audio": (lambda v: False, "'audio' output is not supported"),
     "modalities": (lambda v: v == ["text"], "only 'modalities' ['text'] is supported"),
     "functions": (lambda v: False, "'functions' is deprecated and not supported; use 'tools'"),
@@ -342,9 +336,30 @@ def sampling_params_from_request(req: CompletionRequest | ChatCompletionRequest,
     """The one mapping from a validated request to `SamplingParams` (max_tokens resolved by the caller,
     who knows the prompt length and the server's limits). Raises ApiError(400) naming the field.
 
-    `tool_json_schema` is what tool_choice required / named must produce (`ToolPlan.json_schema`).
-    GRAMMAR HOOK: structured outputs constrain the reply to it (and to `response_format`'s schema);
-    until then such replies are parsed, not constrained."""
+    `tool_json_schema` is what tool_choice required / named must produce (`ToolPlan.json_schema`):
+    the reply is constrained to it by the grammar, as `response_format`'s schema constrains a reply.
+    n, logprobs / top_logprobs, penalties, logit_bias and response_format are mapped by
+    `openai_sampling.sampling_fields`."""
+    chat = isinstance(req, ChatCompletionRequest)
+    body: dict[str, Any] = {k: v for k in ("n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs")
+                            if (v := getattr(req, k)) is not None}
+    if chat:
+        if req.top_logprobs is not None:
+            body["top_logprobs"] = req.top_logprobs
+        if req.response_format is not None:
+            body["response_format"] = req.response_format.model_dump(exclude_none=True)
+    try:
+        fields = sampling_fields(body, chat=chat)
+        if tool_json_schema is not None:
+            if fields["structured"] is not None:
+                raise FieldError("response_format", "'response_format' cannot be combined with tool_choice "
+                                                    "'required' or a named tool (both constrain the reply)")
+            fields["structured"] = StructuredOutput("json_schema", json.dumps(tool_json_schema))
+            validate_structured(fields["structured"])
+    except FieldError as e:
+        raise ApiError(400, str(e), f"invalid_{e.field}", param=e.field) from e
+    except InvalidRequestError as e:  # the tools' schemas do not compile to a grammar
+        raise ApiError(400, f"'tools': {e}", "invalid_tools", param="tools") from e
     seed = None
     if req.seed is not None:
         try:
@@ -359,6 +374,7 @@ def sampling_params_from_request(req: CompletionRequest | ChatCompletionRequest,
         seed=seed,
         stop=resolve_stop(req.stop),
         ignore_eos=bool(req.ignore_eos),
+        **fields,
     )
     try:
         sampling.validate()

@@ -46,6 +46,9 @@ class Request:
     # Tokens emitted regardless of the model's choice (trace replay): Scheduler.update applies them to
     # the model's tokens; the forward pass, the KV and costs stay real. The engine never sees them.
     forced_output: Sequence[int] | None = None
+    # n > 1: the id of the sibling that computes the shared prompt; this request is admitted once
+    # that sibling has computed the prompt's full blocks, and starts from them (shared, refcounted).
+    fork_of: str | None = None
 
     state: RequestState = RequestState.WAITING
     output_tokens: list[int] = dataclasses.field(default_factory=list)
@@ -65,6 +68,9 @@ class Request:
     waiting_since_s: float = 0.0
     stop_text: str | None = None  # output text cut before a matched stop string
     drafter_started: bool = False  # the drafter holds state for this request
+    output_logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob per output token (logprobs on)
+    token_counts: dict[int, int] = dataclasses.field(default_factory=dict)  # output token counts (penalties on)
+    grammar: object | None = None  # the scheduler's GrammarMatcher (structured output), advanced per token
 
     def __post_init__(self) -> None:
         self.waiting_since_s = self.arrival_s
@@ -100,6 +106,7 @@ class Request:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
         self.sampling.validate()
+        self.sampling.validate_ids(vocab_size)
         if len(self.prompt_tokens) >= max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(self.prompt_tokens)} tokens; the context limit is {max_model_len}")

@@ -110,7 +110,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, pool, prefix_cache=None, policy: AdmissionPolicy | None = None,
                  drafter=None, retention: SessionRetention | None = None,
-                 clock: Callable[[], float] = time.monotonic, adaptive=None):
+                 clock: Callable[[], float] = time.monotonic, adaptive=None, grammar=None):
         self.config = config
         self.pool = pool
         self.prefix_cache = prefix_cache
@@ -121,6 +121,9 @@ class Scheduler:
         # The adaptive switch (speculation.adaptive.AdaptiveSpeculation): per-request draft length,
         # at most config.num_draft_tokens; None drafts config.num_draft_tokens whenever it can.
         self.adaptive = adaptive
+        # engine.structured.GrammarCompiler: builds each structured-output request's matcher (None:
+        # such requests are refused with InvalidRequestError).
+        self.grammar = grammar
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -135,6 +138,12 @@ class Scheduler:
         if req.request_id in self.requests:
             raise InvalidRequestError(f"duplicate request id {req.request_id!r}")
         req.validate(self.config.vocab_size, self.config.max_model_len)
+        if req.sampling.structured is not None and req.grammar is None:
+            if self.grammar is None:
+                raise InvalidRequestError("structured outputs are not available on this server (no grammar compiler)")
+            req.grammar = self.grammar.matcher(req.sampling.structured)
+            for t in req.output_tokens:
+                req.grammar.advance(t)
         req.state = RequestState.WAITING
         req.waiting_since_s = req.arrival_s = self.clock() if req.arrival_s == 0.0 else req.arrival_s
         self.requests[req.request_id] = req
@@ -188,6 +197,9 @@ class Scheduler:
                 continue
             if seq.num_draft:
                 return None
+            sp = req.sampling
+            if seq.samples and (req.grammar is not None or sp.presence_penalty or sp.frequency_penalty):
+                return None  # its next step's mask / penalties follow the token in flight
             if seq.samples:
                 # Decided once per step: a k > 0 is kept for the synchronous plan that follows.
                 k = self._pending_k[req.request_id] = self._draft_len(req, len(inflight.seqs))
@@ -246,6 +258,8 @@ class Scheduler:
                 and (ahead is None or i == len(self.running))):
             budget = self._admit(now, budget, seqs)
         self.num_steps += 1
+        if self.grammar is not None:
+            self._add_grammar_masks(seqs)
         return SchedulerOutput(seqs, preempted, len(self.waiting))
 
     def update(self, output: SchedulerOutput, new_tokens: dict[str, Sequence[int]]) -> list[Request]:
@@ -258,12 +272,15 @@ class Scheduler:
             req = self.requests.get(seq.request_id)
             if req is None or req.done or req.state is not RequestState.RUNNING:
                 continue  # aborted while the step ran
-            toks = list(new_tokens.get(req.request_id, ())) if seq.samples else []
+            raw = new_tokens.get(req.request_id, ()) if seq.samples else ()
+            toks = list(raw)
+            logprobs = getattr(raw, "logprobs", None)
             if seq.samples and not toks:
                 raise RuntimeError(f"executor returned no token for sampling request {req.request_id}")
             if seq.samples and req.forced_output is not None:
                 # Past the record (max_tokens larger than the trace): the model's own next token.
                 toks = replay_tokens(seq, req) or toks[:1]
+                logprobs = None
             num_acc = max(0, len(toks) - 1) if seq.num_draft else 0
             if len(toks) > 1 + seq.num_draft:
                 raise RuntimeError(f"executor returned {len(toks)} tokens for {seq.num_draft} drafts")
@@ -277,7 +294,7 @@ class Scheduler:
                 if self.adaptive is not None:
                     self.adaptive.observe(req.request_id, seq.num_draft, num_acc)
             if toks:
-                reason = self._append(req, toks, now)
+                reason = self._append(req, toks, now, logprobs)
                 if self.drafter is not None:
                     self.drafter.extend(req.request_id, toks)
             else:
@@ -299,15 +316,29 @@ class Scheduler:
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _append(self, req: Request, toks: list[int], now: float) -> FinishReason | None:
+    def _append(self, req: Request, toks: list[int], now: float, logprobs=None) -> FinishReason | None:
         sp = req.sampling
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.config.eos_token_ids))
         reason = None
+        count = sp.presence_penalty or sp.frequency_penalty
         for n, t in enumerate(toks):
             req.output_tokens.append(t)
-            if t in stops:
+            if sp.logprobs is not None:
+                req.output_logprobs.append(logprobs[n] if logprobs is not None else None)
+            if count:
+                req.token_counts[t] = req.token_counts.get(t, 0) + 1
+            # A complete grammar allows only EOS: stop here. Only a forced replay can emit a token
+            # the grammar forbids: the record wins (the grammar is dropped), as it does over the model.
+            if req.grammar is not None and t not in stops and not req.grammar.advance(t):
+                req.grammar = None
+                if req.forced_output is None:
+                    reason = FinishReason.STOP
+            elif req.grammar is not None and t not in stops and req.grammar.is_stopped:
                 reason = FinishReason.STOP
-            elif len(req.output_tokens) >= sp.max_tokens or req.num_tokens >= self.config.max_model_len:
+            if reason is None and t in stops:
+                reason = FinishReason.STOP
+            elif reason is None and (len(req.output_tokens) >= sp.max_tokens
+                                     or req.num_tokens >= self.config.max_model_len):
                 reason = FinishReason.LENGTH
             if reason is not None:
                 # Tokens past the stop are dropped; their KV (if any) lies beyond num_computed.
@@ -317,6 +348,17 @@ class Scheduler:
             req.first_token_s = now
         req.last_token_s = now
         return reason
+
+    def _add_grammar_masks(self, seqs: list[StepSeq]) -> None:
+        """Constrained sampling seqs get one allowed-token mask per verification row (row j: the
+        grammar's state after drafts[:j]), all computed in one batched call."""
+        jobs = [(i, self.requests[s.request_id].grammar) for i, s in enumerate(seqs) if s.samples]
+        jobs = [(i, g) for i, g in jobs if g is not None]
+        if not jobs:
+            return
+        masks = self.grammar.allowed_rows_batch([(g, seqs[i].drafts) for i, g in jobs])
+        for (i, _), mask in zip(jobs, masks):
+            seqs[i] = dataclasses.replace(seqs[i], allowed=mask)
 
     def _blocks_needed(self, req: Request, upto_pos: int) -> int:
         return max(0, math.ceil(upto_pos / self.config.block_size) - len(req.block_ids))
@@ -345,7 +387,8 @@ class Scheduler:
                    self.config.max_model_len - req.num_tokens) - 1
         k = min(self.config.num_draft_tokens, room)
         if k > 0 and self.adaptive is not None:
-            k = self.adaptive.choose_k(req.request_id, len(self.running), req.num_tokens, max_k=k,
+            # max(1, ...): a request admitted with one token left to feed drafts before it is running.
+            k = self.adaptive.choose_k(req.request_id, max(1, len(self.running)), req.num_tokens, max_k=k,
                                        tokens_fed=max(step_tokens, 1))
         return max(0, k)
 
@@ -361,22 +404,32 @@ class Scheduler:
                 drafts = list(self.drafter.propose(req.request_id, k))[:k]
         else:
             pending = pending[:budget]
+        samples = start + len(pending) == req.num_tokens
+        if req.grammar is not None and samples:
+            # Drafts past the first token the grammar forbids can never be accepted: cut them, so
+            # drafting stays lossless. The rows' masks are added for the whole step in schedule().
+            drafts = drafts[:req.grammar.valid_prefix(drafts)]
         tokens = pending + drafts
         new = self._allocate(self._blocks_needed(req, start + len(tokens)))
         if new is None:
             return None
         req.block_ids.extend(new)
+        sp = req.sampling
+        counts = tuple(req.token_counts.items()) if (sp.presence_penalty or sp.frequency_penalty) else ()
         return StepSeq(req.request_id, start, tuple(tokens), len(drafts), tuple(req.block_ids),
-                       SeqSampling.resolve(req.sampling, req.request_id),
-                       samples=start + len(tokens) - len(drafts) == req.num_tokens)
+                       SeqSampling.resolve(sp, req.request_id), samples=samples, token_counts=counts)
 
     def _plan_ahead(self, req: Request, inflight: StepSeq | None, budget: int) -> StepSeq | None | bool:
         """`req`'s feed in the step after the in-flight one (no drafts); None when it sits this one
         out, False when blocks ran out."""
-        if inflight is None:
-            start, pending = req.num_computed_tokens, req.tokens_from(req.num_computed_tokens)
-            if len(pending) == 1 and self._draft_len(req, 1) > 0:
-                return None  # it drafts once it is planned after an update
+        if inflight is None:  # not in the step in flight: planned as usual, unless it would draft
+            if self.drafter is not None and req.num_tokens - req.num_computed_tokens == 1:
+                # Asked once per step: the answer is what _plan_running (now or after the update) reads.
+                self._pending_k[req.request_id] = k = self._draft_len(req, 1)
+                if k > 0:
+                    return None  # it drafts once it is planned after an update
+            seq = self._plan_running(req, budget)
+            return False if seq is None else seq
         else:
             start = inflight.start_pos + len(inflight.tokens)
             self._pending_k.pop(req.request_id, None)  # its k = 0 for this step was chosen above
@@ -410,6 +463,18 @@ class Scheduler:
         hit = self.prefix_cache.match(toks, namespace=req.namespace)
         return hit[: (len(toks) - 1) // self.config.block_size]
 
+    def _forked_prefix(self, req: Request) -> list[int] | None:
+        """n > 1: the full prompt blocks of the sibling `req.fork_of` ([] when there is none to
+        share: no sibling, it is gone or its prompt differs); None while the sibling is still
+        computing them (the request then waits, so the prompt is computed once)."""
+        parent = self.requests.get(req.fork_of) if req.fork_of is not None else None
+        if parent is None or parent.done or parent.prompt_tokens != req.prompt_tokens:
+            return []
+        shared = (len(req.prompt_tokens) - 1) // self.config.block_size
+        if parent.state is not RequestState.RUNNING or parent.num_computed_tokens < shared * self.config.block_size:
+            return None
+        return parent.block_ids[:shared]
+
     def _admit(self, now: float, budget: int, seqs: list[StepSeq]) -> int:
         bs = self.config.block_size
         cands = []
@@ -422,8 +487,13 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             req = self.requests[cand.request_id]
+            forked = self._forked_prefix(req)
+            if forked is None:
+                continue  # its sibling is still computing the shared prompt
             # Matched again: admitting an earlier candidate may have evicted blocks seen above.
             hit = self._cached_prefix(req)
+            if len(forked) > len(hit):
+                hit = forked
             if self.retention is not None and req.session_id is not None:
                 self.retention.drop(req.session_id)  # the prefix cache now serves this session
             if hit:
@@ -484,6 +554,7 @@ class Scheduler:
                 and req.num_inserted_blocks):
             self.retention.hold(req.session_id, req.block_ids[: req.num_inserted_blocks], self.clock())
         self._release_blocks(req)
+        req.grammar = None
         req.state = state
         req.finish_reason = reason
         req.finish_s = self.clock()

@@ -11,7 +11,8 @@ Thread model: the engine runs in the ServingLoop's background thread; each HTTP 
 an error) cancels its request in `finally`, so the request's KV blocks always come back.
 
 Extension fields beside OpenAI's: session_id, priority, speculative, cache_salt (prefix-cache
-namespace), top_k, ignore_eos, return_token_ids (token ids in each choice).
+namespace), top_k, ignore_eos, return_token_ids (token ids in each choice). n choices share the
+prompt's KV blocks; logprobs come back in OpenAI's chat or completions shape.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from agentinfer_jax.serving import tool_parsers
 from agentinfer_jax.serving.builder import ServingStack
 from agentinfer_jax.serving.loop import StreamEvent
+from agentinfer_jax.serving.openai_sampling import child_seed, choice_logprobs
 from agentinfer_jax.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, NamedToolChoice,
                                              error_response, parse_request, sampling_params_from_request)
 from agentinfer_jax.serving.request import InvalidRequestError, Request, SamplingParams
@@ -149,8 +151,7 @@ class BodyParser:
         schemas = [t.model_dump(exclude_none=True) for t in req.tools]
         wire_choice = choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
         schema = tool_parsers.tool_choice_json_schema(schemas, wire_choice, parallel)
-        # GRAMMAR HOOK: the reply must follow `schema` (passed on to sampling_params_from_request);
-        # unconstrained, a reply that does not parse comes back as content.
+        # The reply is held to `schema` by the grammar (sampling_params_from_request).
         if isinstance(choice, NamedToolChoice):
             return ToolPlan("named", names, parallel, named=choice.function.name, json_schema=schema)
         return ToolPlan("required", names, parallel, json_schema=schema)
@@ -201,30 +202,65 @@ class BodyParser:
 # ---- the app ------------------------------------------------------------------------------------
 
 
-class _Generation(RequestStream):
-    """One submitted request of a route: the shared bridge plus the request's parsed options."""
+class _Generation:
+    """The n submitted requests of one call (choice i = streams[i]) and the one queue their events
+    arrive on as (choice index, event). Choices past the first share the first's prompt blocks
+    (`fork_of`) and draw from their own seeds."""
 
     def __init__(self, stack: ServingStack, parsed: ParsedRequest, request_id: str):
-        request = Request(request_id, parsed.prompt_tokens, parsed.sampling, session_id=parsed.session_id,
-                          namespace=parsed.namespace, priority=parsed.priority, speculative=parsed.speculative)
-        super().__init__(stack.loop, request)
+        self.stack = stack
         self.parsed = parsed
-        try:
-            self.submit()
-        except InvalidRequestError as e:
-            code = "context_length_exceeded" if "context limit" in str(e) else "invalid_request"
-            raise ApiError(400, str(e), code) from e
+        n = parsed.sampling.n
+        self.queue: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
+        self.streams = [
+            RequestStream(stack.loop, Request(
+                request_id if i == 0 else f"{request_id}-{i}", parsed.prompt_tokens,
+                parsed.sampling if i == 0 else dataclasses.replace(parsed.sampling,
+                                                                   seed=child_seed(parsed.sampling.seed, i)),
+                session_id=parsed.session_id, namespace=parsed.namespace, priority=parsed.priority,
+                speculative=parsed.speculative, fork_of=request_id if i else None), self.queue, i)
+            for i in range(n)]
+        self.request = self.streams[0].request
+        for stream in self.streams:
+            try:
+                stream.submit()
+            except InvalidRequestError as e:
+                self.cancel_unless_finished()
+                code = "context_length_exceeded" if "context limit" in str(e) else "invalid_request"
+                raise ApiError(400, str(e), code) from e
 
-    async def next_event(self) -> StreamEvent:
-        ev = await super().next_event()
-        if ev.finished and ev.error:
-            raise ApiError(500, ev.error, "engine_error", "server_error")
-        return ev
+    @property
+    def all_finished(self) -> bool:
+        return all(s.finished for s in self.streams)
+
+    async def next_event(self) -> tuple[int, StreamEvent]:
+        index, ev = await self.queue.get()
+        if ev.finished:
+            self.streams[index].finished = True
+            if ev.error:
+                self.cancel_unless_finished()
+                raise ApiError(500, ev.error, "engine_error", "server_error")
+        return index, ev
+
+    def cancel_unless_finished(self) -> None:
+        for stream in self.streams:
+            stream.cancel_unless_finished()
+
+    def token_ids(self, index: int) -> list[int]:
+        return self.streams[index].token_ids
+
+    def logprobs(self, index: int, start: int, token_ids: list[int], chat: bool,
+                 text_offset: int = 0) -> dict[str, Any] | None:
+        """Choice `index`'s logprobs object for its tokens [start, start + len(token_ids)) (None when off)."""
+        if self.parsed.sampling.logprobs is None:
+            return None
+        lps = self.streams[index].request.output_logprobs[start:start + len(token_ids)]
+        return choice_logprobs(self.stack.detokenize, token_ids, lps, chat=chat, text_offset=text_offset)
 
     def usage(self) -> dict[str, Any]:
         prompt = len(self.request.prompt_tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": len(self.token_ids),
-                "total_tokens": prompt + len(self.token_ids),
+        completion = sum(len(s.token_ids) for s in self.streams)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": self.request.num_cached_tokens}}
 
 
@@ -286,11 +322,12 @@ class _OpenAIRoutes:
         # One pending get at a time (never wait_for on queue.get: a timeout could drop an event).
         # The disconnect check runs on a clock, not only when no event came: a decoding request
         # delivers an event every step, and its client may be long gone.
-        pending: asyncio.Future[StreamEvent] | None = None
+        pending: asyncio.Future[tuple[int, StreamEvent]] | None = None
         loop = asyncio.get_running_loop()
         next_check = loop.time() + _DISCONNECT_POLL_S
+        final: dict[int, StreamEvent] = {}
         try:
-            while True:
+            while len(final) < len(gen.streams):
                 pending = pending or asyncio.ensure_future(gen.next_event())
                 done, _ = await asyncio.wait({pending}, timeout=max(0.0, next_check - loop.time()))
                 if loop.time() >= next_check:
@@ -299,37 +336,46 @@ class _OpenAIRoutes:
                     next_check = loop.time() + _DISCONNECT_POLL_S
                 if not done:
                     continue
-                ev, pending = pending.result(), None
+                (index, ev), pending = pending.result(), None
                 if ev.finished:
-                    break
+                    final[index] = ev
         finally:
             if pending is not None:
                 pending.cancel()
-        text = ev.text or ""
-        choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
-        if chat:
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            if gen.parsed.tools is not None:
-                content, calls = tool_parsers.parse_all(gen.parsed.tools.new_parser(), text)
-                message["content"] = content
-                if calls:
-                    message["tool_calls"] = [{"id": c.id, "type": "function",
-                                              "function": {"name": c.name, "arguments": c.arguments}}
-                                             for c in calls]
-                choice["finish_reason"] = _finish_reason(ev.finish_reason, calls)
-            choice["message"] = message
-        else:
-            choice["text"] = text
-        if gen.parsed.return_token_ids:
-            choice["token_ids"] = gen.token_ids
+        choices = []
+        for index in range(len(gen.streams)):
+            ev = final[index]
+            text = ev.text or ""
+            ids = gen.token_ids(index)
+            choice: dict[str, Any] = {"index": index, "finish_reason": ev.finish_reason,
+                                      "logprobs": gen.logprobs(index, 0, ids, chat)}
+            if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if gen.parsed.tools is not None:
+                    content, calls = tool_parsers.parse_all(gen.parsed.tools.new_parser(), text)
+                    message["content"] = content
+                    if calls:
+                        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                                  "function": {"name": c.name, "arguments": c.arguments}}
+                                                 for c in calls]
+                    choice["finish_reason"] = _finish_reason(ev.finish_reason, calls)
+                choice["message"] = message
+            else:
+                choice["text"] = text
+            if gen.parsed.return_token_ids:
+                choice["token_ids"] = list(ids)
+            choices.append(choice)
         return {"id": gen.request.request_id, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.stack.model_name, "choices": [choice],
+                "created": int(time.time()), "model": self.stack.model_name, "choices": choices,
                 "usage": gen.usage()}
 
     async def _stream(self, gen: _Generation, chat: bool) -> AsyncIterator[str]:
         rid, created = gen.request.request_id, int(time.time())
-        deltas = TextDeltas(gen.parsed.sampling.stop)
-        tools = gen.parsed.tools.new_parser() if chat and gen.parsed.tools is not None else None
+        n = len(gen.streams)
+        deltas = [TextDeltas(gen.parsed.sampling.stop) for _ in range(n)]
+        tools = [gen.parsed.tools.new_parser() if chat and gen.parsed.tools is not None else None for _ in range(n)]
+        first, ids = [True] * n, [[] for _ in range(n)]
+        sent_ids, sent_text = [0] * n, [0] * n  # tokens and characters already sent, per choice
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
             obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -338,51 +384,55 @@ class _OpenAIRoutes:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj)}\n\n"
 
-        def choice(delta: dict[str, Any] | str, finish_reason: str | None, new_ids: list[int]) -> dict[str, Any]:
-            c: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        def choice(i: int, delta: dict[str, Any] | str, finish_reason: str | None, text_len: int) -> dict[str, Any]:
+            """A chunk's choice i carrying the held ids (and their logprobs); `text_len` characters
+            of completion text go with them."""
+            new_ids, ids[i] = ids[i], []
+            c: dict[str, Any] = {"index": i, "finish_reason": finish_reason,
+                                 "logprobs": gen.logprobs(i, sent_ids[i], new_ids, chat, sent_text[i])}
+            sent_ids[i] += len(new_ids)
+            sent_text[i] += text_len
             c["delta" if chat else "text"] = delta
             if gen.parsed.return_token_ids:
                 c["token_ids"] = new_ids
             return c
 
-        def chat_deltas(text: str, final: bool) -> list[dict[str, Any]]:
+        def chat_deltas(i: int, text: str, final: bool) -> list[dict[str, Any]]:
             """The chat deltas of new text: plain content, or the tool parser's content and calls."""
-            if tools is None:
+            parser = tools[i]
+            if parser is None:
                 return [{"content": text}] if text else []
-            out = tools.feed(text) + (tools.finish() if final else [])
+            out = parser.feed(text) + (parser.finish() if final else [])
             return [{"content": d.content} if d.content is not None else {"tool_calls": [d.openai()]} for d in out]
 
         try:
-            first, ids = True, []
-            while True:
+            while not gen.all_finished:
                 try:
-                    ev = await gen.next_event()
+                    i, ev = await gen.next_event()
                 except ApiError as e:
                     yield f"data: {json.dumps(e.body())}\n\n"
                     break
-                text = deltas.push(ev.text, ev.finished)
-                ids.extend(ev.new_tokens)  # ids of held-back text go out with the next chunk
+                text = deltas[i].push(ev.text, ev.finished)
+                ids[i].extend(ev.new_tokens)  # ids of held-back text go out with the next chunk
                 reason = ev.finish_reason if ev.finished else None
                 if not chat:
                     if text or ev.finished:
-                        yield chunk([choice(text, reason, ids)])
-                        ids = []
+                        yield chunk([choice(i, text, reason, len(text))])
                 else:
-                    pieces = chat_deltas(text, ev.finished)
-                    if first:  # the role goes out at once, in a chunk of its own
-                        yield chunk([choice({"role": "assistant", "content": ""}, None, [])])
-                        first = False
-                    for i, piece in enumerate(pieces):
-                        last = ev.finished and i == len(pieces) - 1
-                        yield chunk([choice(piece, _finish_reason(reason, tools.calls if tools else [])
-                                            if last else None, ids)])
-                        ids = []
+                    calls = tools[i].calls if tools[i] else []
+                    pieces = chat_deltas(i, text, ev.finished)
+                    if first[i]:  # the role goes out at once, in a chunk of its own
+                        ids_held, ids[i] = ids[i], []
+                        yield chunk([choice(i, {"role": "assistant", "content": ""}, None, 0)])
+                        ids[i] = ids_held
+                        first[i] = False
+                    for j, piece in enumerate(pieces):
+                        last = ev.finished and j == len(pieces) - 1
+                        yield chunk([choice(i, piece, _finish_reason(reason, calls) if last else None, 0)])
                     if ev.finished and not pieces:
-                        yield chunk([choice({}, _finish_reason(reason, tools.calls if tools else []), ids)])
-                if ev.finished:
-                    if gen.parsed.include_usage:
-                        yield chunk([], gen.usage())
-                    break
+                        yield chunk([choice(i, {}, _finish_reason(reason, calls), 0)])
+                if gen.all_finished and gen.parsed.include_usage:
+                    yield chunk([], gen.usage())
             yield "data: [DONE]\n\n"
         finally:  # client gone (generator closed or cancelled) -> free the request's blocks
             gen.cancel_unless_finished()

@@ -23,13 +23,18 @@ __all__ = ["RequestStream", "TextDeltas"]
 class RequestStream:
     """One submitted request and the queue its events arrive on (event-loop side)."""
 
-    def __init__(self, loop: ServingLoop, request: Request) -> None:
+    def __init__(self, loop: ServingLoop, request: Request, merged: asyncio.Queue | None = None,
+                 index: int = 0) -> None:
+        """`merged`: deliver `(index, event)` into this shared queue instead of the stream's own
+        (the n choices of one call read one queue)."""
         self.loop = loop
         self.request = request
         self.token_ids: list[int] = []
         self.finished = False  # the final event was read, or the request was cancelled
+        self.index = index
         self._aio = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._queue: asyncio.Queue = asyncio.Queue() if merged is None else merged
+        self._merged = merged is not None
         self._done: asyncio.Future[StreamEvent] = self._aio.create_future()
 
     @property
@@ -51,7 +56,7 @@ class RequestStream:
 
     def _deliver(self, ev: StreamEvent) -> None:  # event loop
         self.token_ids.extend(ev.new_tokens)
-        self._queue.put_nowait(ev)
+        self._queue.put_nowait((self.index, ev) if self._merged else ev)
         if ev.finished and not self._done.done():
             self._done.set_result(ev)
 
