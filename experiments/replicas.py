@@ -42,7 +42,7 @@ flags.DEFINE_string("config", "tiny", "configs/<name>.py each replica serves (ra
 flags.DEFINE_integer("num_blocks", 256, "KV pages per replica (the memory a replica has for sessions' KV).")
 flags.DEFINE_integer("max_model_len", 2048, "Context per request.")
 flags.DEFINE_list("serve_args", [], "Extra agentinfer-serve arguments for every replica.")
-flags.DEFINE_bool("quick", False, "12 sessions, 4 in flight, 160 KV pages per replica (CI / demo scale).")
+flags.DEFINE_bool("quick", False, "12 sessions, 6 in flight, 192 KV pages per replica (CI / demo scale).")
 flags.DEFINE_string("json_out", "", "Write results here.")
 
 _METRIC = re.compile(r"^(agentinfer_(?:requests_total|prompt_tokens_total|cached_prompt_tokens_total))(\{[^}]*\})? (\S+)$",
@@ -89,9 +89,10 @@ def run_policy(policy: str, sessions, serve_args: list[str], env: dict[str, str]
 
 def main(argv):
     del argv
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call otherwise
+    for name in ("httpx", "httpx2"):  # one line per call otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     if FLAGS.quick:
-        FLAGS.num_sessions, FLAGS.concurrency, FLAGS.num_blocks = 12, 4, 160
+        FLAGS.num_sessions, FLAGS.concurrency, FLAGS.num_blocks = 12, 6, 192
     unknown = [p for p in FLAGS.policies if p not in POLICIES]
     if unknown:
         sys.exit(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
