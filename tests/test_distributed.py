@@ -84,6 +84,7 @@ PROMPTS = [[_rng.randrange(5, 4096) for _ in range(n)] for n in (7, 19, 33, 50)]
 MAX_NEW = 10
 
 
+@pytest.mark.slow
 def test_two_processes_serve_one_8_device_mesh_with_single_process_greedy_outputs(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     coordinator, step_port, http_port = free_port(), free_port(), free_port()
