@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import sys
 import threading
@@ -111,12 +112,18 @@ def test_two_processes_serve_one_8_device_mesh_with_single_process_greedy_output
             served = list(pool.map(complete, PROMPTS))
         again = complete(PROMPTS[-1])  # a prefix-cache hit on the sharded pool
         assert follower.poll() is None, "the follower must still be running"
+        leader.stop(timeout_s=60)  # SIGTERM: it lets the follower go, and both leave the job cleanly
+        follower.popen.wait(timeout=60)
+        assert (leader.poll(), follower.poll()) == (0, 0)
     finally:
         leader.stop()
-        follower.stop(timeout_s=30)
+        follower.stop()
     reference = generate(init_model(load_model_config("tiny"), seed=0), PROMPTS, MAX_NEW)
     assert served == [row[:MAX_NEW] for row in reference]
     assert again == served[-1]
     log0 = (tmp_path / "p0.log").read_text()
     assert "process 0 of 2, 4 local of 8 devices" in log0 and "mesh (1, 8)" in log0
-    assert "process 1 of 2, 4 local of 8 devices" in (tmp_path / "p1.log").read_text()
+    log1 = (tmp_path / "p1.log").read_text()
+    assert "process 1 of 2, 4 local of 8 devices" in log1
+    steps = re.search(r"process 1 ran (\d+) steps", log1)
+    assert steps and int(steps.group(1)) >= MAX_NEW  # it ran the leader's steps in lockstep

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -126,14 +127,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if multi is not None and not multi.is_leader:
         steps = distributed.follow(stack.engine, distributed.StepChannel.connect(multi))
         logging.info("agentinfer-serve: process %d ran %d steps; the leader is gone", multi.process_id, steps)
-        stack.shutdown()
         distributed.shutdown()
+        stack.shutdown()
         return 0
     if multi is None:
         serve(stack, args.host, args.port, limits, log_level=args.log_level)
         return 0
     channel = distributed.StepChannel.listen(multi)  # the leader: every step goes to the followers first
     stack.loop.executor = distributed.LockstepExecutor(stack.engine, channel)
+    # uvicorn re-raises the signal that stopped it once it is done; with the default handlers that
+    # would end this process before it lets the followers go, and they would abort.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         serve(stack, args.host, args.port, limits, log_level=args.log_level)
     finally:

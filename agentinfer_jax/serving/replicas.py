@@ -104,6 +104,8 @@ class ManagedProcess:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+        if self._log.closed:
+            return
         if self.popen.poll() is None:
             os.kill(self.popen.pid, signal.SIGTERM)
             try:
