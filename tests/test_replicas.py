@@ -77,8 +77,9 @@ def _sessions(n: int):
 
 @pytest.mark.slow
 def test_a_killed_replica_loses_no_session_and_rejoins_when_back(tmp_path):
-    sessions = _sessions(6)
-    serve = ["--config", "tiny", "--num-blocks", "160", "--max-model-len", "2048", "--log-level", "warning"]
+    sessions = _sessions(4)  # final prompts of 200-300 tokens
+    serve = ["--config", "tiny", "--num-blocks", "64", "--max-model-len", "512", "--max-tokens-per-step", "64",
+             "--max-num-seqs", "8", "--log-level", "warning"]
     # One compilation cache: the restarted replica loads its steps instead of compiling them.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "AGENTINFER_JAX_CACHE_DIR": str(tmp_path / "xla")}
     with ReplicaFleet(2, serve, policy="session", log_dir=tmp_path / "logs", env=env) as fleet:
@@ -107,7 +108,6 @@ def test_a_killed_replica_loses_no_session_and_rejoins_when_back(tmp_path):
         dead = fleet.replicas[0].url
         assert re.search(rf'smg_worker_cb_transitions_total\{{worker="{re.escape(dead)}",from="closed",to="open"\}} [1-9]',
                          router_metrics), "the router must mark the killed replica down"
-
         fleet.restart_replica(0)
         served = _requests_served(dead)  # 0: a fresh process
         deadline = time.monotonic() + 60
