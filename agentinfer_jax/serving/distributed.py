@@ -72,9 +72,10 @@ def initialize(config: DistributedConfig) -> None:
 
     if config.num_processes == 1:
         return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only the CPU backend reads it
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # jax 0.10's default; only CPU reads it
+    # The coordination service binds the coordinator's own address (jax's default is every interface).
     jax.distributed.initialize(config.coordinator, num_processes=config.num_processes,
-                               process_id=config.process_id)
+                               process_id=config.process_id, coordinator_bind_address=config.coordinator)
     log.info("jax.distributed: process %d of %d, %d local of %d devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
 
