@@ -90,7 +90,8 @@ def test_two_processes_serve_one_8_device_mesh_with_single_process_greedy_output
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     coordinator, step_port, http_port = free_port(), free_port(), free_port()
     command = [sys.executable, "-m", "agentinfer_jax.serving.cli", "--config", "tiny", "--mesh", "1,8",
-               "--num-blocks", "64", "--max-model-len", "256", "--drafter", "ngram",
+               "--num-blocks", "64", "--max-model-len", "256", "--max-tokens-per-step", "64", "--max-num-seqs", "4",
+               "--drafter", "ngram",
                "--coordinator-address", f"127.0.0.1:{coordinator}", "--num-processes", "2",
                "--step-port", str(step_port), "--log-level", "info"]
     # cwd: a temporary folder, so the checkout never lands on the children's sys.path.
