@@ -18,7 +18,7 @@ import urllib.request
 import httpx
 import pytest
 
-from agentinfer_jax.serving.replicas import (POLICIES, ROUTING_KEY_HEADER, ReplicaFleet, router_args,
+from agentinfer_jax.serving.replicas import (POLICIES, ROUTING_KEY_HEADER, ReplicaFleet, parse_args, router_args,
                                              routing_key_http_client)
 from agentinfer_jax.workloads.http_replay import replay_sessions, summarize
 from agentinfer_jax.workloads.sessions import sessions_from_traces
@@ -60,6 +60,11 @@ def test_router_arguments():
         router_args([], "session", host="h", port=1, prometheus_port=2)
     with pytest.raises(ValueError):
         ReplicaFleet(0)
+    args, serve = parse_args(["--replicas", "3", "--policy", "cache_aware", "--", "--config", "tiny", "--policy", "lpm"])
+    assert (args.replicas, args.policy, serve) == (3, "cache_aware", ["--config", "tiny", "--policy", "lpm"])
+    assert parse_args([])[1] == ["--config", "tiny"]
+    with pytest.raises(SystemExit):
+        parse_args(["--policy", "sticky"])
 
 
 def _requests_served(url: str) -> float:
