@@ -42,6 +42,8 @@ flags.DEFINE_string("config", "tiny", "configs/<name>.py each replica serves (ra
 flags.DEFINE_integer("num_blocks", 256, "KV pages per replica (the memory a replica has for sessions' KV).")
 flags.DEFINE_integer("max_model_len", 2048, "Context per request.")
 flags.DEFINE_list("serve_args", [], "Extra agentinfer-serve arguments for every replica.")
+flags.DEFINE_list("router_args", [], "Extra sglang-router arguments (they override the launcher's, e.g. "
+                  "--assignment-mode,min_group).")
 flags.DEFINE_bool("quick", False, "12 sessions, 6 in flight, 192 KV pages per replica (CI / demo scale).")
 flags.DEFINE_string("json_out", "", "Write results here.")
 
@@ -70,7 +72,7 @@ def warm_up(url: str, model: str) -> None:
 
 
 def run_policy(policy: str, sessions, serve_args: list[str], env: dict[str, str]) -> dict:
-    with ReplicaFleet(FLAGS.replicas, serve_args, policy=policy, env=env) as fleet:
+    with ReplicaFleet(FLAGS.replicas, serve_args, policy=policy, env=env, router_extra=FLAGS.router_args) as fleet:
         for r in fleet.replicas:
             warm_up(r.url, FLAGS.config)
         before = [replica_counters(r.url) for r in fleet.replicas]

@@ -8,7 +8,7 @@ each by its PID. `agentinfer-replicas` is the same from the command line:
 
 Policies are the gateway's (cache_aware, round_robin, power_of_two, random) plus `session`: the
 gateway's `manual` policy, which pins each `x-smg-routing-key` header value to one replica (new keys
-go to the replica with the fewest requests in flight). An agent session that sends its session id in that
+go to the replica holding the fewest keys). An agent session that sends its session id in that
 header reaches the replica holding its KV blocks and its AgentSAM automaton on every call;
 `routing_key_http_client` is an httpx client that copies the body's `session_id` into the header,
 for `agents.clients.OpenAIClient(http_client=...)` or any OpenAI client.
@@ -125,7 +125,7 @@ def router_args(worker_urls: Sequence[str], policy: str, *, host: str, port: int
         raise ValueError(f"unknown routing policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if not worker_urls:
         raise ValueError("the router needs at least one worker URL")
-    policy_args = ["--policy", "manual", "--assignment-mode", "min_load"] if policy == "session" \
+    policy_args = ["--policy", "manual", "--assignment-mode", "min_group"] if policy == "session" \
         else ["--policy", policy]
     return ["--host", host, "--port", str(port), "--worker-urls", *worker_urls, *policy_args,
             "--prometheus-host", host, "--prometheus-port", str(prometheus_port),
