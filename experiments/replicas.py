@@ -44,7 +44,7 @@ flags.DEFINE_integer("max_model_len", 2048, "Context per request.")
 flags.DEFINE_list("serve_args", [], "Extra agentinfer-serve arguments for every replica.")
 flags.DEFINE_list("router_args", [], "Extra sglang-router arguments (they override the launcher's, e.g. "
                   "--assignment-mode,min_group).")
-flags.DEFINE_bool("quick", False, "12 sessions, 6 in flight, 192 KV pages per replica (CI / demo scale).")
+flags.DEFINE_bool("quick", False, "12 sessions, 6 in flight, 160 KV pages per replica (CI / demo scale).")
 flags.DEFINE_string("json_out", "", "Write results here.")
 
 _METRIC = re.compile(r"^(agentinfer_(?:requests_total|prompt_tokens_total|cached_prompt_tokens_total))(\{[^}]*\})? (\S+)$",
@@ -94,7 +94,7 @@ def main(argv):
     for name in ("httpx", "httpx2"):  # one line per call otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     if FLAGS.quick:
-        FLAGS.num_sessions, FLAGS.concurrency, FLAGS.num_blocks = 12, 6, 192
+        FLAGS.num_sessions, FLAGS.concurrency, FLAGS.num_blocks = 12, 6, 160
     unknown = [p for p in FLAGS.policies if p not in POLICIES]
     if unknown:
         sys.exit(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
