@@ -11,7 +11,7 @@ LOCKS := requirements
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 UV_INSTALL = $(UV) pip install -q --python $(1)/bin/python $(FIND_LINKS)
 
-.PHONY: demo test test-main test-wheel test-jetstream test-latest lock device-wheels clean suffix-decoding
+.PHONY: demo replicas test test-main test-wheel test-jetstream test-latest lock device-wheels clean suffix-decoding
 
 # uv itself is bootstrapped into each venv with pip (one wheel); everything else comes from the lock.
 define make_venv
@@ -39,6 +39,14 @@ $(JS_STAMP): $(LOCKS)/jetstream.txt pyproject.toml setup.py
 # The main job on the built-in default (tiny model, bundled traces), a few minutes on 2 CPU cores.
 demo: $(STAMP)
 	$(PY) experiments/agent_e2e.py --quick --repeats=2
+
+# N agentinfer-serve replicas behind the SGLang Model Gateway on this host (router on 127.0.0.1:30000),
+# until Ctrl-C. ROUTING: session (sticky per x-smg-routing-key), cache_aware, round_robin, power_of_two, random.
+REPLICAS ?= 2
+ROUTING ?= session
+SERVE_ARGS ?= --config tiny
+replicas: $(STAMP)
+	$(VENV)/bin/agentinfer-replicas --replicas $(REPLICAS) --policy $(ROUTING) -- $(SERVE_ARGS)
 
 # The whole test suite on CPU: the main suite (Pallas kernels in interpret mode, 8 fake devices
 # for sharding), the built wheel installed outside the checkout, then our engine under JetStream's

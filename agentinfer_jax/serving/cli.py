@@ -2,15 +2,23 @@
 
   agentinfer-serve --config tiny --port 8000
   agentinfer-serve --checkpoint /models/Llama-3.2-1B-Instruct --max-model-len 8192 --drafter sam
+
+One model over several hosts (the same command on each, process 0 serves HTTP; the mesh spans the
+devices of every process, by default 1 x all of them):
+  agentinfer-serve --config tiny --coordinator-address host0:9876 --num-processes 2 --process-id 0
+  agentinfer-serve --config tiny --coordinator-address host0:9876 --num-processes 2 --process-id 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
+from agentinfer_jax.serving import distributed
 from agentinfer_jax.serving.builder import DRAFTERS, ServerConfig, build_stack
 from agentinfer_jax.serving.policies import POLICY_NAMES
 from agentinfer_jax.serving.server import ServerLimits, serve
@@ -58,7 +66,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: max-model-len)")
     p.add_argument("--log-level", default="info")
-    return p.parse_args(argv)
+    multi = p.add_argument_group("one model over several processes (jax.distributed)")
+    multi.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="process 0's address for jax.distributed (same on every process)")
+    multi.add_argument("--num-processes", type=int, default=1, help="processes (hosts) running the model")
+    multi.add_argument("--process-id", type=int, default=0, help="this process's index; 0 serves HTTP")
+    multi.add_argument("--step-port", type=int,
+                       help="port on the coordinator's host where process 0 sends steps to the others "
+                       "(default: coordinator port + 1)")
+    args = p.parse_args(argv)
+    if args.num_processes > 1 and not args.coordinator_address:
+        p.error("--num-processes > 1 needs --coordinator-address")
+    return args
+
+
+def distributed_from_args(args: argparse.Namespace) -> distributed.DistributedConfig | None:
+    """The multi-process setting of `args`, or None for one process."""
+    if args.num_processes <= 1:
+        return None
+    return distributed.DistributedConfig(args.coordinator_address, args.num_processes, args.process_id,
+                                         step_port=args.step_port)
+
+
+def _global_mesh(mesh: tuple[int, int] | None) -> tuple[int, int]:
+    """The mesh over every process's devices: --mesh must cover them all (a process without a device
+    in the mesh could not take part in the step); by default 1 x all of them."""
+    import jax
+
+    total = jax.device_count()
+    if mesh is None:
+        return 1, total
+    if mesh[0] * mesh[1] != total:
+        raise ValueError(f"--mesh {mesh[0]},{mesh[1]} must cover all {total} devices of the "
+                         f"{jax.process_count()} processes")
+    return mesh
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -76,12 +117,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
     try:
-        stack = build_stack(config_from_args(args))
+        multi = distributed_from_args(args)
+        config = config_from_args(args)
+        if multi is not None:
+            distributed.initialize(multi)  # before anything touches a device
+            config = dataclasses.replace(config, mesh_shape=_global_mesh(config.mesh_shape))
+        stack = build_stack(config)
         limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit)
     except (ValueError, FileNotFoundError) as e:
         print(f"agentinfer-serve: {e}", file=sys.stderr)
         return 2
-    serve(stack, args.host, args.port, limits, log_level=args.log_level)
+    if multi is not None and not multi.is_leader:
+        steps = distributed.follow(stack.engine, distributed.StepChannel.connect(multi))
+        logging.info("agentinfer-serve: process %d ran %d steps; the leader is gone", multi.process_id, steps)
+        distributed.shutdown()
+        stack.shutdown()
+        return 0
+    if multi is None:
+        serve(stack, args.host, args.port, limits, log_level=args.log_level)
+        return 0
+    channel = distributed.StepChannel.listen(multi)  # the leader: every step goes to the followers first
+    stack.loop.executor = distributed.LockstepExecutor(stack.engine, channel)
+    # uvicorn re-raises the signal that stopped it once it is done; with the default handlers that
+    # would end this process before it lets the followers go, and they would abort.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        serve(stack, args.host, args.port, limits, log_level=args.log_level)
+    finally:
+        channel.close()  # the followers leave their loop and meet us in the shutdown barrier
+        distributed.shutdown()
     return 0
 
 
