@@ -278,3 +278,22 @@ def test_every_openai_request_field_takes_effect_or_is_a_400_naming_it(server, p
     # Unknown fields (typos, other servers' extensions) are refused by name, never ignored.
     status, body = api.post(path, temprature=0.5)
     assert status == 400 and "temprature" in body["error"]["message"]
+
+
+# The SGLang Model Gateway (sglang-router 0.3.2, agentinfer-replicas) forwards each request with these
+# SGLang fields at their defaults (captured from the router's own requests to a worker).
+ROUTER_CHAT_FIELDS = {"logprobs": False, "stream": False, "no_stop_trim": False, "ignore_eos": False,
+                      "continue_final_message": False, "skip_special_tokens": True, "separate_reasoning": True,
+                      "stream_reasoning": True, "return_hidden_states": False}
+ROUTER_COMPLETION_FIELDS = {"stream": False, "echo": False, "no_stop_trim": False, "ignore_eos": False,
+                            "skip_special_tokens": True, "return_hidden_states": False}
+
+
+@pytest.mark.parametrize("path, fields", [("/v1/chat/completions", ROUTER_CHAT_FIELDS),
+                                          ("/v1/completions", ROUTER_COMPLETION_FIELDS)], ids=["chat", "completions"])
+def test_what_the_router_forwards_is_served_and_other_values_are_named(server, path, fields):
+    api = Api(server)
+    assert api.out(api.ok(path, **fields)) == _greedy(api, path)
+    for field, value in (("no_stop_trim", True), ("skip_special_tokens", False), ("return_hidden_states", True)):
+        status, body = api.post(path, **{**fields, field: value})
+        assert status == 400 and body["error"]["param"] == field, body

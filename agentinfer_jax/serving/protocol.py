@@ -192,6 +192,11 @@ class _RequestBase(_Strict):
     priority: int | None = None
     speculative: bool | None = None
     cache_salt: str | None = None
+    # SGLang's own fields: the SGLang Model Gateway (sglang-router, `agentinfer-replicas`) sends them
+    # with their defaults on every request it forwards; other values are refused (UNSUPPORTED).
+    no_stop_trim: bool | None = None
+    skip_special_tokens: bool | None = None
+    return_hidden_states: bool | None = None
 
 
 class CompletionRequest(_RequestBase):
@@ -227,6 +232,11 @@ class ChatCompletionRequest(_RequestBase):
     store: bool | None = None
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
+    continue_final_message: bool | None = None  # SGLang (sent by sglang-router)
+    # SGLang reasoning-parser switches (sent by sglang-router): no effect either way on a server
+    # without a reasoning parser, which this one is.
+    separate_reasoning: bool | None = None
+    stream_reasoning: bool | None = None
 
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
@@ -265,6 +275,10 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "service_tier": (lambda v: v in ("auto", "default"), "only 'service_tier' 'auto' / 'default' is served"),
     "user": (lambda v: False, "'user' is not used by this server; send session_id for affinity"),
     "safety_identifier": (lambda v: False, "'safety_identifier' is not used by this server"),
+    "no_stop_trim": (lambda v: v is False, "'no_stop_trim' is not supported (stop strings are trimmed)"),
+    "skip_special_tokens": (lambda v: v is True, "only 'skip_special_tokens' true is supported"),
+    "return_hidden_states": (lambda v: v is False, "'return_hidden_states' is not supported"),
+    "continue_final_message": (lambda v: v is False, "'continue_final_message' is not supported"),
 }
 
 
