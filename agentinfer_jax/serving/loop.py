@@ -56,7 +56,7 @@ class ServingLoop:
         self.executor = executor
         self.overlap = overlap and hasattr(executor, "dispatch") and hasattr(executor, "collect")
         self._inflight = None  # (SchedulerOutput, pending) of the dispatched, uncollected step
-        self._last_done_s = 0.0  # when the last step's result was on the host (perf_counter)
+        self._last_done_s: float | None = None  # last step's result on host, while busy (perf_counter)
         self.detokenize = detokenize
         self.metrics = metrics or ServingMetrics()
         self._inbox: queue.Queue = queue.Queue()
@@ -130,24 +130,28 @@ class ServingLoop:
         Steps that verify drafts are not planned ahead (their accepted counts decide the next feed).
         """
         self._drain_inbox()
+        t_plan = time.perf_counter()
         if self._inflight is None:
             if not self.scheduler.has_unfinished:
+                self._last_done_s = None  # idle: the next step's time starts at its planning
                 return False
             out = self.scheduler.schedule()
             if out.empty:
+                self._last_done_s = None
                 self._update_gauges()
                 return bool(self.scheduler.has_unfinished)
             if not self.overlap:
-                self._apply(*self._execute(out))
+                self._apply(*self._execute(out, t_plan))
                 return True
-            self._inflight = self._dispatch(out)
+            self._inflight = self._dispatch(out, t_plan)
             return True
-        out, pending, dispatched_s = self._inflight
+        out, pending, planned_s, dispatched_s = self._inflight
         ahead = self.scheduler.schedule_ahead(out)
-        self._inflight = self._dispatch(ahead, planned_ahead=True) if ahead is not None and not ahead.empty else None
+        self._inflight = (self._dispatch(ahead, t_plan, planned_ahead=True)
+                          if ahead is not None and not ahead.empty else None)
         try:
             new_tokens = self.executor.collect(pending)
-            self._observe(out, dispatched_s)
+            self._observe(out, planned_s, dispatched_s)
         except Exception:  # noqa: BLE001 - one bad request must not take the loop or its batch down
             log.exception("step failed; re-running its %d sequences one by one", len(out.seqs))
             if self._inflight is not None:  # it fed on the failed step's tokens: drop it
@@ -158,23 +162,24 @@ class ServingLoop:
         self._apply(out, new_tokens)
         return True
 
-    def _execute(self, out: SchedulerOutput) -> tuple[SchedulerOutput, dict[str, Sequence[int]]]:
+    def _execute(self, out: SchedulerOutput, planned_s: float) -> tuple[SchedulerOutput, dict[str, Sequence[int]]]:
         """A synchronous step (no overlap), isolating failures."""
         try:
             t0 = time.perf_counter()
             new_tokens = self.executor.execute(out)
-            self._observe(out, t0)
+            self._observe(out, planned_s, t0)
             return out, new_tokens
         except Exception:  # noqa: BLE001 - one bad request must not take the loop or its batch down
             log.exception("step failed; re-running its %d sequences one by one", len(out.seqs))
             return self._isolate_failure(out)
 
-    def _dispatch(self, out: SchedulerOutput, planned_ahead: bool = False):
-        """Starts `out` on the executor: (out, pending, when) in flight, or None when it could not
-        start (a step planned ahead is then planned again after the step in flight; any other is
-        re-run one sequence at a time)."""
+    def _dispatch(self, out: SchedulerOutput, planned_s: float, planned_ahead: bool = False):
+        """Starts `out` on the executor: (out, pending, when its planning began) in flight, or None
+        when it could not start (a step planned ahead is then planned again after the step in
+        flight; any other is re-run one sequence at a time)."""
         try:
-            return out, self.executor.dispatch(out), time.perf_counter()
+            t0 = time.perf_counter()
+            return out, self.executor.dispatch(out), planned_s, t0
         except Exception:  # noqa: BLE001
             if planned_ahead:
                 log.exception("dispatch of a step planned ahead failed; planning it again")
@@ -183,11 +188,19 @@ class ServingLoop:
             self._apply(*self._isolate_failure(out))
             return None
 
-    def _observe(self, out: SchedulerOutput, dispatched_s: float) -> None:
-        """Feeds the step's time to the scheduler: from when the device could start it (its dispatch,
-        or the end of the step before) to its result."""
+    def _observe(self, out: SchedulerOutput, planned_s: float, dispatched_s: float) -> None:
+        """Feeds the step's cost to the scheduler (the adaptive switch prices drafts with it).
+
+        A step that verifies drafts cannot overlap the host work around it, so it costs the wall
+        time from the previous step's result to its own (from its planning after idling). With
+        overlap on, a draft-free step's host work hides behind the device, so it costs its device
+        time: from its dispatch (or the previous result, if later) to its result. Measured in sync
+        steps too, so the switch sees what drafting gives up."""
         now = time.perf_counter()
-        self.scheduler.observe_step(out, now - max(dispatched_s, self._last_done_s))
+        busy_from = self._last_done_s if self._last_done_s is not None else planned_s
+        if self.overlap and not any(s.num_draft for s in out.seqs):
+            busy_from = max(dispatched_s, busy_from)
+        self.scheduler.observe_step(out, now - busy_from)
         self._last_done_s = now
 
     def _apply(self, out: SchedulerOutput, new_tokens: dict[str, Sequence[int]]) -> None:
