@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
+from agentinfer_jax.serving.builder import ServerConfig, build_stack
+from agentinfer_jax.serving.server import BackgroundServer
+
 
 class ForcedReplies:
     """Makes the server's loop emit chosen texts: `script[i]` is the i-th request's reply."""
@@ -21,3 +26,18 @@ class ForcedReplies:
 
     def restore(self):
         self.stack.loop.submit = self._submit
+
+
+@contextlib.contextmanager
+def tiny_server(**config):
+    """A BackgroundServer of `--config tiny` on 127.0.0.1 with `ServerConfig` overrides, its first
+    step compiled, and `.forced` (ForcedReplies) attached; stopped on exit."""
+    stack = build_stack(ServerConfig(config="tiny", **config))
+    stack.engine.warmup()
+    srv = BackgroundServer(stack).start()
+    srv.forced = ForcedReplies(stack)
+    try:
+        yield srv
+    finally:
+        srv.forced.restore()
+        srv.stop()

@@ -16,10 +16,8 @@ import pytest
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
-from agentinfer_jax.serving.builder import ServerConfig, build_stack
-from agentinfer_jax.serving.server import BackgroundServer
 from agentinfer_jax.serving.tool_parsers import format_hermes_reply
-from forced_replies import ForcedReplies
+from forced_replies import tiny_server
 
 TOOL = {"type": "function", "function": {"name": "search", "description": "Search the web",
                                          "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
@@ -37,14 +35,9 @@ def openai_fields(params) -> set[str]:
 
 @pytest.fixture(scope="module")
 def server():
-    stack = build_stack(ServerConfig(config="tiny", num_blocks=96, block_size=16, max_num_seqs=2,
-                                     max_tokens_per_step=256, min_token_bucket=256, max_model_len=1024))
-    stack.engine.warmup()
-    srv = BackgroundServer(stack).start()
-    srv.forced = ForcedReplies(stack)
-    yield srv
-    srv.forced.restore()
-    srv.stop()
+    with tiny_server(num_blocks=96, block_size=16, max_num_seqs=2, max_tokens_per_step=256, min_token_bucket=256,
+                     max_model_len=1024) as srv:
+        yield srv
 
 
 class Api:

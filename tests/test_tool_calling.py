@@ -20,12 +20,10 @@ import openai
 import pytest
 
 from agentinfer_jax.serving import tool_parsers
-from agentinfer_jax.serving.builder import ServerConfig, build_stack
-from agentinfer_jax.serving.server import BackgroundServer
 from agentinfer_jax.serving.tool_parsers import (HermesToolParser, Llama3JsonToolParser, RequiredToolParser,
                                                  format_hermes_reply, parse_all)
 from agentinfer_jax.workloads.traces import TraceFormatError, load_traces
-from forced_replies import ForcedReplies
+from forced_replies import tiny_server
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather now",
@@ -120,17 +118,14 @@ def test_required_schema_accepts_exactly_the_valid_replies():
 # ---- the server --------------------------------------------------------------------------------
 
 
+SERVER = dict(num_blocks=160, block_size=16, max_num_seqs=2, max_tokens_per_step=256, min_token_bucket=256,
+              max_model_len=2048)
+
+
 @pytest.fixture(scope="module")
 def server():
-    stack = build_stack(ServerConfig(config="tiny", num_blocks=160, block_size=16, max_num_seqs=2,
-                                     max_tokens_per_step=256, min_token_bucket=256, max_model_len=2048,
-                                     drafter="ngram", num_draft_tokens=4))
-    stack.engine.warmup()
-    srv = BackgroundServer(stack).start()
-    srv.forced = ForcedReplies(stack)
-    yield srv
-    srv.forced.restore()
-    srv.stop()
+    with tiny_server(**SERVER, drafter="ngram", num_draft_tokens=4) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -366,12 +361,8 @@ BOUNDED_TOOLS = [  # bounded strings and numbers: a random model's reply must en
 
 @pytest.fixture(scope="module")
 def plain_server():
-    stack = build_stack(ServerConfig(config="tiny", num_blocks=160, block_size=16, max_num_seqs=2,
-                                     max_tokens_per_step=256, min_token_bucket=256, max_model_len=2048))
-    stack.engine.warmup()
-    srv = BackgroundServer(stack).start()
-    yield srv
-    srv.stop()
+    with tiny_server(**SERVER) as srv:
+        yield srv
 
 
 @pytest.mark.parametrize("drafting", [True, False], ids=["drafting", "no_drafting"])
