@@ -1,7 +1,8 @@
 """Pure-JAX ragged paged attention: the CPU fast path and the oracle for the Pallas kernels.
 
-Decode-shaped steps (block_q <= 2) run vectorized over the query rows, each reading its sequence's
-page-table row (the engine cuts the table to its step's longest context). Otherwise every loop runs
+Decode-shaped steps (block_q <= 2) and short steps of one sequence run vectorized over the query
+rows, each reading its sequence's page-table row (the engine cuts the table to its step's longest
+context). Otherwise every loop runs
 over live work only, with dynamic trip counts: the num_seqs live sequences (padding sequences cost
 nothing), each one's cdiv(q_len, block_q) query blocks (a block is at most block_q
 rows of ONE sequence, like the GPU kernel's), and for each block the key chunks of kv_chunk tokens
@@ -27,6 +28,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Keys per online-softmax step. On CPU each loop step costs tens of microseconds of op overhead,
 # so a chunk should be worth about that much compute.
 KV_CHUNK = 128
+# Rows up to which a lone sequence's step runs vectorized (CPU, tiny model: faster than the loop
+# for a k=4 verification, slower from k=8 on).
+ONE_SEQUENCE_ROWS = 8
 
 
 def reference_block_q(num_tokens: int, max_seqs: int) -> int:
@@ -48,7 +52,9 @@ def reference_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices,
     shp = ragged.check_shapes(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     scale = 1.0 / math.sqrt(shp.head_dim) if sm_scale is None else float(sm_scale)
     bq = block_q or reference_block_q(shp.num_tokens, shp.max_seqs)
-    if bq <= 2:  # decode-shaped: a padding row costs less than a loop
+    # Decode-shaped (a padding row costs less than a loop), or one short sequence (a verification
+    # step at batch 1: its pages gathered once, every row at once, beats a loop over key chunks).
+    if bq <= 2 or (shp.max_seqs == 1 and shp.num_tokens <= ONE_SEQUENCE_ROWS):
         return _one_row_blocks(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, shp, scale)
     cp = max(1, min(shp.pages_per_seq, (kv_chunk or KV_CHUNK) // shp.page_size))  # pages per chunk
     chunk = cp * shp.page_size

@@ -280,3 +280,14 @@ def test_reference_paths_match_float64(sc):
     for block_q, kv_chunk in ((1, 128), (2, 8), (4, 16), (8, 1024)):
         out = kernels.reference_ragged_paged_attention(*b.args(), block_q=block_q, kv_chunk=kv_chunk)
         check(out, b, np.float32)
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(5, 5 + 3 * 8), (5, 5), (8, 8 + 17), (8, 8), (3, 40)])
+def test_reference_one_sequence_vectorized_path_matches_float64(q_len, kv_len):
+    """A short step of a lone sequence (batch-1 verification or a small chunk) runs vectorized
+    over all its rows; padding rows stay zeros and pages it does not own (NaN) are never read."""
+    rng = np.random.default_rng(q_len * 1000 + kv_len)
+    b = make_batch(int(rng.integers(1 << 30)), [q_len], [kv_len], page_size=8, group=2, head_dim=32,
+                   pad_seqs=0, pad_tokens=min(3, kernels.reference.ONE_SEQUENCE_ROWS - q_len))
+    assert b.args()[0].shape[0] <= kernels.reference.ONE_SEQUENCE_ROWS and b.args()[4].shape[0] == 1
+    check(kernels.ragged_paged_attention(*b.args(), backend="reference"), b, np.float32)
