@@ -106,7 +106,7 @@ def agent_workload(turns: list[tuple[list[int], list[int]]], num: int, context_l
 def run_once(stack: ServingStack, work: Workload, gen_len: int, tag: str) -> dict[str, float]:
     """Runs the workload to completion through the stack's serving loop (with its host/device
     overlap setting); returns its timings."""
-    sched, engine, loop = stack.scheduler, stack.engine, stack.loop
+    engine, loop = stack.engine, stack.loop
     engine.steps.clear()
     reqs = [Request(f"{tag}-{i}", p, SamplingParams(max_tokens=gen_len, ignore_eos=True), forced_output=r)
             for i, (p, r) in enumerate(zip(work.prompts, work.records))]
@@ -358,8 +358,8 @@ def main(argv):
         if stack.session_memory is not None:
             stack.session_memory.close()
 
-    header = (f"{'drafter':14s}{'ctx':>6s}{'batch':>6s}{'overlap':>8s}{'tok/s':>10s}{'dec tok/s':>11s}{'dec step ms':>12s}"
-              f"{'step ms':>9s}{'accept':>8s}{'tok/verify':>11s}{'host ms':>9s}{'dev idle':>9s}{'compiles':>9s}")
+    header = (f"{'drafter':14s}{'ctx':>6s}{'batch':>6s}{'overlap':>8s}{'tok/s':>10s}{'dec tok/s':>11s}"
+              f"{'dec step ms':>12s}{'step ms':>9s}{'accept':>8s}{'tok/verify':>11s}{'host ms':>9s}{'dev idle':>9s}{'compiles':>9s}")
     print(f"\nengine throughput: config={FLAGS.config} backend={jax.default_backend()} gen_len={gen_len} "
           f"(timed runs after a warm-up run of the same workload)\n{header}")
     for r in results:

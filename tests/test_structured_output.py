@@ -8,7 +8,6 @@ tokens it emits without them (masked verification is lossless).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 
@@ -200,19 +199,6 @@ def test_bad_grammars_are_refused_by_name(compiler):
     sched = Scheduler(EC.scheduler_config(CFG), BlockPool(8))
     with pytest.raises(InvalidRequestError, match="structured outputs"):
         sched.add_request(Request("x", [5, 6], SamplingParams(structured=StructuredOutput("json_object"))))
-
-
-def test_tool_choice_maps_to_the_tool_call_grammar():
-    from agentinfer_jax.serving.openai_sampling import FieldError, tool_choice_constraint
-    assert tool_choice_constraint(TOOLS, "auto") is None and tool_choice_constraint(TOOLS, None) is None
-    assert tool_choice_constraint(TOOLS, "required") == tool_call_grammar(TOOLS)
-    named = {"type": "function", "function": {"name": "search"}}
-    assert tool_choice_constraint(TOOLS, named) == tool_call_grammar(TOOLS, "search")
-    for tools, choice in [(TOOLS, {"type": "function", "function": {"name": "nope"}}), ([], "required"),
-                          (TOOLS, "sometimes"), (TOOLS, {"type": "function"})]:
-        with pytest.raises(FieldError, match="tool_choice") as err:
-            tool_choice_constraint(tools, choice)
-        assert err.value.field == "tool_choice"
 
 
 def test_batched_masks_equal_one_matcher_at_a_time(compiler):

@@ -55,7 +55,8 @@ class ServingLoop:
         self.scheduler = scheduler
         self.executor = executor
         self.overlap = overlap and hasattr(executor, "dispatch") and hasattr(executor, "collect")
-        self._inflight = None  # (SchedulerOutput, pending) of the dispatched, uncollected step
+        # The dispatched, uncollected step: (SchedulerOutput, pending, planning began, dispatched).
+        self._inflight = None
         self._last_done_s: float | None = None  # last step's result on host, while busy (perf_counter)
         self.detokenize = detokenize
         self.metrics = metrics or ServingMetrics()

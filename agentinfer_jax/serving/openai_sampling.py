@@ -14,10 +14,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
-from agentinfer_jax.engine.structured import tool_call_grammar, validate_structured
+from agentinfer_jax.engine.structured import validate_structured
 from agentinfer_jax.sampling_params import MAX_N, MAX_TOP_LOGPROBS, InvalidRequestError, StructuredOutput
 
-__all__ = ["FieldError", "sampling_fields", "choice_logprobs", "child_seed", "tool_choice_constraint"]
+__all__ = ["FieldError", "sampling_fields", "choice_logprobs", "child_seed"]
 
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 
@@ -158,28 +158,3 @@ def choice_logprobs(decode: Callable[[Sequence[int]], str], token_ids: Sequence[
         at += len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": [lp.logprob for _, lp in pairs],
             "top_logprobs": [{decode([i]): v for i, v in lp.top} for _, lp in pairs], "text_offset": offsets}
-
-
-def tool_choice_constraint(tools: Any, tool_choice: Any) -> StructuredOutput | None:
-    """The grammar that `tool_choice` imposes on the output (Qwen/Hermes `<tool_call>` format):
-    "required" -> one call to any of `tools`; {"type": "function", "function": {"name": N}} -> one
-    call to N; "auto", "none" or absent -> None (free text). Raises FieldError("tool_choice")."""
-    if tool_choice is None or tool_choice in ("auto", "none"):
-        return None
-    if not isinstance(tools, list) or not tools:
-        raise FieldError("tool_choice", "'tool_choice' needs a non-empty 'tools' list")
-    name = None
-    if isinstance(tool_choice, Mapping):
-        fn = tool_choice.get("function")
-        name = fn.get("name") if isinstance(fn, Mapping) else None
-        if tool_choice.get("type") != "function" or not isinstance(name, str):
-            raise FieldError("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
-                                            "{'type': 'function', 'function': {'name': ...}}")
-    elif tool_choice != "required":
-        raise FieldError("tool_choice", f"'tool_choice' {tool_choice!r} is not supported")
-    try:
-        spec = tool_call_grammar(tools, name)
-        validate_structured(spec)
-    except InvalidRequestError as e:
-        raise FieldError("tool_choice", f"'tool_choice': {e}") from e
-    return spec

@@ -185,8 +185,9 @@ class Scheduler:
 
         Each request of `inflight` is planned as if that step had fed its tokens; one that samples
         there feeds PREVIOUS_TOKEN (the engine reads it on the device). None when the next step
-        cannot be planned blind: `inflight` verifies drafts (how many are accepted is unknown) or a
-        request in it would draft next (drafts follow its newest token). Planning ahead never
+        cannot be planned blind: `inflight` verifies drafts (how many are accepted is unknown), or a
+        request sampling in it would draft next (drafts follow its newest token) or is constrained
+        or penalised (its next mask / penalties follow the token in flight). Planning ahead never
         preempts; a request that may finish in `inflight` is left out (if it does not finish, the
         next step picks it up). After this, `update(inflight)` and then `update(the result)`.
         """
@@ -197,10 +198,10 @@ class Scheduler:
                 continue
             if seq.num_draft:
                 return None
-            sp = req.sampling
-            if seq.samples and (req.grammar is not None or sp.presence_penalty or sp.frequency_penalty):
-                return None  # its next step's mask / penalties follow the token in flight
             if seq.samples:
+                sp = req.sampling
+                if req.grammar is not None or sp.presence_penalty or sp.frequency_penalty:
+                    return None
                 # Decided once per step: a k > 0 is kept for the synchronous plan that follows.
                 k = self._pending_k[req.request_id] = self._draft_len(req, len(inflight.seqs))
                 if k > 0:
@@ -430,28 +431,27 @@ class Scheduler:
                     return None  # it drafts once it is planned after an update
             seq = self._plan_running(req, budget)
             return False if seq is None else seq
-        else:
-            start = inflight.start_pos + len(inflight.tokens)
-            self._pending_k.pop(req.request_id, None)  # its k = 0 for this step was chosen above
-            if inflight.samples:
-                room = min(req.sampling.max_tokens - len(req.output_tokens), self.config.max_model_len - req.num_tokens)
-                if room <= 1:
-                    return None  # its in-flight token is its last
-                forced, n_out = req.forced_output, len(req.output_tokens)
-                if forced is None:
-                    pending = [PREVIOUS_TOKEN]
-                elif n_out < len(forced):
-                    pending = [forced[n_out]]  # replay: update() will emit the record, so feed it
-                else:
-                    return None  # past its record: the model's token decides
+        start = inflight.start_pos + len(inflight.tokens)
+        self._pending_k.pop(req.request_id, None)  # its k = 0 for this step was chosen above
+        if inflight.samples:
+            room = min(req.sampling.max_tokens - len(req.output_tokens), self.config.max_model_len - req.num_tokens)
+            if room <= 1:
+                return None  # its in-flight token is its last
+            forced, n_out = req.forced_output, len(req.output_tokens)
+            if forced is None:
+                pending = [PREVIOUS_TOKEN]
+            elif n_out < len(forced):
+                pending = [forced[n_out]]  # replay: update() will emit the record, so feed it
             else:
-                pending = req.tokens_from(start)
+                return None  # past its record: the model's token decides
+        else:
+            pending = req.tokens_from(start)
         pending = pending[:budget]
         new = self._allocate(self._blocks_needed(req, start + len(pending)))
         if new is None:
             return False
         req.block_ids.extend(new)
-        n_tokens = req.num_tokens + (1 if inflight is not None and inflight.samples else 0)
+        n_tokens = req.num_tokens + (1 if inflight.samples else 0)
         return StepSeq(req.request_id, start, tuple(pending), 0, tuple(req.block_ids),
                        SeqSampling.resolve(req.sampling, req.request_id), samples=start + len(pending) == n_tokens)
 

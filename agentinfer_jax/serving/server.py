@@ -384,10 +384,13 @@ class _OpenAIRoutes:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj)}\n\n"
 
-        def choice(i: int, delta: dict[str, Any] | str, finish_reason: str | None, text_len: int) -> dict[str, Any]:
-            """A chunk's choice i carrying the held ids (and their logprobs); `text_len` characters
-            of completion text go with them."""
-            new_ids, ids[i] = ids[i], []
+        def choice(i: int, delta: dict[str, Any] | str, finish_reason: str | None, text_len: int,
+                   carry_ids: bool = True) -> dict[str, Any]:
+            """A chunk's choice i carrying the held ids (and their logprobs) unless `carry_ids` is
+            False; `text_len` characters of completion text go with them."""
+            new_ids = ids[i] if carry_ids else []
+            if carry_ids:
+                ids[i] = []
             c: dict[str, Any] = {"index": i, "finish_reason": finish_reason,
                                  "logprobs": gen.logprobs(i, sent_ids[i], new_ids, chat, sent_text[i])}
             sent_ids[i] += len(new_ids)
@@ -422,9 +425,7 @@ class _OpenAIRoutes:
                     calls = tools[i].calls if tools[i] else []
                     pieces = chat_deltas(i, text, ev.finished)
                     if first[i]:  # the role goes out at once, in a chunk of its own
-                        ids_held, ids[i] = ids[i], []
-                        yield chunk([choice(i, {"role": "assistant", "content": ""}, None, 0)])
-                        ids[i] = ids_held
+                        yield chunk([choice(i, {"role": "assistant", "content": ""}, None, 0, carry_ids=False)])
                         first[i] = False
                     for j, piece in enumerate(pieces):
                         last = ev.finished and j == len(pieces) - 1

@@ -105,7 +105,8 @@ class ToolWait:
     exec_end_s: float
 
 
-def _saved_segments(calls: Sequence[CallWindow], timelines: Mapping[str, StepTimeline]) -> list[tuple[float, float, float]]:
+def _saved_segments(calls: Sequence[CallWindow],
+                    timelines: Mapping[str, StepTimeline]) -> list[tuple[float, float, float]]:
     """(a, b, saved seconds per measured second) over the session's call windows."""
     by_role: dict[str, list[tuple[float, float]]] = {}
     for c in calls:
