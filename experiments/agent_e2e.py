@@ -79,6 +79,8 @@ flags.DEFINE_integer("num_draft_tokens", 8, "k drafted tokens per verify step (A
 flags.DEFINE_integer("memory_sessions", 60, "other trace sessions pre-loaded into AgentSAM's cross-session memory")
 flags.DEFINE_list("configs", list(CONFIG_NAMES), "configs to run (baseline always runs)")
 flags.DEFINE_integer("repeats", 1, "rounds per config, in alternating order; fields are medians over rounds")
+flags.DEFINE_bool("projection_switch", True, "drafting configs replay once more with the adaptive switch pricing k "
+                  "at the projection target's step costs; their projection uses that replay")
 flags.DEFINE_integer("seed", 0, "seed of arrivals, tool latencies and action guesses")
 flags.DEFINE_string("compilation_cache", DEFAULT_CACHE_DIR,
                     "JAX persistent compilation cache dir ('' = off)")
@@ -140,8 +142,9 @@ def role_config(cfg: RunConfig, setup: Setup, name: str) -> ServerConfig:
                                            num_draft_tokens=setup.num_draft_tokens)
 
 
-def build_roles(cfg: RunConfig, setup: Setup) -> dict[str, ServingStack]:
-    """The server's stack (serving.builder) per AgentCollab role, in process."""
+def build_roles(cfg: RunConfig, setup: Setup, draft_costs: dict[str, Any] | None = None) -> dict[str, ServingStack]:
+    """The server's stack (serving.builder) per AgentCollab role, in process. `draft_costs`: per role,
+    the step cost the adaptive switch prices k at (default: measured step times, as served)."""
     def memory():
         if not cfg.sam:
             return None
@@ -152,7 +155,9 @@ def build_roles(cfg: RunConfig, setup: Setup) -> dict[str, ServingStack]:
 
     models = {"large": setup.large, **({"small": setup.small} if cfg.collab else {})}
     return {name: build_stack(role_config(cfg, setup, name), model=model, tokenizer=setup.tokenizer,
-                              session_memory=memory()) for name, model in models.items()}
+                              session_memory=memory(),
+                              draft_step_cost=(draft_costs or {}).get(name) if cfg.sam else None)
+            for name, model in models.items()}
 
 
 async def run_sessions(cfg: RunConfig, client: EngineClient, sessions: list[RecordedSession], arrivals: list[float],
@@ -291,7 +296,7 @@ def warm_up(setup: Setup, cfgs: list[RunConfig]) -> int:
 def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: int, tool_latency_mean: float,
                arrival_rate: float, max_turns: int, num_draft_tokens: int, memory_sessions: int, seed: int,
                engine_config: EngineConfig | None = None, show_progress: bool = True,
-               repeats: int = 1) -> dict[str, Any]:
+               repeats: int = 1, projection_switch: bool = True) -> dict[str, Any]:
     cfgs = run_configs(cfg_names)
     trajs = load_traces(traces or default_trace_path())
     hit_rates = HitRates.bundled()
@@ -330,36 +335,55 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
     rounds = max(1, repeats)
     if show_progress:
         from tqdm import tqdm
-        bar = tqdm(total=rounds * len(cfgs) * len(chosen), desc="sessions", unit="session", file=sys.stderr)
+        runs = len(cfgs) + (sum(c.sam for c in cfgs) if projection_switch else 0)
+        bar = tqdm(total=rounds * runs * len(chosen), desc="sessions", unit="session", file=sys.stderr)
     per_round: dict[str, list[dict[str, Any]]] = {cfg.name: [] for cfg in cfgs}
     cost_models = projection_cost_models()
+    draft_costs = {role: m.as_step_cost() for role, m in cost_models.items()}
     compilations, measured_compilations = CompilationCounter(), 0
+    # Rounds alternate the config order (ABC, CBA, ...) so slow drift of the machine's load does
+    # not land on one config; every numeric field is then the median over rounds.
+    def replay(cfg: RunConfig, draft_costs: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict, int]:
+        """One round of `cfg`: its summary (projection included), reasoning outputs, compilations."""
+        roles = build_roles(cfg, setup, draft_costs)
+        for r in roles.values():
+            r.start()
+        client = EngineClient({k: r.loop for k, r in roles.items()}, tokenizer, replay=TraceReplay(by_id),
+                              speculative_role="small")
+        record_steps(roles)
+        try:
+            compiled_before = compilations.count
+            start = time.perf_counter()
+            results = asyncio.run(run_sessions(cfg, client, chosen, arrivals, bar))
+            makespan = time.perf_counter() - start
+            compiled = compilations.count - compiled_before
+        finally:
+            for r in roles.values():
+                r.shutdown()
+        summary = summarize(cfg, results, client, makespan)
+        steps = timed_steps(roles)
+        projected = projected_latencies(results, client, steps, cost_models)
+        summary["projected_mean_session_latency_s"] = sum(projected) / len(projected)
+        summary["steps"] = sum(len(v) for v in steps.values())
+        return summary, reasoning_outputs(client), compiled
+
     # Rounds alternate the config order (ABC, CBA, ...) so slow drift of the machine's load does
     # not land on one config; every numeric field is then the median over rounds.
     for rnd in range(rounds):
         for cfg in (cfgs if rnd % 2 == 0 else list(reversed(cfgs))):
-            roles = build_roles(cfg, setup)
-            for r in roles.values():
-                r.start()
-            client = EngineClient({k: r.loop for k, r in roles.items()}, tokenizer, replay=TraceReplay(by_id),
-                                  speculative_role="small")
-            record_steps(roles)
-            try:
-                compiled_before = compilations.count
-                start = time.perf_counter()
-                results = asyncio.run(run_sessions(cfg, client, chosen, arrivals, bar))
-                makespan = time.perf_counter() - start
-                measured_compilations += compilations.count - compiled_before
-            finally:
-                for r in roles.values():
-                    r.shutdown()
-            summary = summarize(cfg, results, client, makespan)
-            steps = timed_steps(roles)
-            projected = projected_latencies(results, client, steps, cost_models)
-            summary["projected_mean_session_latency_s"] = sum(projected) / len(projected)
-            summary["steps"] = sum(len(v) for v in steps.values())
+            summary, outputs[cfg.name], compiled = replay(cfg)
+            measured_compilations += compiled
+            if cfg.sam and projection_switch:
+                # The switch's k follows step costs, and the CPU's are not the target's (a verify
+                # step costs ~2.4x a decode here, about 1x on an H100): the projection of a drafting
+                # config replays it once more with k priced at the target's cost model.
+                target, outputs[f"{cfg.name}@target"], compiled = replay(cfg, draft_costs)
+                measured_compilations += compiled
+                summary["projected_mean_session_latency_s"] = target["projected_mean_session_latency_s"]
+                summary["projection_tokens_per_verify_step"] = target["tokens_per_verify_step"]
+                summary["projection_answers"] = target["answers"]
+                summary["projection_errors"] = target["errors"]
             per_round[cfg.name].append(summary)
-            outputs[cfg.name] = reasoning_outputs(client)
     if bar is not None:
         bar.close()
     for cfg in cfgs:
@@ -374,10 +398,12 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
     base = report["configs"]["baseline"]
     recorded_answers = {s.session_id: s.answer for s in chosen}
     checks = {
-        "answers_identical": all(c["answers"] == base["answers"] for c in report["configs"].values()),
+        "answers_identical": all(c["answers"] == base["answers"] and c.get("projection_answers", base["answers"])
+                                 == base["answers"] for c in report["configs"].values()),
         "answers_equal_recorded": base["answers"] == recorded_answers,
-        "lossless_outputs_identical": {n: outputs[n] == outputs["baseline"] for n in outputs if n in LOSSLESS},
-        "no_errors": all(not c["errors"] for c in report["configs"].values()),
+        "lossless_outputs_identical": {n: outputs[n] == outputs["baseline"] for n in outputs
+                                       if n.split("@")[0] in LOSSLESS},
+        "no_errors": all(not c["errors"] and not c.get("projection_errors") for c in report["configs"].values()),
     }
     for name, c in report["configs"].items():
         c["speedup_mean"] = base["mean_session_latency_s"] / c["mean_session_latency_s"]
@@ -387,7 +413,10 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
     report["projection"] = {
         "label": ("PROJECTION, not a measurement: the run's steps (drafts, acceptance, cache hits, batch "
                   "composition) at the roofline cost of the shapes below on one H100; tool waits and host "
-                  "time between steps as measured"),
+                  "time between steps as measured"
+                  + ("; drafting configs replayed once more with the adaptive switch pricing k at these costs"
+                     if projection_switch else "")),
+        "adaptive_switch_priced_at_target": projection_switch,
         "cost_model": {role: {"shape": PROJECTION_SHAPES[role], "device": PROJECTION_DEVICE, **m.to_dict()}
                        for role, m in cost_models.items()},
         "speedup": {name: proj_base / c["projected_mean_session_latency_s"]
@@ -468,6 +497,7 @@ def main(argv: list[str]) -> None:
         repeats=FLAGS.repeats,
         memory_sessions=FLAGS.memory_sessions,
         seed=FLAGS.seed,
+        projection_switch=FLAGS.projection_switch,
     )
     print_table(report)
     out = pathlib.Path(FLAGS.json_out)

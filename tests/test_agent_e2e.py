@@ -33,7 +33,7 @@ def test_replay_keeps_answers_and_lossless_outputs_identical():
     checks = report["checks"]
     assert checks["no_errors"], [c["errors"] for c in report["configs"].values()]
     assert checks["answers_equal_recorded"] and checks["answers_identical"]
-    assert checks["lossless_outputs_identical"] == {"sam": True, "spagent": True}
+    assert checks["lossless_outputs_identical"] == {"sam": True, "sam@target": True, "spagent": True}
     sam, base = report["configs"]["sam"], report["configs"]["baseline"]
     assert sam["tokens_per_verify_step"] > 1.0  # drafting really ran and accepted tokens
     assert sam["output_tokens"] == base["output_tokens"]

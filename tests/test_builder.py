@@ -195,3 +195,18 @@ def test_a_checkpoint_without_tokenizer_json_needs_the_builtin_tokenizer_asked_f
     assert stack.tokenizer.encode(text) == load_tokenizer().encode(text)  # the bundled tokenizer
     # A random-weight config keeps the built-in tokenizer by default.
     assert build_stack(ServerConfig(config="tiny", **SMALL)).tokenizer.encode(text) == load_tokenizer().encode(text)
+
+
+def test_draft_step_cost_prices_the_switch_and_needs_a_drafter():
+    """A projection prices the adaptive switch's k at another device's costs; without a drafter
+    (or with the switch off) there is nothing to price, and saying so beats ignoring it."""
+    def flat(batch_size, tokens_fed):
+        return 1e-3
+
+    stack = build_stack(ServerConfig(config="tiny", drafter="ngram", num_draft_tokens=4, **SMALL),
+                        draft_step_cost=flat)
+    assert stack.scheduler.adaptive.step_cost is flat
+    with pytest.raises(ValueError, match="draft_step_cost"):
+        build_stack(ServerConfig(config="tiny", **SMALL), draft_step_cost=flat)
+    with pytest.raises(ValueError, match="draft_step_cost"):
+        build_stack(ServerConfig(config="tiny", drafter="ngram", adaptive_draft=False, **SMALL), draft_step_cost=flat)

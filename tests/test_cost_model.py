@@ -185,3 +185,18 @@ def test_bad_inputs_raise_clear_errors():
         StepCostModel.default_for({"hidden_size": 8}, "h100")
     with pytest.raises(ValueError, match="too few"):
         holdout_report([(StepFeatures(1, 0, 1, 1, 1), 1.0)] * 4)
+
+
+def test_as_step_cost_prices_verification_as_the_roofline_says():
+    """For the adaptive switch: on an H100 an 8B decode step is memory-bound, so verifying 8 more
+    tokens costs almost nothing; on the rough CPU spec the same model is compute-bound and a verify
+    step costs several decode steps. The switch's answer must follow the device."""
+    from agentinfer_jax.configs.llama3_1_8b import get_config
+
+    h100 = StepCostModel.default_for(get_config(), "h100").as_step_cost(context_tokens=2048)
+    cpu = StepCostModel.default_for(get_config(), "cpu").as_step_cost(context_tokens=2048)
+    assert 1.0 < h100(1, 9) / h100(1, 1) < 1.1
+    assert cpu(1, 9) / cpu(1, 1) > 2.0
+    assert h100(4, 4) > h100(1, 1) and h100(1, 0) == h100(1, 1)  # no step feeds nothing
+    with pytest.raises(ValueError):
+        StepCostModel.default_for(get_config(), "h100").as_step_cost(context_tokens=-1)

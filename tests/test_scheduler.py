@@ -14,7 +14,7 @@ from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.serving.policies import make_policy
 from agentinfer_jax.serving.request import InvalidRequestError, Request, SamplingParams
 from agentinfer_jax.serving.scheduler import Scheduler, SchedulerConfig, SessionRetention
-from page_oracle import PageOracleExecutor, reference_generate, run_until_done
+from page_oracle import PageOracleExecutor, PipelinedOracleExecutor, reference_generate, run_until_done
 
 VOCAB = 97
 
@@ -374,3 +374,55 @@ def test_planning_ahead_asks_the_adaptive_switch_once_per_step():
     sched.update(third, {"a": [9]})
     plan = sched.schedule()  # the same decision, not a new question
     assert switch.calls == 3 and plan.seqs[0].num_draft == 2
+
+
+class ScoredDrafter:
+    """Proposes `token` k times and scores each proposal with `score` (as AgentSAM's calibrator does)."""
+
+    def __init__(self, token, score):
+        self.token, self.score, self.proposals = token, score, 0
+
+    def begin(self, *a, **kw):
+        pass
+
+    def extend(self, *a):
+        pass
+
+    def propose(self, rid, k):
+        self.proposals += 1
+        return [self.token] * k
+
+    def expected_accepted(self, rid):
+        return self.score
+
+    def end(self, rid):
+        pass
+
+
+@pytest.mark.parametrize("score, drafts", [(0.3, False), (7.0, True)])
+def test_a_scored_proposal_is_verified_only_when_its_score_pays(score, drafts):
+    """A verify step costs 3 plain ones (the measured table below). A drafter scoring its proposal
+    at 0.3 expected tokens gets no verification and the next step is planned ahead (overlap kept);
+    one at 7 is verified, so the step after it waits for the result. Outputs stay the oracle's."""
+    from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, StepCostTable
+
+    adaptive = AdaptiveSpeculation(StepCostTable({1: {1: 1e-3, 5: 3e-3}}), k_choices=(1, 2, 4))
+    drafter = ScoredDrafter(5, score)
+    pool = BlockPool(64)
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=2, max_tokens_per_step=32, max_model_len=128,
+                                      vocab_size=VOCAB, num_draft_tokens=4), pool, drafter=drafter, adaptive=adaptive)
+    sched.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=12)))
+    executor = PipelinedOracleExecutor(64, 4, VOCAB)
+    first = sched.schedule()
+    pending = executor.dispatch(first)
+    ahead = sched.schedule_ahead(first)
+    assert drafter.proposals == 1  # the proposal was judged before deciding to plan ahead
+    assert (ahead is None) is drafts
+    sched.update(first, executor.collect(pending))
+    if ahead is None:
+        ahead = sched.schedule()
+    assert (ahead.seqs[0].num_draft > 0) is drafts
+    sched.update(ahead, executor.collect(executor.dispatch(ahead)))
+    run_until_done(sched, executor)
+    expected = reference_generate([1, 2, 3], 12, VOCAB, stop_ids=sched.config.eos_token_ids)
+    assert sched.requests["a"].output_tokens == expected and pool.num_used == 0

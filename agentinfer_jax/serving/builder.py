@@ -258,13 +258,15 @@ def _check_drafter(config: ServerConfig, drafter, session_memory: SessionMemory 
 
 def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, model=None,
                 tokenizer: Tokenizer | None = None, drafter=None,
-                session_memory: SessionMemory | None = None) -> ServingStack:
+                session_memory: SessionMemory | None = None, draft_step_cost=None) -> ServingStack:
     """Builds model, tokenizer, engine, pool, prefix cache, policy, drafter, scheduler and loop.
 
     `model` / `tokenizer`: use these instead of loading what `config` names (roles of one process
     share them). `drafter`: a Drafter object, with `config.drafter == "custom"`. `session_memory`:
     AgentSAM's cross-session memory for drafter "sam" (e.g. pre-filled); the stack closes it at
-    shutdown. The adaptive switch is on whenever a drafter is, unless `config.adaptive_draft` is False.
+    shutdown. The adaptive switch is on whenever a drafter is, unless `config.adaptive_draft` is False;
+    it prices k at measured step times, or at `draft_step_cost(batch_size, tokens_fed) -> seconds`
+    when given (a projection's target device).
     """
     model_config = model.config if model is not None else _model_config(config)
     _check_fits(config, model_config)  # before any weights load
@@ -286,7 +288,9 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, 
     # The chat template ends turns with the tokenizer's EOS; stop on it even if config.json omits it.
     eos = tuple(dict.fromkeys((*sched_config.eos_token_ids, *tokenizer.eos_token_ids)))
     sched_config = dataclasses.replace(sched_config, eos_token_ids=eos)
-    adaptive = AdaptiveSpeculation.measured(config.num_draft_tokens, config.max_num_seqs) \
+    if draft_step_cost is not None and (drafter is None or not config.adaptive_draft):
+        raise ValueError("draft_step_cost prices the adaptive switch's k: it needs a drafter and adaptive_draft")
+    adaptive = AdaptiveSpeculation.measured(config.num_draft_tokens, config.max_num_seqs, draft_step_cost) \
         if drafter is not None and config.adaptive_draft else None
     retention = SessionRetention(pool, config.retention_ttl_s) if config.retention_ttl_s > 0 else None
     scheduler = Scheduler(sched_config, pool, prefix_cache, policy, drafter=drafter,

@@ -203,7 +203,8 @@ class Scheduler:
                 if req.grammar is not None or sp.presence_penalty or sp.frequency_penalty:
                     return None
                 # Decided once per step: a k > 0 is kept for the synchronous plan that follows.
-                k = self._pending_k[req.request_id] = self._draft_len(req, len(inflight.seqs))
+                k = self._pending_k[req.request_id] = self._draft_len(req, len(inflight.seqs), ahead=True,
+                                                                         stale=True)
                 if k > 0:
                     return None
             ahead[seq.request_id] = seq
@@ -379,7 +380,17 @@ class Scheduler:
                 continue
             return None
 
-    def _draft_len(self, req: Request, step_tokens: int) -> int:
+    @property
+    def _scored_drafts(self) -> bool:
+        """The drafter scores each proposal (AgentSAM's calibrator) and the switch can judge it."""
+        return hasattr(self.drafter, "expected_accepted") and hasattr(self.adaptive, "keep_drafts")
+
+    def _draft_len(self, req: Request, step_tokens: int, ahead: bool = False, stale: bool = False) -> int:
+        """k to draft for `req` in the step being planned (0: none). With a drafter that scores its
+        proposals, `ahead` (deciding whether the next step can be planned while one runs) proposes
+        now and judges the proposal, so a weak one keeps the overlap; `stale`: the request's newest
+        token is still in flight, so the proposal is one token early (its first token predicts the
+        one in flight). The step's own plan proposes again, up to date, and judges that too."""
         if self.drafter is None:
             return 0
         if req.request_id in self._pending_k:  # already chosen for this step by schedule_ahead
@@ -387,11 +398,19 @@ class Scheduler:
         room = min(req.sampling.max_tokens - len(req.output_tokens),
                    self.config.max_model_len - req.num_tokens) - 1
         k = min(self.config.num_draft_tokens, room)
-        if k > 0 and self.adaptive is not None:
-            # max(1, ...): a request admitted with one token left to feed drafts before it is running.
-            k = self.adaptive.choose_k(req.request_id, max(1, len(self.running)), req.num_tokens, max_k=k,
-                                       tokens_fed=max(step_tokens, 1))
-        return max(0, k)
+        if k <= 0 or self.adaptive is None:
+            return max(0, k)
+        batch = max(1, len(self.running))  # a request admitted with one token left drafts before it runs
+        if not self._scored_drafts:
+            return max(0, self.adaptive.choose_k(req.request_id, batch, req.num_tokens, max_k=k,
+                                                 tokens_fed=max(step_tokens, 1)))
+        k = self.adaptive.draft_budget(batch, req.num_tokens, k)
+        if k > 0 and ahead:
+            drafts = self.drafter.propose(req.request_id, k + stale)
+            if not self.adaptive.keep_drafts(batch, min(len(drafts) - stale, k), self.drafter.expected_accepted(
+                    req.request_id) - stale, max(step_tokens, 1)):
+                return 0
+        return k
 
     def _plan_running(self, req: Request, budget: int, step_tokens: int = 1) -> StepSeq | None:
         """The request's next feed within `budget`, with blocks allocated; None if blocks ran out.
@@ -403,6 +422,10 @@ class Scheduler:
             k = min(self._draft_len(req, step_tokens), budget - 1)
             if k > 0:
                 drafts = list(self.drafter.propose(req.request_id, k))[:k]
+                if drafts and self._scored_drafts and not self.adaptive.keep_drafts(
+                        max(1, len(self.running)), len(drafts), self.drafter.expected_accepted(req.request_id),
+                        max(step_tokens, 1)):
+                    drafts = []  # the drafter's own score says verifying this proposal does not pay
         else:
             pending = pending[:budget]
         samples = start + len(pending) == req.num_tokens
@@ -426,7 +449,7 @@ class Scheduler:
         if inflight is None:  # not in the step in flight: planned as usual, unless it would draft
             if self.drafter is not None and req.num_tokens - req.num_computed_tokens == 1:
                 # Asked once per step: the answer is what _plan_running (now or after the update) reads.
-                self._pending_k[req.request_id] = k = self._draft_len(req, 1)
+                self._pending_k[req.request_id] = k = self._draft_len(req, 1, ahead=True)
                 if k > 0:
                     return None  # it drafts once it is planned after an update
             seq = self._plan_running(req, budget)

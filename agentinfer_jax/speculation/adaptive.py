@@ -18,13 +18,17 @@ tokens a step yields E(k) = 1 + alpha + ... + alpha^k tokens for this request. T
 slows the whole step from cost(B, n) to cost(B, n + k), so the step's throughput is
 (B - 1 + E(k)) / cost(B, n + k) tokens per second; the switch picks the k that maximises it
 (k = 0 when nothing beats plain decoding). A request switched off is re-probed with the smallest
-k every `probe_every` steps so its estimate can recover.
+k every `probe_every` steps so its estimate can recover. A drafter that scores its own proposals
+(`expected_accepted`, AgentSAM's calibrator) then has each proposal judged on that score
+(`keep_drafts`): a weak one is dropped before it costs a verification.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 
 StepCost = Callable[[int, int], float]
@@ -63,23 +67,25 @@ class MeasuredStepCost:
 
     The engine pads each step to one of a few token buckets, so a step's cost is flat inside a
     bucket and jumps between them: verifying k more tokens is free when it stays in the bucket.
-    Cells are (batch-size bucket, token bucket), both powers of two, each an exponential moving
-    average of measured seconds (weight `decay` on the past). A query reads its cell, else
-    interpolates linearly in tokens between the nearest measured cells of its batch bucket (below
-    them proportionally, above them flat: each unmeasured side looks worth a try, so it gets
-    measured), else uses the nearest batch bucket; with no measurement at all every cost is
-    `default_s`, so drafting starts on and the measurements decide.
+    Cells are (batch-size bucket, token bucket), both powers of two, each the median of its last
+    `window` measured seconds: interference (another thread holding the GIL, a memory rebuild, a
+    busy core) only ever adds time, so a mean would let a few slow steps price a whole bucket. A
+    query reads its cell, else interpolates linearly in tokens between the nearest measured cells
+    of its batch bucket (below them proportionally, above them flat: each unmeasured side looks
+    worth a try, so it gets measured), else uses the nearest batch bucket; with no measurement at
+    all every cost is `default_s`, so drafting starts on and the measurements decide.
 
     `skip_first` (default) drops each cell's first measurement: a jitted engine compiles a shape
     bucket on its first step, and one compile-inflated sample (seconds instead of milliseconds)
     would make that bucket look unaffordable, and so never chosen and never re-measured.
     """
 
-    def __init__(self, decay: float = 0.9, default_s: float = 1e-3, skip_first: bool = True) -> None:
-        if not 0 <= decay < 1 or default_s <= 0:
-            raise ValueError("need 0 <= decay < 1 and default_s > 0")
-        self.decay, self.default_s, self.skip_first = decay, default_s, skip_first
-        self._cells: dict[int, dict[int, float]] = {}  # batch bucket -> token bucket -> seconds
+    def __init__(self, window: int = 32, default_s: float = 1e-3, skip_first: bool = True) -> None:
+        if window < 1 or not default_s > 0:
+            raise ValueError("need window >= 1 and default_s > 0")
+        self.window, self.default_s, self.skip_first = window, default_s, skip_first
+        self._samples: dict[tuple[int, int], collections.deque[float]] = {}
+        self._cells: dict[int, dict[int, float]] = {}  # batch bucket -> token bucket -> median seconds
         self._seen: set[tuple[int, int]] = set()  # cells whose first (compiling) step was dropped
 
     @staticmethod
@@ -93,9 +99,9 @@ class MeasuredStepCost:
         if self.skip_first and (b, t) not in self._seen:
             self._seen.add((b, t))
             return
-        row = self._cells.setdefault(b, {})
-        old = row.get(t)
-        row[t] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        samples = self._samples.setdefault((b, t), collections.deque(maxlen=self.window))
+        samples.append(float(seconds))
+        self._cells.setdefault(b, {})[t] = statistics.median(samples)
 
     def __call__(self, batch_size: int, tokens_fed: int) -> float:
         if not self._cells:
@@ -156,13 +162,14 @@ class AdaptiveSpeculation:
         self._estimates: dict[str, _Estimate] = {}
 
     @classmethod
-    def measured(cls, max_k: int, max_batch_size: int = 32) -> AdaptiveSpeculation:
+    def measured(cls, max_k: int, max_batch_size: int = 32, step_cost: StepCost | None = None) -> AdaptiveSpeculation:
         """The serving default: k in powers of two up to `max_k` (and `max_k` itself), step costs
-        learned online by a `MeasuredStepCost` (fed through `Scheduler.observe_step`)."""
+        learned online by a `MeasuredStepCost` (fed through `Scheduler.observe_step`), or priced by
+        a fixed `step_cost` (e.g. another device's cost model, for a projection)."""
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
         k_choices = sorted({min(1 << i, max_k) for i in range(max_k.bit_length())} | {max_k})
-        return cls(MeasuredStepCost(), k_choices=k_choices, max_batch_size=max_batch_size)
+        return cls(step_cost or MeasuredStepCost(), k_choices=k_choices, max_batch_size=max_batch_size)
 
     def _get(self, request_id: str) -> _Estimate:
         est = self._estimates.get(request_id)
@@ -234,6 +241,25 @@ class AdaptiveSpeculation:
         else:
             est.steps_off = 0
         return best_k
+
+    def draft_budget(self, batch_size: int, context_len: int, max_k: int) -> int:
+        """The k to ask a drafter that scores its own proposals for: `max_k` below the hard
+        thresholds (its proposal is then judged by `keep_drafts`), else 0."""
+        if batch_size > self.max_batch_size or context_len > self.max_context:
+            return 0
+        return max(0, max_k)
+
+    def keep_drafts(self, batch_size: int, num_drafts: int, expected_accepted: float,
+                    tokens_fed: int | None = None) -> bool:
+        """Whether verifying a proposal beats a plain step, judged by the drafter's own calibrated
+        `expected_accepted` tokens for that proposal (the per-request alpha that chose k is an
+        average over proposals; a drafter that knows this one is weak saves the verification).
+        `tokens_fed`: the step's tokens without these drafts (default: batch_size)."""
+        if num_drafts < 1:
+            return False
+        base = batch_size if tokens_fed is None else tokens_fed
+        plain = batch_size / self.step_cost(batch_size, base)
+        return (batch_size + max(0.0, expected_accepted)) / self.step_cost(batch_size, base + num_drafts) > plain
 
     def end(self, request_id: str) -> None:
         self._estimates.pop(request_id, None)

@@ -212,6 +212,18 @@ class StepCostModel:
             return float(features.vector() @ self.coef)
         return np.array([f.vector() for f in features]).reshape(-1, len(FEATURE_NAMES)) @ self.coef
 
+    def as_step_cost(self, context_tokens: int = 1024):
+        """`(batch_size, tokens_fed) -> seconds` for the adaptive switch: a decode or verify step of
+        `batch_size` sequences of `context_tokens` each, feeding `tokens_fed` tokens in all."""
+        if context_tokens < 0:
+            raise ValueError(f"context_tokens must be >= 0, got {context_tokens}")
+
+        def step_cost(batch_size: int, tokens_fed: int) -> float:
+            b, t = max(int(batch_size), 1), max(int(tokens_fed), 1)
+            return self.predict(StepFeatures(0, t, b, t * (context_tokens + 1), b * context_tokens + t))
+
+        return step_cost
+
     def evaluate(self, samples: Sequence[tuple[StepFeatures, float]]) -> dict[str, float]:
         """Relative error on `samples`: mean, median, p90, max, and the count."""
         x, y = _check_samples(samples)
