@@ -150,7 +150,7 @@ class SAMDrafter:
         toks = as_token_array(check_tokens(tokens))
         if state.n_cand and len(toks):
             cal = self.calibrator
-            cal.reserve(state.cand_toks.shape[1])
+            cal.reserve(state.cand_toks.shape[1], state.n_cand)
             score_candidates(toks, state.n_cand, state.cand_src, state.cand_len, state.cand_toks, state.cand_cells,
                    cal.cells, cal.keys, cal.stats, cal.sizes, state.last_token, state.last_token2,
                    cal.context_positions if cal.token_context else 0, cal.max_first_tokens)

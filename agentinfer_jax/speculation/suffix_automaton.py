@@ -130,7 +130,7 @@ def _extend_run(new_tokens, st, keys, vals, tokens, meta, track, count_depth, re
             _set_child(st, keys, vals, meta, p, token, cur)
             if track:  # a new continuation, seen once
                 st[p, TOP_TOTAL] += 1
-                if st[p, TOP_CHILD] < 0 and token >= 0:
+                if token >= 0 and (st[p, TOP_CHILD] < 0 or st[st[p, TOP_CHILD], COUNT] <= 1):
                     st[p, TOP_TOK] = token
                     st[p, TOP_CHILD] = cur
             p = st[p, LINK]
@@ -251,7 +251,7 @@ def _freeze(st, keys, vals, n_states):
         n = out[c, COUNT]
         out[s, TOP_TOTAL] += n
         top = out[s, TOP_CHILD]
-        if token >= 0 and (top < 0 or n > out[top, COUNT] or (n == out[top, COUNT] and c < top)):
+        if token >= 0 and (top < 0 or n > out[top, COUNT] or (n == out[top, COUNT] and c > top)):
             out[s, TOP_TOK] = token
             out[s, TOP_CHILD] = c
     return out, child_of
