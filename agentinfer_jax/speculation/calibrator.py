@@ -37,7 +37,7 @@ from agentinfer_jax.speculation.suffix_automaton import COUNT, TOP_CHILD, TOP_TO
 OWN, MEMORY, GLOBAL = 0, 1, 2
 SOURCE_NAMES = ("own", "memory", "global")
 NUM_SOURCES = len(SOURCE_NAMES)
-# Evidence classes: source + AGREED when another cursor's top continuation starts with the same token.
+# Evidence classes: source + AGREED while another cursor's top path agrees up to the drafted token.
 AGREED = len(SOURCE_NAMES)
 NUM_CLASSES = 2 * AGREED
 CELLS_PER_CLASS = 8 * 8 * 5
