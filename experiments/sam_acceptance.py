@@ -317,7 +317,8 @@ def main(argv: Sequence[str]) -> None:
                                chat, k, stats, bar, wait)
                         gc.collect()
                         passes_rss.setdefault(f"{name}/{k}/{dname}", []).append(_rss_mb("VmRSS"))
-                        held = {"drafter_mb": getattr(drafter, "nbytes", 0) / 2**20}
+                        held = {"drafter_mb": (drafter.nbytes if hasattr(drafter, "nbytes") else
+                                               drafter.global_bytes() if hasattr(drafter, "global_bytes") else 0) / 2**20}
                         if memory is not None:
                             held["memory_mb"] = memory.nbytes() / 2**20
                         passes_held.setdefault(f"{name}/{k}/{dname}", []).append(held)
@@ -350,7 +351,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.passes > 1:
         for key, rss in passes_rss.items():
             held = passes_held[key]
-            print(f"{key}: RSS MB after each pass " + " ".join(f"{r:.0f}" for r in rss) + "; drafter + memory MB "
+            print(f"{key}: RSS MB after each pass " + " ".join(f"{r:.0f}" for r in rss) + "; held by the drafter (+ memory) MB "
                   + " ".join(f"{h['drafter_mb'] + h.get('memory_mb', 0.0):.0f}" for h in held))
     if FLAGS.gil_probe:
         text = [t for trajs in loaded.values() for traj in trajs for m in traj.messages for t in chat.message(m)]
