@@ -300,6 +300,7 @@ def main(argv: Sequence[str]) -> None:
     if unknown:
         raise app.UsageError(f"unknown drafters {unknown}; choose from {sorted(factories)}")
     passes_rss: dict[str, list[float]] = {}
+    passes_held: dict[str, list[dict[str, float]]] = {}  # what the drafter's own arrays hold after each pass
     with tqdm(total=total_turns * len(ks) * len(names) * FLAGS.passes, desc="replay", unit="turn") as bar:
         for path, trajs in loaded.items():
             name = pathlib.Path(path).name
@@ -316,6 +317,11 @@ def main(argv: Sequence[str]) -> None:
                                chat, k, stats, bar, wait)
                         gc.collect()
                         passes_rss.setdefault(f"{name}/{k}/{dname}", []).append(_rss_mb("VmRSS"))
+                        held = {"drafter_mb": (drafter.nbytes if hasattr(drafter, "nbytes") else
+                                               drafter.global_bytes() if hasattr(drafter, "global_bytes") else 0) / 2**20}
+                        if memory is not None:
+                            held["memory_mb"] = memory.nbytes() / 2**20
+                        passes_held.setdefault(f"{name}/{k}/{dname}", []).append(held)
                     stats.rss_mb = _rss_mb()
                     stats.extra.update(_store_stats(drafter, memory))
                     stats.bytes_per_token = stats.extra.pop("bytes_per_token", 0.0)
@@ -342,6 +348,11 @@ def main(argv: Sequence[str]) -> None:
                     for key, v in stats.extra.items():
                         agg.extra[key] = max(agg.extra.get(key, 0.0), v)
     print_table(rows)
+    if FLAGS.passes > 1:
+        for key, rss in passes_rss.items():
+            held = passes_held[key]
+            print(f"{key}: RSS MB after each pass " + " ".join(f"{r:.0f}" for r in rss) + "; held by the drafter (+ memory) MB "
+                  + " ".join(f"{h['drafter_mb'] + h.get('memory_mb', 0.0):.0f}" for h in held))
     if FLAGS.gil_probe:
         text = [t for trajs in loaded.values() for traj in trajs for m in traj.messages for t in chat.message(m)]
         probe = gil_probe(np.asarray(text[:1 << 18], np.int32))
@@ -349,7 +360,7 @@ def main(argv: Sequence[str]) -> None:
     if len(paths) > 1:
         print_table([("ALL", k, n, s.summary()) for k, d in merged.items() for n, s in d.items()])
     result = {"drafters": {n: s.summary() for n, s in merged[ks[0]].items()},
-              "rss_mb_after_each_pass": passes_rss,
+              "rss_mb_after_each_pass": passes_rss, "held_mb_after_each_pass": passes_held,
               "gil_probe": probe if FLAGS.gil_probe else None,
               "k": ks[0], "traces": [portable_path(p) for p in paths], "detail": detail,
               "by_k": {str(k): {n: s.summary() for n, s in d.items()} for k, d in merged.items()}}

@@ -74,10 +74,19 @@ def test_sam_session_draft_follows_the_most_frequent_continuation_of_an_earlier_
         d.end(f"r{trial}")
 
 
+def _top_path(sam, st, limit):
+    toks = []
+    while len(toks) < limit and sam.top_next(st) is not None:
+        tok, st, _, _ = sam.top_next(st)
+        toks.append(tok)
+    return toks
+
+
 def exhaustive_choice(d, rid):
     """SAMDrafter's selection rule evaluated without pruning, from its public pieces: the draft of
     the candidate with the most expected accepted tokens, cut where the path probability < min_prob;
-    a candidate whose first token another cursor's top continuation shares is in class source + 3."""
+    a drafted token is in class source + 3 while another cursor's top path agrees with the
+    candidate's path up to and including it."""
     state = d._requests[rid]
     cursors = []
     if state.sam.match_length >= d.min_match:
@@ -90,17 +99,18 @@ def exhaustive_choice(d, rid):
     cal, tokens = d.calibrator, state.sam.tokens
     limit = min(8, math.ceil(d.factor * max(c[3] for c in cursors)))
     best, best_score = [], 0.0
-    firsts = [top[0] for top in (sam.top_next(st) for _, sam, st, _ in cursors) if top is not None]
+    paths = {src: _top_path(sam, st, limit) for src, sam, st, _ in cursors}
     for src, sam, st, length in cursors:
-        top = sam.top_next(st)
-        if top is not None and firsts.count(top[0]) > 1:
-            src += 3  # another source's top continuation starts with the same token
+        mine = paths[src]
+        agreed = max([next((j for j, (a, b) in enumerate(zip(mine, other)) if a != b), min(len(mine), len(other)))
+                      for o, other in paths.items() if o != src] or [0])
         toks, probs = [], []
         prev2, prev = (int(tokens[-2]) if len(tokens) > 1 else -1), int(tokens[-1])
         while len(toks) < limit and sam.top_next(st) is not None:
             tok, st, n, total = sam.top_next(st)
-            q = cal.prob(cal.cell(src, length + len(toks), n, total), n, total)
-            q = cal.token_prob(src, len(toks), prev2, prev, tok, q)
+            cls = src + 3 if len(toks) < agreed else src
+            q = cal.prob(cal.cell(cls, length + len(toks), n, total), n, total)
+            q = cal.token_prob(cls, len(toks), prev2, prev, tok, q)
             probs.append(q * probs[-1] if probs else q)
             toks.append(tok)
             prev2, prev = prev, tok

@@ -113,6 +113,25 @@ def test_top_next_is_the_most_frequent_continuation_online_and_frozen(seq):
             assert child == sam.walk(list(sub) + [tok])
 
 
+def test_equally_frequent_continuations_go_to_the_most_recent():
+    """A context continued by a different token each time (each seen once): its top continuation is
+    the latest one, online (approximate and exact counts) and frozen; a continuation seen twice
+    still beats a newer one seen once."""
+    rng = random.Random(21)
+    for _ in range(20):
+        w = [rng.randrange(100, 110) for _ in range(rng.randrange(1, 4))]
+        conts = rng.sample(range(10, 60), rng.randrange(2, 8))
+        seq = []
+        for c in conts:
+            seq += w + [c, rng.randrange(60, 100)]
+        seq += w
+        for sam in (SuffixAutomaton(seq), SuffixAutomaton(seq, count_depth=None), SuffixAutomaton.frozen_of(seq)):
+            assert sam.top_next(sam.walk(w))[0] == conts[-1]
+        twice = seq + [conts[0], 99] + w + [77, 98] + w
+        for sam in (SuffixAutomaton(twice, count_depth=None), SuffixAutomaton.frozen_of(twice)):
+            assert sam.top_next(sam.walk(w))[0] == conts[0]
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(-1, 2), min_size=1, max_size=40), st.integers(1, 3))
 def test_online_top_invariants_with_bounded_depth(seq, depth):

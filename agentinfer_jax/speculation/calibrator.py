@@ -37,10 +37,11 @@ from agentinfer_jax.speculation.suffix_automaton import COUNT, TOP_CHILD, TOP_TO
 OWN, MEMORY, GLOBAL = 0, 1, 2
 SOURCE_NAMES = ("own", "memory", "global")
 NUM_SOURCES = len(SOURCE_NAMES)
-# Evidence classes: source + AGREED when another cursor's top continuation starts with the same token.
+# Evidence classes: source + AGREED while another cursor's top path agrees up to the drafted token.
 AGREED = len(SOURCE_NAMES)
 NUM_CLASSES = 2 * AGREED
-NUM_CELLS = NUM_CLASSES * 8 * 8 * 5
+CELLS_PER_CLASS = 8 * 8 * 5
+NUM_CELLS = NUM_CLASSES * CELLS_PER_CLASS
 FIRST, PAIR, CONTEXT = 0, 1, 2
 _EMPTY = 0
 _njit = numba.njit(cache=True, nogil=True)
@@ -64,7 +65,7 @@ def cell_index(cls, match_len, n, total):
     if n > total:  # online counts are lower bounds; a share never exceeds 1
         n = total
     share = 4 if n == total else 4 * n // total
-    return ((cls * 8 + _log2_bin(match_len)) * 8 + _log2_bin(total)) * 5 + share
+    return cls * CELLS_PER_CLASS + (_log2_bin(match_len) * 8 + _log2_bin(total)) * 5 + share
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -142,27 +143,45 @@ def _rehash(keys, stats, slots):
 @numba.njit(cache=True, nogil=True)
 def walk_candidates(sts, states, lengths, limit, cells, ckeys, cstats, w, wc, ctx_stop, last, last2, min_prob,
           out, cand_src, cand_len, cand_toks, cand_cells):
-    """The drafter's selection (see sam_drafter): proposes the best candidate into `out`; returns (draft length, candidates, expected
-    accepted). `states[i] < 0`: source i has no cursor. Candidates (source class, tokens, cells)
-    are kept for `score_candidates`."""
+    """The drafter's selection (see sam_drafter): proposes the best candidate into `out`; returns
+    (draft length, candidates, expected accepted). `states[i] < 0`: source i has no cursor.
+    Candidates (class, tokens, cells) are kept for `score_candidates`."""
+    max_heads = NUM_SOURCES
     n_heads = 0
-    h_q = np.empty(NUM_SOURCES, np.float64)
-    h_i = np.empty(NUM_SOURCES, np.int64)
-    h_tok = np.empty(NUM_SOURCES, np.int64)
+    h_q = np.empty(max_heads, np.float64)
+    h_i = np.empty(max_heads, np.int64)
+    h_tok = np.empty(max_heads, np.int64)
     for i in range(NUM_SOURCES):
         if states[i] >= 0 and sts[i][states[i], TOP_CHILD] >= 0:
             h_i[n_heads] = i
             h_tok[n_heads] = sts[i][states[i], TOP_TOK]
             n_heads += 1
+    # Every head's path first (its tokens), so a token's class can say whether another source's
+    # path agrees with the candidate up to and including it.
+    path_len = np.zeros(max_heads, np.int64)
+    for h in range(n_heads):
+        st = sts[h_i[h]]
+        s = states[h_i[h]]
+        size = 0
+        while size < limit and st[s, TOP_CHILD] >= 0:
+            cand_toks[h, size] = st[s, TOP_TOK]
+            s = st[s, TOP_CHILD]
+            size += 1
+        path_len[h] = size
+    agreed = np.zeros(max_heads, np.int64)  # positions < agreed[h] are backed by another source
+    for h in range(n_heads):
+        for g in range(n_heads):
+            if h_i[g] != h_i[h]:
+                m = 0
+                while m < min(path_len[h], path_len[g]) and cand_toks[g, m] == cand_toks[h, m]:
+                    m += 1
+                agreed[h] = max(agreed[h], m)
     for h in range(n_heads):
         i = h_i[h]
         st = sts[i]
         s = states[i]
         tok = h_tok[h]
-        cls = i
-        for g in range(n_heads):
-            if g != h and h_tok[g] == tok:
-                cls = i + AGREED
+        cls = i + AGREED if agreed[h] > 0 else i
         n = st[st[s, TOP_CHILD], COUNT]
         total = st[s, TOP_TOTAL]
         c = cell_index(cls, lengths[i], n, total)
@@ -185,11 +204,10 @@ def walk_candidates(sts, states, lengths, limit, cells, ckeys, cstats, w, wc, ct
         p = h_q[h]
         if p < min_prob or p * limit <= best_score:
             continue  # scored from its first token only
-        i = h_i[h]
-        st = sts[i]
-        s = st[states[i], TOP_CHILD]
-        cls = cand_src[h]
-        length = lengths[i] + 1
+        src = h_i[h]
+        st = sts[src]
+        s = st[states[src], TOP_CHILD]
+        length = lengths[src] + 1
         prev2, prev = last, cand_toks[h, 0]
         size = 1
         score, keep = p, 1
@@ -200,6 +218,7 @@ def walk_candidates(sts, states, lengths, limit, cells, ckeys, cstats, w, wc, ct
             tok = st[s, TOP_TOK]
             n = st[child, COUNT]
             total = st[s, TOP_TOTAL]
+            cls = src + AGREED if size < agreed[h] else src
             c = cell_index(cls, length, n, total)
             q = cell_prob(cells, c, n, total, w)
             if size < ctx_stop:
@@ -207,7 +226,6 @@ def walk_candidates(sts, states, lengths, limit, cells, ckeys, cstats, w, wc, ct
                 q = lookup(ckeys, cstats, token_key(CONTEXT, cls, prev2, prev, tok), q, wc)
                 prev2, prev = prev, tok
             p *= q
-            cand_toks[h, size] = tok
             cand_cells[h, size] = c
             size += 1
             length += 1
@@ -244,6 +262,7 @@ def score_candidates(true, n_cand, cand_src, cand_len, cand_toks, cand_cells, ce
             c = cand_cells[h, j]
             cells[c, 0] += acc
             cells[c, 1] += 1.0
+            cls = c // CELLS_PER_CLASS  # the token's own class (agreement may end mid-path)
             if j < ctx_n:
                 if j:
                     record(ckeys, cstats, sizes, PAIR, token_key(PAIR, cls, -1, prev, tok), acc, max_keys)
@@ -279,10 +298,10 @@ class AcceptanceCalibrator:
     def cell(source: int, match_len: int, n: int, total: int) -> int:
         return int(cell_index(source, match_len, n, total))
 
-    def reserve(self, draft_len: int) -> None:
-        """Keeps the table at most half full with room for one scoring call of drafts up to
-        `draft_len` tokens (3 candidates x 3 levels per token), on the caller's thread."""
-        if 2 * (self.sizes[3] + 9 * draft_len + 9) > len(self.keys):
+    def reserve(self, draft_len: int, candidates: int = NUM_SOURCES) -> None:
+        """Keeps the table at most half full with room for one scoring call of `candidates` drafts
+        of up to `draft_len` tokens (3 levels per token), on the caller's thread."""
+        if 2 * (self.sizes[3] + 3 * candidates * (draft_len + 1)) > len(self.keys):
             self.keys, self.stats = _rehash(self.keys, self.stats, 2 * len(self.keys))
 
     def prob(self, cell: int, n: int, total: int) -> float:

@@ -14,8 +14,9 @@ Sources, each a suffix automaton with a cursor (the longest suffix of the contex
 Drafting: from every cursor the drafter follows the most frequent continuation (occurrence counts;
 exact in frozen automata, approximate online, see SuffixAutomaton). The `AcceptanceCalibrator`
 (calibrator.py) gives each drafted token a probability of acceptance from its evidence, and a
-candidate's value is its expected accepted tokens, sum_j prod_{i<=j} p_i. Its evidence class is its
-source, or source + AGREED when another cursor's top continuation starts with the same token. The
+candidate's value is its expected accepted tokens, sum_j prod_{i<=j} p_i. A drafted token's evidence
+class is its source, or source + AGREED while another cursor's top path agrees with the candidate's
+up to and including that token (where the paths part, the evidence of agreement ends). The
 candidate with the highest value is drafted, cut where its path probability falls below `min_prob`
 and at min(k, ceil(factor * longest match)) tokens. Candidates are evaluated best-first and
 abandoned as soon as they cannot beat the best so far (their path probability only falls).
@@ -150,7 +151,7 @@ class SAMDrafter:
         toks = as_token_array(check_tokens(tokens))
         if state.n_cand and len(toks):
             cal = self.calibrator
-            cal.reserve(state.cand_toks.shape[1])
+            cal.reserve(state.cand_toks.shape[1], state.n_cand)
             score_candidates(toks, state.n_cand, state.cand_src, state.cand_len, state.cand_toks, state.cand_cells,
                    cal.cells, cal.keys, cal.stats, cal.sizes, state.last_token, state.last_token2,
                    cal.context_positions if cal.token_context else 0, cal.max_first_tokens)

@@ -12,7 +12,8 @@ Retrieval: the top-K sessions (at most `retrieved_tokens` tokens of them, defaul
 is linear in them) most similar to the query by BM25 (Lucene's idf, k1 = 1.5, b = 0.75,
 over token ids as words, exact document frequencies of the live sessions) for the last
 `query_tokens` distinct context tokens, returned as ONE frozen suffix automaton over their
-concatenation (oldest first, separated by distinct negative sentinels so no match spans two
+concatenation (most similar last, so equally frequent continuations go to it (see
+suffix_automaton's ties); separated by distinct negative sentinels so no match spans two
 sessions). One merged automaton pools the continuation counts of all K sessions and costs one
 match walk per token instead of K. Scoring is one pass over the stored postings; the build is
 linear in the retrieved tokens. Both run in numba kernels that release the GIL, so the serving
@@ -161,7 +162,7 @@ def _concat(arena, rec_start, rec_ntok, recs, take):
 def _select(arena, rec_start, rec_ntok, rec_npost, rec_live, n_rec, df, n_docs, avgdl, query, max_terms,
             mark, weight, exclude, k, budget):
     """One retrieval in one call (the worker takes the GIL back once): the query's terms, the top-k
-    records by BM25 within the token budget, oldest first, and their text with sentinels."""
+    records by BM25 within the token budget, most similar last, and their text with sentinels."""
     terms = _query_terms(query, max_terms, mark)
     top = _bm25_top(arena, rec_start, rec_ntok, rec_npost, rec_live, n_rec, df, n_docs, avgdl, terms,
                     exclude, k, weight)
@@ -169,7 +170,7 @@ def _select(arena, rec_start, rec_ntok, rec_npost, rec_live, n_rec, df, n_docs, 
     n = 0
     while n < len(top) and take[n] > 0:
         n += 1
-    order = np.argsort(top[:n], kind="mergesort")
+    order = np.arange(n - 1, -1, -1)  # most similar last: ties between continuations go to it
     recs = top[:n][order]
     return recs, _concat(arena, rec_start, rec_ntok, recs, take[:n][order])
 
@@ -450,7 +451,7 @@ class SessionMemory:
         ex = self._ids.get(exclude, -1) if exclude is not None else -1
         recs = self._recs
         n_docs = len(self._ids)
-        # The best-scored sessions within the token budget, oldest first (later text is newer).
+        # The best-scored sessions within the token budget, most similar last.
         chosen, text = _select(self._arena, recs[0], recs[1], recs[2], recs[3], self._n_rec, self._df, n_docs,
                                self._live_tokens / n_docs, query, self.query_tokens, self._mark,
                                self._scratch, ex, k, self.retrieved_tokens)

@@ -21,8 +21,9 @@ occurrence to the first `count_depth` states on the suffix-link path of its matc
 text) and after `freeze()`, which recomputes all counts exactly in O(n). Top continuations are kept
 online (`track_top`): every credited child's parents are on the path `extend` walks anyway, so it
 refreshes at most `4 * count_depth + 16` of them per token. A top's count is read live, COUNT of
-TOP_CHILD. Ties keep the earlier top (online) or the smaller child state, i.e. the continuation
-first seen (frozen).
+TOP_CHILD. Ties go to the more recent continuation (agents reuse their latest phrasing): online, a
+credited child that equals the top's count and a new continuation of a state whose top was seen
+once take over; frozen, the later-created child state wins.
 
 After each `extend` the state LINK[last] holds the longest suffix of the text that also occurs
 ending earlier, so the session's self-match is O(1) per token. `Matcher` walks a different token
@@ -130,7 +131,7 @@ def _extend_run(new_tokens, st, keys, vals, tokens, meta, track, count_depth, re
             _set_child(st, keys, vals, meta, p, token, cur)
             if track:  # a new continuation, seen once
                 st[p, TOP_TOTAL] += 1
-                if st[p, TOP_CHILD] < 0 and token >= 0:
+                if token >= 0 and (st[p, TOP_CHILD] < 0 or st[st[p, TOP_CHILD], COUNT] <= 1):
                     st[p, TOP_TOK] = token
                     st[p, TOP_CHILD] = cur
             p = st[p, LINK]
@@ -251,7 +252,7 @@ def _freeze(st, keys, vals, n_states):
         n = out[c, COUNT]
         out[s, TOP_TOTAL] += n
         top = out[s, TOP_CHILD]
-        if token >= 0 and (top < 0 or n > out[top, COUNT] or (n == out[top, COUNT] and c < top)):
+        if token >= 0 and (top < 0 or n > out[top, COUNT] or (n == out[top, COUNT] and c > top)):
             out[s, TOP_TOK] = token
             out[s, TOP_CHILD] = c
     return out, child_of
