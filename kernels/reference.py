@@ -56,17 +56,18 @@ def reference_ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices,
     scale = 1.0 / math.sqrt(shp.head_dim) if sm_scale is None else float(sm_scale)
     bq = block_q or reference_block_q(shp.num_tokens, shp.max_seqs)
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, shp, scale)
+    fits = block_q is None and _fits_vectorized(shp)
+    if fits and shp.max_seqs == 1:  # a lone sequence owns every row: its pages gathered once
+        return _vectorized(*args, per_row=False)
     # Decode-shaped: every row at once (a padding row costs less than a loop step).
     if bq <= 2:
         return _vectorized(*args, per_row=True)
-    if block_q is None and _fits_vectorized(shp):
+    if fits:
         seq_blocks = functools.partial(_vectorized, *args, per_row=False)
-        if shp.max_seqs == 1:  # a lone sequence owns every row
-            return seq_blocks()
         # Short steps (verification, small chunks): every sequence's rows at once when none has
         # more than its even share cdiv(T, S); else the loop below.
-        fits = jnp.max(ragged.live_q_lens(cu_q_lens, num_seqs)) <= -(-shp.num_tokens // shp.max_seqs)
-        return jax.lax.cond(fits, seq_blocks, functools.partial(_looped, *args, bq=bq, kv_chunk=kv_chunk))
+        within = jnp.max(ragged.live_q_lens(cu_q_lens, num_seqs)) <= -(-shp.num_tokens // shp.max_seqs)
+        return jax.lax.cond(within, seq_blocks, functools.partial(_looped, *args, bq=bq, kv_chunk=kv_chunk))
     return _looped(*args, bq=bq, kv_chunk=kv_chunk)
 
 
@@ -145,7 +146,6 @@ def _vectorized(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
     t, hkv, g, d = shp.num_tokens, shp.num_kv_heads, shp.group, shp.head_dim
     s_max, span = shp.max_seqs, shp.pages_per_seq * shp.page_size
     n = ragged.num_seqs_scalar(num_seqs)
-    table = ragged.owned_page_table(kv_lens, page_indices, n, shp.page_size)
     q_lens = ragged.live_q_lens(cu_q_lens, n)
     rows = jnp.arange(t, dtype=jnp.int32)
     # Sequence of each row: how many sequences end at or before it (a compare, not a search loop).
@@ -165,8 +165,11 @@ def _vectorized(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
     row_ok = group_rows < cu_q_lens[group_seq + 1][:, None]  # [G, Q]; padding rows and sequences: False
     kv_len = jnp.where(group_seq < n, kv_lens[group_seq], 0)  # [G]
     qpos = (kv_len - q_lens[group_seq])[:, None] + group_rows - cu_q_lens[group_seq][:, None]
-    # Pages as rows of page_size * D values: one contiguous copy per page (a cheaper gather).
-    pages = jnp.where((group_seq < n)[:, None], table[group_seq], ragged.NULL_PAGE)  # [G, P]
+    # Pages as rows of page_size * D values: one contiguous copy per page (a cheaper gather). The
+    # table is used as given, not cut to the owned pages first (that arithmetic, fused into the
+    # gathers, would rerun per gathered value): every slot of a page a sequence does not own lies
+    # at or past its kv_len, so its keys are masked and its values zeroed; XLA clamps stray ids.
+    pages = page_indices if not per_row else page_indices[group_seq]  # [G, P]
     flat = (hkv, shp.num_pages, shp.page_size * d)
     k = k_pages.reshape(flat)[:, pages].reshape(hkv, num_groups, span, d).astype(jnp.float32)
     v = v_pages.reshape(flat)[:, pages].reshape(hkv, num_groups, span, d).astype(jnp.float32)
