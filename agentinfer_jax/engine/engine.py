@@ -273,9 +273,7 @@ class Engine:
             pages = paged_cache_sharding(mesh, shape)
             zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=pages)  # born sharded
             self.kv = tuple((zeros(), zeros()) for _ in range(mc.num_layers))
-        # At least 2 tokens: with one, XLA turns the KV scatter into a dynamic-update-slice and
-        # copies the whole page pool every step (measured on CPU, jax 0.10.2).
-        self.token_buckets = _pow2_buckets(max(2, config.min_token_bucket), config.max_tokens_per_step)
+        self.token_buckets = _pow2_buckets(max(1, config.min_token_bucket), config.max_tokens_per_step)
         if config.fine_token_buckets:
             self.token_buckets = tuple(sorted({*self.token_buckets, *(
                 3 * b // 2 for b in self.token_buckets if b % 2 == 0 and 3 * b // 2 < config.max_tokens_per_step)}))
