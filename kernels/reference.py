@@ -183,10 +183,11 @@ def _vectorized(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
     logits = jnp.einsum("kgqd,kgld->kgql", qk, k, precision=_HIGHEST).reshape(hkv, num_groups, q_per, g, span)
     logits = jnp.where(mask, logits * scale, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = (p / jnp.where(denom > 0, denom, 1.0)).reshape(hkv, num_groups, q_per * g, span)
-    o = jnp.einsum("kgql,kgld->kgqd", p, v, precision=_HIGHEST).reshape(hkv, num_groups, q_per, g, d)
+    p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))  # masked: exp(-inf) = 0
+    denom = jnp.sum(p, axis=-1)
+    o = jnp.einsum("kgql,kgld->kgqd", p.reshape(hkv, num_groups, q_per * g, span), v, precision=_HIGHEST)
+    # Normalized after the matmul (D values per row instead of span); rows seeing nothing are 0.
+    o = o.reshape(hkv, num_groups, q_per, g, d) / jnp.where(denom > 0, denom, 1.0)[..., None]
     o = jnp.transpose(o, (1, 2, 0, 3, 4)).reshape(num_groups * q_per, shp.num_q_heads, d)
     if not per_row and s_max > 1:  # back to the step's rows: row r is row r - cu[s] of group s
         at = row_seq * q_per + rows - cu_q_lens[row_seq]
