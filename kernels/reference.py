@@ -9,9 +9,10 @@ nothing), each one's cdiv(q_len, block_q) query blocks (a block is at most block
 rows of ONE sequence, like the GPU kernel's), and for each block the key chunks of kv_chunk tokens
 up to its causal edge, combined with an online softmax in float32 (as the GPU kernel does). So
 the looped cost is live query rows x live context, whatever the page table's width. Invariants:
-  * only page-table entries a sequence owns (< cdiv(kv_len, page_size)) are dereferenced; the
-    rest are replaced by the null page and, like every slot at or past kv_len, masked (values
-    zeroed) before use, so NaN/garbage in pages the sequence does not own never reaches the output;
+  * NaN/garbage in pages a sequence does not own never reaches the output: the loop dereferences
+    only the entries a sequence owns (< cdiv(kv_len, page_size)), the rest replaced by the null
+    page; the vectorized path reads through the table as given (XLA clamps stray ids), and in both
+    every slot at or past kv_len (which covers every page not owned) is masked, values zeroed;
   * the mask is applied before the softmax; rows that belong to no sequence (padding) are zeros.
 """
 
