@@ -32,6 +32,11 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
     num_slots = num_pages * page_size
     # Negative indices would wrap in .at[]; send them past the end where mode="drop" discards them.
     slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping).astype(jnp.int32)
+    if k.shape[0] == 1:
+        # One row: XLA rewrites a one-index scatter as a dynamic-update-slice, which on CPU copies
+        # the whole page pool (measured, jax 0.10.2); a second, dropped row keeps it a scatter.
+        k, v = jnp.pad(k, ((0, 1), (0, 0), (0, 0))), jnp.pad(v, ((0, 1), (0, 0), (0, 0)))
+        slots = jnp.pad(slots, (0, 1), constant_values=num_slots)
 
     def scatter(pages, new):
         flat = pages.reshape(hkv, num_slots, head_dim)  # a bitcast: the update stays in place

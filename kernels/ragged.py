@@ -9,7 +9,8 @@ Layout contract (see WORKSPACE.md, "KV page layout"):
   num_seqs     int32 scalar (or shape [1])     sequences s >= num_seqs are padding
 
 Only the first cdiv(kv_lens[s], page_size) entries of page_indices[s] are owned by s; the rest
-may hold anything (every backend replaces them by the null page 0 before reading).
+may hold anything (backends replace them by the null page 0 before reading, or, like the reference's
+vectorized path, read clamped ids whose slots all lie past kv_len and are masked).
 """
 
 from __future__ import annotations

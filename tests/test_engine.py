@@ -213,6 +213,19 @@ def test_bucketed_page_width_matches_full_width(model, requests, reference):
     assert outs[0] == outs[1] == [reference[i] for i in subset]
 
 
+def test_one_token_buckets_and_small_sequence_buckets_match_reference(model, requests, reference):
+    """Token buckets from 1 and sequence buckets 1, 2, 4: a lone request's decode runs one row and its
+    verification a few, several requests' verifications run the vectorized attention path, steps
+    with prefill chunks the looped one; drafts right and wrong. Every token equals the reference."""
+    ec = dataclasses.replace(EC, min_token_bucket=1, fine_token_buckets=True, seq_buckets=(1, 2, 4))
+    engine = Engine(model, ec)
+    assert engine.token_buckets[:3] == (1, 2, 3)
+    for subset, seqs, drafter in (([3], 1, EchoDrafter(reference)), ([0, 5, 17], 4, AdversarialDrafter(3)),
+                                  ([2, 7], 2, EchoDrafter(reference))):
+        out, _, _ = run(model, requests, subset=subset, seqs=seqs, drafter=drafter, k=4, ec=ec, engine=engine)
+        assert out == [reference[i] for i in subset]
+
+
 def test_compile_all_then_serving_compiles_nothing(model, requests, reference):
     ec = EngineConfig(num_blocks=48, block_size=8, max_num_seqs=4, max_tokens_per_step=32, max_model_len=64,
                       max_draft_tokens=3, min_token_bucket=8, min_page_bucket_tokens=32)

@@ -47,6 +47,18 @@ def test_write_kv_donated_updates_in_place_semantics():
     np.testing.assert_array_equal(np.asarray(new_k), _numpy_write(expect_k, k, slots))
 
 
+@pytest.mark.parametrize("slot", [13, -1, 4 * 8])
+def test_write_kv_one_row_under_jit_writes_one_slot_or_none(slot):
+    """A one-token step (batch-1 decode): one slot written, or none for padding / past the pool."""
+    rng = np.random.default_rng(slot + 7)
+    k_pages, v_pages = (rng.standard_normal((2, 4, 8, 16)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((1, 2, 16)).astype(np.float32) for _ in range(2))
+    slots = np.array([slot], np.int32)
+    new_k, new_v = jax.jit(write_kv)(*(jnp.asarray(a) for a in (k_pages, v_pages, k, v, slots)))
+    np.testing.assert_array_equal(np.asarray(new_k), _numpy_write(k_pages, k, slots))
+    np.testing.assert_array_equal(np.asarray(new_v), _numpy_write(v_pages, v, slots))
+
+
 def test_write_kv_rejects_bad_shapes():
     pages = jnp.zeros((2, 4, 8, 16))
     with pytest.raises(ValueError, match="must both be \\[T, 2, 16\\]"):

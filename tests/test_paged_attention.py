@@ -282,12 +282,25 @@ def test_reference_paths_match_float64(sc):
         check(out, b, np.float32)
 
 
-@pytest.mark.parametrize("q_len, kv_len", [(5, 5 + 3 * 8), (5, 5), (8, 8 + 17), (8, 8), (3, 40)])
-def test_reference_one_sequence_vectorized_path_matches_float64(q_len, kv_len):
-    """A short step of a lone sequence (batch-1 verification or a small chunk) runs vectorized
-    over all its rows; padding rows stay zeros and pages it does not own (NaN) are never read."""
-    rng = np.random.default_rng(q_len * 1000 + kv_len)
-    b = make_batch(int(rng.integers(1 << 30)), [q_len], [kv_len], page_size=8, group=2, head_dim=32,
-                   pad_seqs=0, pad_tokens=min(3, kernels.reference.ONE_SEQUENCE_ROWS - q_len))
-    assert b.args()[0].shape[0] <= kernels.reference.ONE_SEQUENCE_ROWS and b.args()[4].shape[0] == 1
-    check(kernels.ragged_paged_attention(*b.args(), backend="reference"), b, np.float32)
+@pytest.mark.parametrize("q_lens, kv_lens, pad_seqs, pad_tokens", [
+    ([9], [9 + 37], 0, 3),  # a lone sequence's k=8 verification (T padded to 12)
+    ([5], [5], 0, 0),
+    ([12], [12 + 17], 0, 4),
+    ([3], [40], 0, 61),  # 64 rows: the most the vectorized path takes
+    ([9, 1, 9, 4], [9 + 40, 17, 9, 4 + 16], 0, 13),  # every sequence within cdiv(T, S) = 9 rows
+    ([9, 0, 9, 4], [9 + 40, 3, 9, 4 + 16], 1, 22),  # ... with an empty and a padding sequence
+    ([12, 1, 2], [12 + 30, 8, 2], 1, 1),  # 12 rows > cdiv(16, 4): the looped path under the same program
+])
+def test_reference_vectorized_sequence_path_matches_float64(q_lens, kv_lens, pad_seqs, pad_tokens):
+    """Short steps (a lone sequence's verification or chunk, several sequences' verifications) run
+    every sequence's rows at once; padding rows stay zeros and pages a sequence does not own (NaN)
+    are never read. A step where one sequence has more rows than its share takes the loop."""
+    rng = np.random.default_rng(sum(q_lens) * 1000 + sum(kv_lens))
+    b = make_batch(int(rng.integers(1 << 30)), q_lens, kv_lens, page_size=8, group=2, head_dim=32,
+                   pad_seqs=pad_seqs, pad_tokens=pad_tokens)
+    args = b.args()
+    shp = ragged.check_shapes(*args)
+    assert kernels.reference._fits_vectorized(shp) and kernels.reference.reference_block_q(
+        shp.num_tokens, shp.max_seqs) > 2
+    check(kernels.ragged_paged_attention(*args, backend="reference"), b, np.float32)
+    check(jax.jit(kernels.reference_ragged_paged_attention)(*args), b, np.float32)

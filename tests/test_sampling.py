@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agentinfer_jax.engine.sampling import (SamplingArrays, filtered_log_probs, sample, verify, verify_full,
-                                             verify_rows)
+from agentinfer_jax.engine.sampling import (SamplingArrays, filtered_log_probs, greedy_tokens, sample, verify,
+                                             verify_full, verify_rows)
 
 
 def np_filtered_probs(logits, t, k, p):
@@ -43,6 +43,19 @@ def test_filters_match_numpy(t, k, p):
 def test_greedy_sample_is_argmax():
     logits = jax.random.normal(jax.random.key(1), (9, 33))
     np.testing.assert_array_equal(sample(logits, arrays(9), jnp.arange(9)), np.argmax(logits, -1))
+
+
+def test_greedy_tokens_pick_the_first_maximum_like_numpy():
+    rng = np.random.default_rng(5)
+    # Few distinct values so most rows have tied maxima; masked (-1e30) and -inf entries as the
+    # grammar and the filters leave them; one row entirely masked.
+    logits = rng.integers(-3, 3, size=(40, 4096)).astype(np.float32)
+    logits[rng.random(logits.shape) < 0.3] = -1e30
+    logits[rng.random(logits.shape) < 0.1] = -np.inf
+    logits[7] = -1e30
+    np.testing.assert_array_equal(jax.jit(greedy_tokens)(jnp.asarray(logits)), np.argmax(logits, -1))
+    np.testing.assert_array_equal(greedy_tokens(jnp.asarray(logits.reshape(4, 10, 4096))),
+                                  np.argmax(logits.reshape(4, 10, 4096), -1))
 
 
 def test_greedy_verify_keeps_longest_agreeing_prefix():
