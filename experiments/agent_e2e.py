@@ -56,6 +56,7 @@ from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR, EngineConfig, enable
 from agentinfer_jax.model.transformer import init_model
 from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_engine, build_stack, load_model_config
 from agentinfer_jax.speculation import SessionMemory
+from agentinfer_jax.speculation.sam_drafter import compile_kernels
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 from agentinfer_jax.workloads.cost_model import StepCostModel, StepFeatures
 from agentinfer_jax.workloads.projection import CallWindow, StepTimeline, TimedStep, ToolWait, project_session
@@ -289,6 +290,8 @@ def warm_up(setup: Setup, cfgs: list[RunConfig]) -> int:
 
     models = [setup.large] + ([setup.small] if any(c.collab for c in cfgs) else [])
     drafting = any(c.sam for c in cfgs)
+    if drafting:
+        compile_kernels()  # AgentSAM's numba kernels: compiled (or loaded from disk) here, not while measuring
     config = ServerConfig.from_engine_config(setup.engine_config, model_name="warmup")
     return sum(build_engine(config, model).compile_all(drafting) for model in models)
 
