@@ -152,6 +152,7 @@ def build_roles(cfg: RunConfig, setup: Setup, draft_costs: dict[str, Any] | None
         memory = SessionMemory(top_k=4)
         for sid, tokens in setup.memory_contexts:
             memory.add(sid, tokens)
+        memory.flush()  # pre-filled before the round, as a deployment's memory is: not built while measuring
         return memory
 
     models = {"large": setup.large, **({"small": setup.small} if cfg.collab else {})}
@@ -316,7 +317,7 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
     setup = Setup(tokenizer, init_model(large_cfg, seed=seed), init_model(small_model_config(large_cfg), seed=seed + 1),
                   engine_config or EngineConfig(num_blocks=512, block_size=16, max_num_seqs=8, max_tokens_per_step=256,
                                                 max_model_len=1536, max_draft_tokens=num_draft_tokens,
-                                                min_token_bucket=32),
+                                                min_token_bucket=1),
                   num_draft_tokens, [])
     # Cross-session memory: past sessions of the same deployment (trace sessions not replayed here).
     for s in recorded:

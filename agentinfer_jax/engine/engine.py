@@ -286,7 +286,6 @@ class Engine:
                 3 * b // 2 for b in self.page_buckets if b % 2 == 0 and 3 * b // 2 < self.max_pages)}))
         self.backend = PagedAttention(config.attention_backend, config.interpret)
         self.num_compilations = 0  # traces (compilations) triggered by this engine's steps
-        self._steps: dict[tuple, Any] = {}  # compiled steps by (layout, logprobs, optional-array shapes)
         self.record_steps = record_steps
         self.steps: list[StepRecord] = []
         self.last_timing = StepTiming(0.0, 0.0)
@@ -350,27 +349,17 @@ class Engine:
         ints, floats = pack_host_arrays(arrays, prev_row, pages, len(seqs))
         layout = StepLayout(t_pad, s_pad, k, pages.shape[1])
         extras = pack_extras(seqs, num_seqs=s_pad, draft_width=k, vocab_size=self.model_config.vocab_size)
-        adjust = (extras.mask, extras.bias_ids, extras.bias_vals)
+        traces = _TRACES[0]
         t_call = time.perf_counter()
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            step = self._compiled_step(layout, adjust, extras.logprobs, ints, floats)
-            result, self._prev_last, self.kv = step(self.state, self.kv, ints, floats, self._prev_last, adjust)
+            # Through jit, whose executable cache every engine of the same shapes shares (a
+            # per-engine cache of lowered executables reloaded them from disk in each new engine).
+            result, self._prev_last, self.kv = _packed_step(
+                self.graph, self.backend, layout, self.state, self.kv, ints, floats, self._prev_last,
+                (extras.mask, extras.bias_ids, extras.bias_vals), extras.logprobs)
+        self.num_compilations += _TRACES[0] - traces
         self._prev_rows = {s.request_id: i for i, s in enumerate(seqs) if s.samples}
         return PendingStep(seqs, result, t_pad, t_start, t_call, bool(extras.logprobs))
-
-    def _compiled_step(self, layout: StepLayout, adjust, logprobs: bool, ints, floats):
-        """The step's executable for this layout and optional-array shapes, compiled on first use.
-        Called directly, without jit's per-call dispatch (hashing and comparing the static
-        arguments, ~0.04 ms, a tenth of a batch-1 decode step on CPU)."""
-        key = (layout, logprobs, tuple(None if a is None else (a.shape, a.dtype.str) for a in adjust))
-        step = self._steps.get(key)
-        if step is None:
-            traces = _TRACES[0]
-            step = _packed_step.lower(self.graph, self.backend, layout, self.state, self.kv, ints, floats,
-                                      self._prev_last, adjust, logprobs).compile()
-            self.num_compilations += _TRACES[0] - traces
-            self._steps[key] = step
-        return step
 
     def collect(self, pending: PendingStep) -> dict[str, list[int]]:
         """Waits for a dispatched step; returns its tokens per sampling request id."""
