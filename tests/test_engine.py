@@ -21,7 +21,7 @@ from agentinfer_jax.model.transformer import generate, init_model
 from agentinfer_jax.serving.request import Request, SamplingParams
 from agentinfer_jax.serving.scheduler import Scheduler
 from agentinfer_jax.speculation import SAMDrafter, SessionMemory
-from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, MeasuredStepCost
+from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, MeasuredStepCost, StepCostTable
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=512)
@@ -84,6 +84,13 @@ class EchoDrafter(AdversarialDrafter):
     def propose(self, rid, k):
         ref = self.refs[int(rid[1:])]
         return ref[self.ctx[rid]:self.ctx[rid] + k]
+
+
+class ScoredEchoDrafter(EchoDrafter):
+    """EchoDrafter that scores its proposals as AgentSAM does (all of them worth verifying)."""
+
+    def expected_accepted(self, rid):
+        return 4.0
 
 
 # One engine shape for every test (compilations are shared); variants change the scheduler's limits.
@@ -242,7 +249,8 @@ def test_compile_all_then_serving_compiles_nothing(model, requests, reference):
     assert engine.num_compilations == len(shapes)
 
 
-@pytest.mark.parametrize("variant", ["overlap", "overlap_tight_pool", "overlap_sam_adaptive", "overlap_sampled"])
+@pytest.mark.parametrize("variant", ["overlap", "overlap_tight_pool", "overlap_sam_adaptive", "overlap_scored_drafts",
+                                     "overlap_sampled"])
 def test_overlapped_serving_loop_matches_reference(model, requests, reference, variant):
     """Host/device overlap: the loop plans and dispatches step n+1 (feeding the tokens step n
     samples straight from the device) before step n's result is on the host; lossless, no leaks."""
@@ -251,6 +259,9 @@ def test_overlapped_serving_loop_matches_reference(model, requests, reference, v
     kw = {"overlap": {}, "overlap_tight_pool": dict(blocks=14, budget=64),
           "overlap_sam_adaptive": dict(k=4, drafter=SAMDrafter(memory),
                                        adaptive=AdaptiveSpeculation(MeasuredStepCost(), k_choices=(1, 2, 4))),
+          # Scored proposals judged one token early while a step runs, then verified.
+          "overlap_scored_drafts": dict(k=4, drafter=ScoredEchoDrafter(reference), adaptive=AdaptiveSpeculation(
+              StepCostTable({b: {1: 1e-3, 64: 1e-3} for b in (1, 2, 4, 8, 16, 32)}), k_choices=(1, 2, 4))),
           "overlap_sampled": {}}[variant]
     sampled = variant == "overlap_sampled"
     subset = list(range(12))
@@ -280,5 +291,5 @@ def test_overlapped_serving_loop_matches_reference(model, requests, reference, v
         assert out == serve(False)[0]
     else:
         assert out == [reference[i] for i in subset]
-    if "drafter" in kw:  # drafting and planning ahead took turns
+    if variant == "overlap_scored_drafts":  # drafting and planning ahead took turns
         assert sum(r.num_verify_steps for r in reqs) > 0

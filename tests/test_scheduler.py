@@ -426,3 +426,19 @@ def test_a_scored_proposal_is_verified_only_when_its_score_pays(score, drafts):
     run_until_done(sched, executor)
     expected = reference_generate([1, 2, 3], 12, VOCAB, stop_ids=sched.config.eos_token_ids)
     assert sched.requests["a"].output_tokens == expected and pool.num_used == 0
+
+
+def test_weak_scored_proposals_back_off():
+    """Proposing costs host time every step: after proposals judged too weak to verify, a request
+    proposes less often (at most every MAX_PROPOSAL_BACKOFF + 1 steps), and outputs are unchanged."""
+    from agentinfer_jax.serving.scheduler import MAX_PROPOSAL_BACKOFF
+    from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, StepCostTable
+
+    adaptive = AdaptiveSpeculation(StepCostTable({1: {1: 1e-3, 5: 3e-3}}), k_choices=(1, 2, 4))
+    drafter = ScoredDrafter(5, 0.3)
+    sched, executor, pool, _ = make(drafter=drafter, k=4, cache=False)
+    sched.adaptive = adaptive
+    sched.add_request(Request("a", [1, 2, 3], SamplingParams(max_tokens=90, ignore_eos=True)))
+    run_until_done(sched, executor)
+    assert sched.requests["a"].output_tokens == reference_generate([1, 2, 3], 90, VOCAB)
+    assert drafter.proposals <= 90 // (MAX_PROPOSAL_BACKOFF + 1) + 4 and pool.num_used == 0

@@ -53,6 +53,9 @@ def replay_tokens(seq: StepSeq, req: Request) -> list[int]:
     return list(forced[n0:n0 + acc + 1])
 
 
+MAX_PROPOSAL_BACKOFF = 8  # steps a request at most skips proposing after weak proposals
+
+
 @dataclasses.dataclass
 class SchedulerOutput(StepBatch):
     """A step for the executor (the plain `StepBatch`) plus what the scheduler did to build it."""
@@ -130,6 +133,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_steps = 0
         self._pending_k: dict[str, int] = {}  # k the adaptive switch chose while planning ahead
+        # Scored drafters: after a proposal judged not worth verifying, the request skips proposing
+        # for `backoff` steps (doubling up to MAX_PROPOSAL_BACKOFF, reset by a kept proposal): a
+        # proposal costs host time every step, and weak ones come in runs.
+        self._backoff: dict[str, tuple[int, int]] = {}  # request id -> (steps left to skip, backoff)
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -405,12 +412,22 @@ class Scheduler:
             return max(0, self.adaptive.choose_k(req.request_id, batch, req.num_tokens, max_k=k,
                                                  tokens_fed=max(step_tokens, 1)))
         k = self.adaptive.draft_budget(batch, req.num_tokens, k)
-        if k > 0 and ahead:
+        skip, backoff = self._backoff.get(req.request_id, (0, 0))
+        if k <= 0 or skip > 0:
+            if skip > 0:
+                self._backoff[req.request_id] = (skip - 1, backoff)
+            return 0
+        if ahead:
             drafts = self.drafter.propose(req.request_id, k + stale)
             if not self.adaptive.keep_drafts(batch, min(len(drafts) - stale, k), self.drafter.expected_accepted(
                     req.request_id) - stale, max(step_tokens, 1)):
+                self._back_off(req.request_id)
                 return 0
         return k
+
+    def _back_off(self, request_id: str) -> None:
+        backoff = min(2 * self._backoff.get(request_id, (0, 0))[1] or 1, MAX_PROPOSAL_BACKOFF)
+        self._backoff[request_id] = (backoff, backoff)
 
     def _plan_running(self, req: Request, budget: int, step_tokens: int = 1) -> StepSeq | None:
         """The request's next feed within `budget`, with blocks allocated; None if blocks ran out.
@@ -426,6 +443,9 @@ class Scheduler:
                         max(1, len(self.running)), len(drafts), self.drafter.expected_accepted(req.request_id),
                         max(step_tokens, 1)):
                     drafts = []  # the drafter's own score says verifying this proposal does not pay
+                    self._back_off(req.request_id)
+                elif drafts and self._scored_drafts:
+                    self._backoff.pop(req.request_id, None)
         else:
             pending = pending[:budget]
         samples = start + len(pending) == req.num_tokens
@@ -587,3 +607,4 @@ class Scheduler:
         if self.adaptive is not None:
             self.adaptive.end(req.request_id)
         self._pending_k.pop(req.request_id, None)
+        self._backoff.pop(req.request_id, None)
