@@ -52,7 +52,7 @@ class EngineConfig:
     max_tokens_per_step: int = 256  # tokens per step (prefill chunks + decode + drafts)
     max_model_len: int = 2048  # prompt + output tokens per request
     max_draft_tokens: int = 8  # k: verification width is k + 1
-    min_token_bucket: int = 16  # smallest padded token count
+    min_token_bucket: int = 1  # smallest padded token count (padding rows cost; larger = fewer shapes)
     # Token buckets at 1.5x steps (2^n and 3 * 2^(n-1)) instead of 2x: at most a third of a step's
     # rows are padding instead of half, for twice the compiled shapes.
     fine_token_buckets: bool = False

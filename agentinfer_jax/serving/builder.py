@@ -61,7 +61,7 @@ class ServerConfig:
     max_num_seqs: int = 16  # sequences per step
     max_tokens_per_step: int = 256  # token budget per step
     max_model_len: int = 2048  # prompt + output tokens per request
-    min_token_bucket: int = 16  # smallest padded step size (fewer buckets = fewer compilations)
+    min_token_bucket: int = 1  # smallest padded step size (padding rows cost; larger = fewer compilations)
     drafter: str = "none"  # "none", "ngram" (prompt lookup) or "sam" (AgentSAM with cross-session memory)
     num_draft_tokens: int = 4  # k at most, when a drafter is on
     adaptive_draft: bool = True  # per-request k from measured step costs and acceptance (0 = off)
