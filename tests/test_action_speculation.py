@@ -208,3 +208,20 @@ def test_planner_greedy_equals_brute_force_under_convex_cost():
         chosen = planner.select(sessions)
         assert abs(sum(benefit[i] for i in chosen) - cost(len(chosen)) - best) < 1e-9
     assert SpeculationPlanner(lambda m: 10.0 * m).select([SessionSpeculationInfo("x", 0.9, 1.0)]) == []
+
+
+def test_verified_phase_guesses_ask_for_the_action_line_only():
+    """The verified phase executes every guess whatever its score, so its speculative call asks for
+    one action line and stops before any further line: a short call (SPAgent: under ~10 tokens)."""
+    from agentinfer_jax.agents.spagent import ActionSpeculator
+
+    client = ScriptedClient({"speculative": [["Action: Search[Paris]", "Action: Lookup[tower]"]]})
+    spec = ActionSpeculator(client, ActionServer(SearchTool({"Paris": ["Paris is a city."]})), ActionBuffer(), "s",
+                            SpeculationConfig(k=2, aggressive=False))
+    candidates = asyncio.run(spec.propose([{"role": "user", "content": "Question: Where?"}], "large", scored=False))
+    assert sorted(str(c.action) for c in candidates) == ["Lookup[tower]", "Search[Paris]"]
+    assert all(c.score == 0 for c in candidates) and spec.metrics.unscored_candidates == 0
+    call = client.calls[0]
+    assert call.speculative and "Plausibility" not in call.messages[-1]["content"]
+    # A model that writes a score line anyway is cut before it.
+    assert "\nPlausibility" in call.stop and "\nAction" in call.stop

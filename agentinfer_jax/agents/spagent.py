@@ -32,6 +32,13 @@ Guess the next action directly, without a thought. Write one line `Action: Searc
 `Action: Lookup[...]` or `Action: Finish[...]`, then one line `Plausibility: N` where N from 1
 (a wild guess) to 5 (certainly the right next action) says how sure you are."""
 
+# The verified phase executes every guess whatever its score: it asks for the action line alone, so
+# the guess stays short (SPAgent: speculative calls under about 10 tokens).
+GUESS_INSTRUCTION = """\
+Guess the next action directly, without a thought. Write only one line: `Action: Search[...]`,
+`Action: Lookup[...]` or `Action: Finish[...]`."""
+_GUESS_STOP = ["\nObservation", "\nThought", "\nPlausibility", "\nAction"]
+
 _SCORE = re.compile(r"(?:plausibility|score|confidence)\s*[:=]?\s*\(?\s*([1-5](?:\.\d+)?)", re.IGNORECASE)
 _TRAILING_SCORE = re.compile(r"[\])]\s*[-:(|,]?\s*([1-5])\s*(?:/\s*5)?\s*\)?\s*$")
 
@@ -118,14 +125,17 @@ class ActionSpeculator:
         self.metrics = SpeculationMetrics()
         self._background: set[asyncio.Task[None]] = set()
 
-    async def propose(self, messages: list[Message], role: str, priority: int = 0) -> list[Candidate]:
-        """k sampled candidate actions, de-duplicated by normalised key (max score kept), best first."""
-        prompt = [*messages, {"role": "user", "content": CANDIDATE_INSTRUCTION}]
+    async def propose(self, messages: list[Message], role: str, priority: int = 0,
+                      scored: bool = True) -> list[Candidate]:
+        """k sampled candidate actions, de-duplicated by normalised key (max score kept), best first.
+        `scored=False` (the verified phase) asks for the action lines only: every score 0."""
+        instruction = CANDIDATE_INSTRUCTION if scored else GUESS_INSTRUCTION
+        prompt = [*messages, {"role": "user", "content": instruction}]
         completion: Completion = await self._client.complete(
             prompt,
             role=role,
             max_tokens=self.config.max_tokens,
-            stop=["\nObservation", "\nThought"],
+            stop=["\nObservation", "\nThought"] if scored else _GUESS_STOP,
             temperature=self.config.temperature,
             n=self.config.k,
             session_id=self.session_id,
@@ -140,9 +150,9 @@ class ActionSpeculator:
             if step.action is None or step.action.kind == "finish" and not step.action.arg:
                 self.metrics.unparsable_candidates += 1
                 continue
-            score = parse_plausibility(text)
+            score = parse_plausibility(text) if scored else None
             self.metrics.candidates += 1
-            self.metrics.unscored_candidates += score is None
+            self.metrics.unscored_candidates += scored and score is None
             candidate = Candidate(step.action, 0.0 if score is None else score)
             key = normalize_action_key(step.action)
             if key not in best or best[key].score < candidate.score:
@@ -171,7 +181,7 @@ class ActionSpeculator:
     ) -> None:
         try:
             if candidates is None:
-                candidates = await self.propose(messages, role)
+                candidates = await self.propose(messages, role, scored=False)
             await asyncio.gather(*(self._execute_into_buffer(c.action, state) for c in candidates if c.action.kind != "finish"))
         except asyncio.CancelledError:
             raise
