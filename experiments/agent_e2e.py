@@ -345,11 +345,11 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
     cost_models = projection_cost_models()
     draft_costs = {role: m.as_step_cost() for role, m in cost_models.items()}
     compilations, measured_compilations = CompilationCounter(), 0
-    # Rounds alternate the config order (ABC, CBA, ...) so slow drift of the machine's load does
-    # not land on one config; every numeric field is then the median over rounds.
-    def replay(cfg: RunConfig, draft_costs: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict, int]:
-        """One round of `cfg`: its summary (projection included), reasoning outputs, compilations."""
-        roles = build_roles(cfg, setup, draft_costs)
+
+    def replay(cfg: RunConfig, switch_costs: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict, int]:
+        """One round of `cfg`: its summary (projection included), reasoning outputs, compilations.
+        `switch_costs`: per role, the step cost the adaptive switch prices k at (default: measured)."""
+        roles = build_roles(cfg, setup, switch_costs)
         for r in roles.values():
             r.start()
         client = EngineClient({k: r.loop for k, r in roles.items()}, tokenizer, replay=TraceReplay(by_id),
@@ -379,7 +379,7 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
             measured_compilations += compiled
             if cfg.sam and projection_switch:
                 # The switch's k follows step costs, and the CPU's are not the target's (a verify
-                # step costs ~2.4x a decode here, about 1x on an H100): the projection of a drafting
+                # step costs ~3x a decode here, about 1x on an H100): the projection of a drafting
                 # config replays it once more with k priced at the target's cost model.
                 target, outputs[f"{cfg.name}@target"], compiled = replay(cfg, draft_costs)
                 measured_compilations += compiled

@@ -419,15 +419,19 @@ class Scheduler:
             return 0
         if ahead:
             drafts = self.drafter.propose(req.request_id, k + stale)
-            if not self.adaptive.keep_drafts(batch, min(len(drafts) - stale, k), self.drafter.expected_accepted(
-                    req.request_id) - stale, max(step_tokens, 1)):
-                self._back_off(req.request_id)
+            if not self._worth_verifying(req.request_id, min(len(drafts) - stale, k), step_tokens, stale):
                 return 0
         return k
 
-    def _back_off(self, request_id: str) -> None:
+    def _worth_verifying(self, request_id: str, num_drafts: int, step_tokens: int, stale: bool = False) -> bool:
+        """The switch's judgement of the drafter's latest proposal by its own score (one token
+        fewer when `stale`); a rejected one backs the request off proposing."""
+        expected = self.drafter.expected_accepted(request_id) - stale
+        if self.adaptive.keep_drafts(max(1, len(self.running)), num_drafts, expected, max(step_tokens, 1)):
+            return True
         backoff = min(2 * self._backoff.get(request_id, (0, 0))[1] or 1, MAX_PROPOSAL_BACKOFF)
         self._backoff[request_id] = (backoff, backoff)
+        return False
 
     def _plan_running(self, req: Request, budget: int, step_tokens: int = 1) -> StepSeq | None:
         """The request's next feed within `budget`, with blocks allocated; None if blocks ran out.
@@ -439,13 +443,11 @@ class Scheduler:
             k = min(self._draft_len(req, step_tokens), budget - 1)
             if k > 0:
                 drafts = list(self.drafter.propose(req.request_id, k))[:k]
-                if drafts and self._scored_drafts and not self.adaptive.keep_drafts(
-                        max(1, len(self.running)), len(drafts), self.drafter.expected_accepted(req.request_id),
-                        max(step_tokens, 1)):
-                    drafts = []  # the drafter's own score says verifying this proposal does not pay
-                    self._back_off(req.request_id)
-                elif drafts and self._scored_drafts:
-                    self._backoff.pop(req.request_id, None)
+                if drafts and self._scored_drafts:
+                    if self._worth_verifying(req.request_id, len(drafts), step_tokens):
+                        self._backoff.pop(req.request_id, None)
+                    else:
+                        drafts = []  # the drafter's own score says verifying this proposal does not pay
         else:
             pending = pending[:budget]
         samples = start + len(pending) == req.num_tokens
