@@ -76,6 +76,8 @@ flags.DEFINE_integer("num_sessions", None, "sessions to replay (default 12; quic
 flags.DEFINE_float("tool_latency_mean", None, "mean simulated tool latency in s (default 1.5; quick: 0.5)")
 flags.DEFINE_float("arrival_rate", 1.0, "Poisson session arrivals per second")
 flags.DEFINE_integer("max_turns", None, "only sessions with at most this many LLM calls (default 6; quick: 3)")
+flags.DEFINE_string("model", "cpu_demo", "configs/<name>.py of the large role, random weights (cpu_demo: decode is "
+                    "bound by streaming weights, as on an accelerator; tiny: compute-bound on a CPU)")
 flags.DEFINE_integer("num_draft_tokens", 8, "k drafted tokens per verify step (AgentSAM)")
 flags.DEFINE_integer("memory_sessions", 60, "other trace sessions pre-loaded into AgentSAM's cross-session memory")
 flags.DEFINE_list("configs", list(CONFIG_NAMES), "configs to run (baseline always runs)")
@@ -122,8 +124,11 @@ def run_configs(names: Sequence[str]) -> list[RunConfig]:
 
 
 def small_model_config(large):
-    """The "small" role: a quarter-width, one-layer model over the same tokenizer."""
-    return large.replace(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32)
+    """The "small" role: half the width and a quarter of the layers (at least one) of the large
+    model, over the same tokenizer (about an eighth of its weights, like Llama-3.2-1B to 3.1-8B)."""
+    return large.replace(hidden_size=large.hidden_size // 2, intermediate_size=large.intermediate_size // 2,
+                         num_layers=max(1, large.num_layers // 4), num_heads=max(1, large.num_heads // 2),
+                         num_kv_heads=max(1, large.num_kv_heads // 2))
 
 
 @dataclasses.dataclass
@@ -300,7 +305,7 @@ def warm_up(setup: Setup, cfgs: list[RunConfig]) -> int:
 def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: int, tool_latency_mean: float,
                arrival_rate: float, max_turns: int, num_draft_tokens: int, memory_sessions: int, seed: int,
                engine_config: EngineConfig | None = None, show_progress: bool = True,
-               repeats: int = 1, projection_switch: bool = True) -> dict[str, Any]:
+               repeats: int = 1, projection_switch: bool = True, model: str = "cpu_demo") -> dict[str, Any]:
     cfgs = run_configs(cfg_names)
     trajs = load_traces(traces or default_trace_path())
     hit_rates = HitRates.bundled()
@@ -312,8 +317,7 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
         raise ValueError(f"no replayable session with at most {max_turns} turns in {traces or default_trace_path()}")
     chosen_ids = {s.session_id for s in chosen}
     tokenizer = load_tokenizer()
-    from agentinfer_jax.configs.tiny import get_config
-    large_cfg = get_config()
+    large_cfg = load_model_config(model)
     setup = Setup(tokenizer, init_model(large_cfg, seed=seed), init_model(small_model_config(large_cfg), seed=seed + 1),
                   engine_config or EngineConfig(num_blocks=512, block_size=16, max_num_seqs=8, max_tokens_per_step=256,
                                                 max_model_len=1536, max_draft_tokens=num_draft_tokens,
@@ -441,7 +445,8 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
         "num_draft_tokens": num_draft_tokens, "memory_sessions": len(setup.memory_contexts),
         "engine": dataclasses.asdict(setup.engine_config), "compile_s": compile_s,
         "warmup_compilations": warmup_compilations,
-        "large_params": "tiny config (random weights)", "small": "1 layer, width 64 (random weights)",
+        "large": f"configs/{model}.py (random weights)",
+        "small": "half its width, a quarter of its layers (at least 1; random weights)",
         "mode": "replay: real forward passes, every token forced to the recorded response",
     }
     return report
@@ -512,6 +517,7 @@ def main(argv: list[str]) -> None:
         memory_sessions=FLAGS.memory_sessions,
         seed=FLAGS.seed,
         projection_switch=FLAGS.projection_switch,
+        model=FLAGS.model,
     )
     print_table(report)
     out = pathlib.Path(FLAGS.json_out)

@@ -185,11 +185,52 @@ def test_measured_step_cost_is_not_priced_by_a_few_slow_steps():
     assert cost(1, 1) == pytest.approx(1e-3, rel=0.06)
 
 
-@pytest.mark.parametrize("expected, keep", [(0.0, False), (1.5, False), (2.5, True), (6.0, True)])
-def test_keep_drafts_judges_a_proposal_by_its_score(expected, keep):
-    """A k=8 verification costs 3 plain steps here: it pays only if the proposal's expected
-    accepted tokens plus the step's own token exceed 3 tokens, i.e. expected > 2."""
+class CostWithPenalty(StepCostTable):
+    """A cost table plus the host time a verify step exposes (as MeasuredStepCost learns it)."""
+
+    def __init__(self, measurements, penalty_s):
+        super().__init__(measurements)
+        self.sync_penalty_s = penalty_s
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 0.6, 0.8, 0.95])
+@pytest.mark.parametrize("costs, penalty_ms", [
+    ({1: 1.0, 2: 1.1, 4: 1.4, 8: 1.9, 16: 3.3}, 0.0),  # a CPU: verification soon costs compute
+    ({1: 1.0, 2: 1.1, 4: 1.4, 8: 1.9, 16: 3.3}, 0.4),  # ... and exposes host time overlap hides
+    ({1: 1.0, 16: 1.05}, 0.05),  # an accelerator: nearly flat
+])
+def test_drafts_to_keep_picks_the_prefix_that_pays_by_simulation(alpha, costs, penalty_ms):
+    """Reference: Monte Carlo of a proposal whose tokens are each accepted with probability alpha
+    given the earlier ones were; every prefix length's throughput (1 + accepted) / (cost + penalty)
+    is simulated and the switch's choice must be within 2% of the best (0 = a plain step)."""
+    rng = np.random.default_rng(int(alpha * 100) + len(costs))
+    n = 8
+    cost = CostWithPenalty({1: {t: c * 1e-3 for t, c in costs.items()}}, penalty_ms * 1e-3)
+    expected = sum(alpha ** i for i in range(1, n + 1))
+    first_reject = rng.geometric(1 - alpha, size=50_000) - 1  # accepted tokens before a rejection
+
+    def simulated(j):
+        if j == 0:
+            return 1 / cost(1, 1)
+        return (1 + np.minimum(first_reject, j).mean()) / (cost(1, 1 + j) + cost.sync_penalty_s)
+
+    rates = [simulated(j) for j in range(n + 1)]
+    keep = AdaptiveSpeculation(cost, k_choices=(n,)).drafts_to_keep(1, n, expected)
+    assert 0 <= keep <= n
+    assert rates[keep] >= 0.98 * max(rates), (keep, rates)
+
+
+def test_drafts_to_keep_edges():
     ad = AdaptiveSpeculation(StepCostTable({1: {1: 1e-3, 9: 3e-3}}), k_choices=(8,))
-    assert ad.keep_drafts(1, 8, expected) is keep
-    assert not ad.keep_drafts(1, 0, 6.0)  # nothing proposed: nothing to verify
+    assert ad.drafts_to_keep(1, 0, 6.0) == 0  # nothing proposed: nothing to verify
+    assert ad.drafts_to_keep(1, 8, 0.0) == 0 and ad.drafts_to_keep(1, 8, -1.0) == 0  # nothing expected
+    assert ad.drafts_to_keep(1, 8, 8.0) == 8  # certain drafts: all of them
     assert ad.draft_budget(1, 100, 8) == 8 and ad.draft_budget(64, 100, 8) == 0  # past max_batch_size
+
+
+def test_measured_step_cost_learns_the_sync_penalty_as_a_median():
+    cost = MeasuredStepCost()
+    assert cost.sync_penalty_s == 0.0
+    for gap in (0.2e-3, 0.3e-3, 40e-3, 0.25e-3, -1.0):  # one stalled gap; a negative one is ignored
+        cost.record_sync_gap(gap)
+    assert cost.sync_penalty_s == pytest.approx(0.275e-3)

@@ -29,7 +29,7 @@ def test_replay_keeps_answers_and_lossless_outputs_identical():
     report = e2e.experiment(["sam", "spagent", "all"], traces=None, num_sessions=2,
                             tool_latency_mean=0.01, arrival_rate=50.0, max_turns=3, num_draft_tokens=4,
                             memory_sessions=10, seed=random.Random(7).randrange(1000), engine_config=ENGINE,
-                            show_progress=False)
+                            show_progress=False, model="tiny")
     checks = report["checks"]
     assert checks["no_errors"], [c["errors"] for c in report["configs"].values()]
     assert checks["answers_equal_recorded"] and checks["answers_identical"]

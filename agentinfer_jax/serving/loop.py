@@ -192,16 +192,16 @@ class ServingLoop:
     def _observe(self, out: SchedulerOutput, planned_s: float, dispatched_s: float) -> None:
         """Feeds the step's cost to the scheduler (the adaptive switch prices drafts with it).
 
-        A step that verifies drafts cannot overlap the host work around it, so it costs the wall
-        time from the previous step's result to its own (from its planning after idling). With
-        overlap on, a draft-free step's host work hides behind the device, so it costs its device
-        time: from its dispatch (or the previous result, if later) to its result. Measured in sync
-        steps too, so the switch sees what drafting gives up."""
+        The cost is device time: from the step's dispatch (or the previous result, if later) to its
+        result, so host stalls (another thread holding the GIL, a memory rebuild) before a rare
+        verify step do not price a whole bucket. With overlap on, a verify step also reports the
+        host time it exposed (from the previous result, or its planning after idling, to its
+        dispatch), which a plain step hides behind the device."""
         now = time.perf_counter()
         busy_from = self._last_done_s if self._last_done_s is not None else planned_s
-        if self.overlap and not any(s.num_draft for s in out.seqs):
-            busy_from = max(dispatched_s, busy_from)
-        self.scheduler.observe_step(out, now - busy_from)
+        exposed = (max(0.0, dispatched_s - busy_from)
+                   if self.overlap and any(s.num_draft for s in out.seqs) else None)
+        self.scheduler.observe_step(out, now - max(dispatched_s, busy_from), exposed)
         self._last_done_s = now
 
     def _apply(self, out: SchedulerOutput, new_tokens: dict[str, Sequence[int]]) -> None:

@@ -317,11 +317,14 @@ class Scheduler:
                 finished.append(req)
         return finished
 
-    def observe_step(self, output: SchedulerOutput, seconds: float) -> None:
-        """The executor's measured time for `output` (the adaptive switch's cost model learns it)."""
+    def observe_step(self, output: SchedulerOutput, seconds: float, exposed_host_s: float | None = None) -> None:
+        """The executor's measured device time for `output`, and for a verify step the host time
+        it exposed (the adaptive switch's cost model learns both)."""
         cost = getattr(self.adaptive, "step_cost", None)
         if hasattr(cost, "record"):
             cost.record(len(output.seqs), output.num_tokens, seconds)
+        if exposed_host_s is not None and hasattr(cost, "record_sync_gap"):
+            cost.record_sync_gap(exposed_host_s)
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -390,7 +393,7 @@ class Scheduler:
     @property
     def _scored_drafts(self) -> bool:
         """The drafter scores each proposal (AgentSAM's calibrator) and the switch can judge it."""
-        return hasattr(self.drafter, "expected_accepted") and hasattr(self.adaptive, "keep_drafts")
+        return hasattr(self.drafter, "expected_accepted") and hasattr(self.adaptive, "drafts_to_keep")
 
     def _draft_len(self, req: Request, step_tokens: int, ahead: bool = False, stale: bool = False) -> int:
         """k to draft for `req` in the step being planned (0: none). With a drafter that scores its
@@ -423,15 +426,16 @@ class Scheduler:
                 return 0
         return k
 
-    def _worth_verifying(self, request_id: str, num_drafts: int, step_tokens: int, stale: bool = False) -> bool:
-        """The switch's judgement of the drafter's latest proposal by its own score (one token
-        fewer when `stale`); a rejected one backs the request off proposing."""
+    def _worth_verifying(self, request_id: str, num_drafts: int, step_tokens: int, stale: bool = False) -> int:
+        """How many tokens of the drafter's latest proposal the switch keeps, judged by the
+        drafter's own score (one token fewer when `stale`); 0 backs the request off proposing."""
         expected = self.drafter.expected_accepted(request_id) - stale
-        if self.adaptive.keep_drafts(max(1, len(self.running)), num_drafts, expected, max(step_tokens, 1)):
-            return True
+        keep = self.adaptive.drafts_to_keep(max(1, len(self.running)), num_drafts, expected, max(step_tokens, 1))
+        if keep:
+            return keep
         backoff = min(2 * self._backoff.get(request_id, (0, 0))[1] or 1, MAX_PROPOSAL_BACKOFF)
         self._backoff[request_id] = (backoff, backoff)
-        return False
+        return 0
 
     def _plan_running(self, req: Request, budget: int, step_tokens: int = 1) -> StepSeq | None:
         """The request's next feed within `budget`, with blocks allocated; None if blocks ran out.
@@ -444,10 +448,10 @@ class Scheduler:
             if k > 0:
                 drafts = list(self.drafter.propose(req.request_id, k))[:k]
                 if drafts and self._scored_drafts:
-                    if self._worth_verifying(req.request_id, len(drafts), step_tokens):
+                    # The drafter's own score says how much of this proposal verifying pays for.
+                    drafts = drafts[:self._worth_verifying(req.request_id, len(drafts), step_tokens)]
+                    if drafts:
                         self._backoff.pop(req.request_id, None)
-                    else:
-                        drafts = []  # the drafter's own score says verifying this proposal does not pay
         else:
             pending = pending[:budget]
         samples = start + len(pending) == req.num_tokens

@@ -12,15 +12,17 @@ earlier ones were), as exponentially weighted counts of accepted tokens and of t
 `S <- d*S + accepted`, `T <- d*T + accepted + [accepted < proposed]`, alpha = S / T; a new
 request starts from the same counts pooled over all requests (decay `shared_decay`), worth
 `prior_weight` trials, so short requests do not each pay to relearn what the workload already
-showed (`prior_alpha` until anything is observed). With k draft
-tokens a step yields E(k) = 1 + alpha + ... + alpha^k tokens for this request. The engine provides
+showed (`prior_alpha` until anything is observed). With k draft tokens a step yields
+E(k) = 1 + alpha + ... + alpha^k tokens for this request. The engine provides
 `step_cost(batch_size, tokens_fed) -> seconds` (measured). Feeding this request k more tokens
-slows the whole step from cost(B, n) to cost(B, n + k), so the step's throughput is
-(B - 1 + E(k)) / cost(B, n + k) tokens per second; the switch picks the k that maximises it
-(k = 0 when nothing beats plain decoding). A request switched off is re-probed with the smallest
+slows the whole step from cost(B, n) to cost(B, n + k) plus the host time a verify step exposes
+(below), so the step yields (B - 1 + E(k)) / (cost(B, n + k) + penalty) tokens per second; the
+switch picks the k that maximises it (k = 0 when nothing beats plain decoding). A request switched off is re-probed with the smallest
 k every `probe_every` steps so its estimate can recover. A drafter that scores its own proposals
 (`expected_accepted`, AgentSAM's calibrator) then has each proposal judged on that score
-(`keep_drafts`): a weak one is dropped before it costs a verification.
+(`drafts_to_keep`): a weak one is cut to the prefix that pays, or dropped, before it costs a
+verification. A verify step also exposes the host work that overlap hides behind a plain step;
+`MeasuredStepCost` learns that gap and the judgement adds it to the step's cost.
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ class MeasuredStepCost:
         self._samples: dict[tuple[int, int], collections.deque[float]] = {}
         self._cells: dict[int, dict[int, float]] = {}  # batch bucket -> token bucket -> median seconds
         self._seen: set[tuple[int, int]] = set()  # cells whose first (compiling) step was dropped
+        self._gaps: collections.deque[float] = collections.deque(maxlen=window)
+        self.sync_penalty_s = 0.0  # median host time a verify step exposes (see record_sync_gap)
+
+    def record_sync_gap(self, seconds: float) -> None:
+        """Host time between the previous result and a verify step's dispatch: with host/device
+        overlap a plain step hides it, a verify step cannot (its accepted count decides the next
+        feed), so drafting is priced at the step's device cost plus this."""
+        if seconds >= 0:
+            self._gaps.append(float(seconds))
+            self.sync_penalty_s = statistics.median(self._gaps)
 
     @staticmethod
     def _bucket(n: int) -> int:
@@ -123,6 +135,20 @@ class MeasuredStepCost:
             return row[toks[-1]]  # more: flat (optimistic, so a larger k gets tried and measured)
         t0, t1 = toks[j - 1], toks[j]
         return row[t0] + (row[t1] - row[t0]) * (t - t0) / (t1 - t0)
+
+
+def _geometric_rate(expected: float, n: int) -> float:
+    """The per-token acceptance rate a with a + a^2 + ... + a^n = expected (0 <= expected <= n)."""
+    if expected >= n:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(24):  # bisection: the sum rises with a; 2^-24 is far below the score's noise
+        mid = 0.5 * (lo + hi)
+        if mid * (1.0 - mid ** n) / (1.0 - mid) < expected:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def linear_step_cost(fixed_s: float, per_token_s: float, flat_tokens: int = 0) -> StepCost:
@@ -227,9 +253,10 @@ class AdaptiveSpeculation:
             return 0
         base = batch_size if tokens_fed is None else tokens_fed
         alpha = self.alpha(request_id)
+        penalty = getattr(self.step_cost, "sync_penalty_s", 0.0)
         best_k, best = 0, batch_size / self.step_cost(batch_size, base)
         for k in choices:
-            rate = (batch_size - 1 + self.expected_tokens(alpha, k)) / self.step_cost(batch_size, base + k)
+            rate = (batch_size - 1 + self.expected_tokens(alpha, k)) / (self.step_cost(batch_size, base + k) + penalty)
             if rate > best:
                 best_k, best = k, rate
         est = self._get(request_id)
@@ -244,22 +271,34 @@ class AdaptiveSpeculation:
 
     def draft_budget(self, batch_size: int, context_len: int, max_k: int) -> int:
         """The k to ask a drafter that scores its own proposals for: `max_k` below the hard
-        thresholds (its proposal is then judged by `keep_drafts`), else 0."""
+        thresholds (its proposal is then judged by `drafts_to_keep`), else 0."""
         if batch_size > self.max_batch_size or context_len > self.max_context:
             return 0
         return max(0, max_k)
 
-    def keep_drafts(self, batch_size: int, num_drafts: int, expected_accepted: float,
-                    tokens_fed: int | None = None) -> bool:
-        """Whether verifying a proposal beats a plain step, judged by the drafter's own calibrated
-        `expected_accepted` tokens for that proposal (the per-request alpha that chose k is an
-        average over proposals; a drafter that knows this one is weak saves the verification).
-        `tokens_fed`: the step's tokens without these drafts (default: batch_size)."""
-        if num_drafts < 1:
-            return False
+    def drafts_to_keep(self, batch_size: int, num_drafts: int, expected_accepted: float,
+                       tokens_fed: int | None = None) -> int:
+        """How many of a proposal's `num_drafts` tokens to verify (0: none), judged by the drafter's
+        own calibrated `expected_accepted` tokens for the whole proposal (the per-request alpha
+        that chose k is an average over proposals; a drafter that knows this one is weak saves the
+        verification). The proposal's acceptance is taken as geometric with the per-token rate
+        that gives `expected_accepted` over `num_drafts` tokens, and the prefix kept is the one
+        whose step throughput (batch + expected accepted of the prefix) / (cost + sync penalty)
+        is highest, when it beats a plain step's. `tokens_fed`: the step's tokens without these
+        drafts (default: batch_size)."""
+        if num_drafts < 1 or not expected_accepted > 0:
+            return 0
         base = batch_size if tokens_fed is None else tokens_fed
-        plain = batch_size / self.step_cost(batch_size, base)
-        return (batch_size + max(0.0, expected_accepted)) / self.step_cost(batch_size, base + num_drafts) > plain
+        rate = _geometric_rate(min(expected_accepted, num_drafts), num_drafts)
+        penalty = getattr(self.step_cost, "sync_penalty_s", 0.0)
+        best_n, best = 0, batch_size / self.step_cost(batch_size, base)
+        expected = 0.0
+        for n in range(1, num_drafts + 1):
+            expected += rate ** n
+            throughput = (batch_size + expected) / (self.step_cost(batch_size, base + n) + penalty)
+            if throughput > best:
+                best_n, best = n, throughput
+        return best_n
 
     def end(self, request_id: str) -> None:
         self._estimates.pop(request_id, None)
