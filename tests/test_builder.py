@@ -147,6 +147,13 @@ def test_role_engines_are_the_server_stack_with_the_adaptive_switch():
     served = build_stack(ServerConfig.from_engine_config(ec, drafter="ngram", num_draft_tokens=4, policy="lpm"),
                          model=model, tokenizer=tok)
     assert role.scheduler.config == served.scheduler.config
+    assert served.scheduler.config.share_inflight_prefill  # on by default
+    unshared = build_stack(ServerConfig.from_engine_config(ec, share_inflight_prefill=False), model=model,
+                           tokenizer=tok)
+    assert not unshared.scheduler.config.share_inflight_prefill
+    from agentinfer_jax.serving.cli import config_from_args, parse_args
+    assert not config_from_args(parse_args(["--no-share-inflight-prefill"])).share_inflight_prefill
+    assert config_from_args(parse_args([])).share_inflight_prefill
     assert type(role.scheduler.policy) is type(served.scheduler.policy)
     off = build_role_engine("x", model, tok, ec, drafter=ConstDrafter(), num_draft_tokens=4, adaptive_draft=False)
     assert off.scheduler.adaptive is None

@@ -166,6 +166,42 @@ def test_variants_match_reference(model, requests, reference, variant):
         assert sum(r.num_accepted for r in reqs) > 0.9 * sum(r.num_drafted for r in reqs) > 0
 
 
+def test_inflight_prefix_sharing_matches_sharing_off(model, requests, reference):
+    """SPAgent's pattern on the real engine: each call submitted together with a "guess" over the
+    same context plus a short instruction. With in-flight sharing the guess waits for the call's
+    prefill and reads those blocks from the cache: the same greedy tokens as with sharing off (and,
+    for the calls, as the contiguous-cache reference), fewer prompt tokens fed, no leaked blocks."""
+    engine = Engine(model, EC)
+    subset = [1, 3, 4, 5, 7, 9]
+
+    def serve(share):
+        pool = BlockPool(64)
+        cfg = dataclasses.replace(EC.scheduler_config(CFG), share_inflight_prefill=share)
+        sched = Scheduler(cfg, pool, PrefixCache(8, pool))
+        reqs = []
+        for i in subset:
+            prompt, n = requests[i]
+            reqs += [Request(f"r{i}", prompt, SamplingParams(max_tokens=n)),
+                     Request(f"g{i}", prompt + [5, 6, 7], SamplingParams(max_tokens=4))]
+        for r in reqs:
+            sched.add_request(r)
+        fed = 0
+        while sched.has_unfinished:
+            out = sched.schedule()
+            fed += sum(max(0, min(s.start_pos + len(s.tokens), len(sched.requests[s.request_id].prompt_tokens))
+                              - s.start_pos) for s in out.seqs)
+            sched.update(out, engine.execute(out))
+        sched.prefix_cache.evict(pool.num_used)
+        assert pool.num_used == 0
+        return {r.request_id: r.output_tokens for r in reqs}, fed, sched
+
+    off, fed_off, _ = serve(False)
+    on, fed_on, sched = serve(True)
+    assert on == off
+    assert [on[f"r{i}"] for i in subset] == [reference[i] for i in subset]
+    assert sched.num_inflight_shared_tokens > 0 and fed_on < fed_off
+
+
 def test_alone_equals_reference(model, requests, reference):
     for i in (0, 5, 17):
         out, _, _ = run(model, requests, subset=[i], seqs=1)

@@ -56,12 +56,13 @@ class RandomDrafter:
 
 
 def make(num_blocks=64, bs=4, budget=64, seqs=8, cache=True, drafter=None, k=0, policy="fcfs",
-         retention_ttl=None, max_len=256):
+         retention_ttl=None, max_len=256, share_inflight=True):
     clock = FakeClock()
     pool = BlockPool(num_blocks)
     pc = PrefixCache(bs, pool) if cache else None
     cfg = SchedulerConfig(block_size=bs, max_num_seqs=seqs, max_tokens_per_step=budget, max_model_len=max_len,
-                          vocab_size=VOCAB, num_draft_tokens=k, eos_token_ids=(0,))
+                          vocab_size=VOCAB, num_draft_tokens=k, eos_token_ids=(0,),
+                          share_inflight_prefill=share_inflight)
     ret = SessionRetention(pool, retention_ttl) if retention_ttl else None
     sched = Scheduler(cfg, pool, pc, make_policy(policy), drafter=drafter, retention=ret, clock=clock)
     return sched, PageOracleExecutor(num_blocks, bs, VOCAB), pool, pc
@@ -442,3 +443,182 @@ def test_weak_scored_proposals_back_off():
     run_until_done(sched, executor)
     assert sched.requests["a"].output_tokens == reference_generate([1, 2, 3], 90, VOCAB)
     assert drafter.proposals <= 90 // (MAX_PROPOSAL_BACKOFF + 1) + 4 and pool.num_used == 0
+
+
+# ---- in-flight prefix sharing: a waiting request waits for a running prefill of its blocks ----
+
+def prompt_fed(seqs, prompt_len):
+    """Prompt positions fed by a step's seqs (prefill work)."""
+    return sum(max(0, min(s.start_pos + len(s.tokens) - s.num_draft, prompt_len) - s.start_pos) for s in seqs)
+
+
+def run_recording(sched, ex, prompt_len):
+    """Runs to completion; returns (request ids per step, prompt tokens fed in all)."""
+    ids, fed = [], 0
+    while sched.has_unfinished:
+        out = sched.schedule()
+        assert not out.empty, "scheduler stalled with work left"
+        ids.append({s.request_id for s in out.seqs})
+        fed += prompt_fed(out.seqs, prompt_len)
+        sched.update(out, ex.execute(out))
+    return ids, fed
+
+
+@pytest.mark.parametrize("budget", [64, 16])  # whole prompts in one step; chunked prefill
+def test_same_prompt_submitted_together_is_prefilled_once(budget):
+    rng = random.Random(21)
+    prompt = [rng.randrange(1, VOCAB) for _ in range(5 * 4 + 1)]  # 5 full blocks + 1 token
+    results = {}
+    for share in (False, True):
+        sched, ex, pool, pc = make(budget=budget, seqs=4, share_inflight=share)
+        a, b = (Request(rid, list(prompt), SamplingParams(max_tokens=6)) for rid in ("a", "b"))
+        sched.add_request(a)
+        sched.add_request(b)
+        ids, fed = run_recording(sched, ex, len(prompt))
+        assert a.output_tokens == b.output_tokens == expected(prompt, 6)
+        assert all_released(pool, pc, sched)
+        results[share] = (ids, fed, b.num_cached_tokens, b.num_inflight_shared_tokens,
+                          sched.num_inflight_shared_admissions, a.output_tokens, b.output_tokens)
+    (ids_off, fed_off, cached_off, shared_off, adm_off, *out_off) = results[False]
+    (ids_on, fed_on, cached_on, shared_on, adm_on, *out_on) = results[True]
+    assert out_on == out_off
+    # On: b waits until a has computed (and cached) all five blocks, then computes one token.
+    prefill_steps = -(-len(prompt) // budget)
+    assert all(step == {"a"} for step in ids_on[:prefill_steps])
+    assert "b" in ids_on[prefill_steps]
+    assert cached_on == 20 and adm_on == 1
+    assert fed_on == len(prompt) + 1
+    # Off: b computes blocks a is computing in the same steps.
+    assert cached_off < 20 and shared_off == 0 and adm_off == 0
+    assert shared_on == cached_on - cached_off  # counted: the hits b gained by waiting
+    assert fed_off >= len(prompt) + 1 + 4
+    if budget == 64:
+        assert fed_off == 2 * len(prompt)  # halved by sharing
+
+
+@pytest.mark.parametrize("end", ["abort", "stop"])
+def test_waiting_request_is_admitted_when_the_prefilling_one_goes_away(end):
+    """The prefilling request ends while its step runs (its blocks are released, never cached):
+    the request waiting for them is admitted at the next step and computes them itself."""
+    rng = random.Random(22)
+    prompt = [rng.randrange(1, VOCAB) for _ in range(21)]
+    sched, ex, pool, pc = make(budget=64, seqs=2)
+    a, b = (Request(rid, list(prompt), SamplingParams(max_tokens=5)) for rid in ("a", "b"))
+    sched.add_request(a)
+    sched.add_request(b)
+    out = sched.schedule()
+    assert {s.request_id for s in out.seqs} == {"a"} and sched.waiting == [b]
+    getattr(sched, end)("a")  # mid-prefill
+    sched.update(out, ex.execute(out))
+    out = sched.schedule()
+    assert {s.request_id for s in out.seqs} == {"b"}
+    assert b.num_cached_tokens == 0 and b.num_inflight_shared_tokens == 0
+    assert sched.num_inflight_shared_admissions == 0
+    sched.update(out, ex.execute(out))
+    run_until_done(sched, ex)
+    assert b.output_tokens == expected(prompt, 5)
+    assert all_released(pool, pc, sched)
+
+
+def test_preempted_prefill_does_not_strand_the_waiting_request():
+    """The prefilling request preempted while its step runs computes nothing any more: the waiting
+    one is no longer held for it. FCFS re-admits the preempted one first, so the waiting one then
+    waits for that recompute and still gets its blocks as a cache hit; both complete."""
+    rng = random.Random(23)
+    prompt = [rng.randrange(1, VOCAB) for _ in range(21)]
+    sched, ex, pool, pc = make(budget=64, seqs=2)
+    a, b = (Request(rid, list(prompt), SamplingParams(max_tokens=5)) for rid in ("a", "b"))
+    sched.add_request(a)
+    sched.add_request(b)
+    out = sched.schedule()
+    assert sched.waiting == [b]
+    sched._preempt(a, sched.clock())  # what running out of blocks does
+    sched.update(out, ex.execute(out))
+    assert sched.waiting == [a, b]
+    out = sched.schedule()
+    assert {s.request_id for s in out.seqs} == {"a"}
+    sched.update(out, ex.execute(out))
+    run_until_done(sched, ex)
+    assert a.output_tokens == b.output_tokens == expected(prompt, 5)
+    assert a.num_preemptions == 1 and b.num_cached_tokens == 20
+    assert all_released(pool, pc, sched)
+
+
+def test_unrelated_requests_are_not_held_back_by_one_waiting_for_a_prefill():
+    rng = random.Random(24)
+    prompt = [rng.randrange(1, VOCAB) for _ in range(21)]
+    other = [rng.randrange(1, VOCAB) for _ in range(13)]
+    sched, ex, pool, pc = make(budget=64, seqs=4)
+    reqs = [Request("a", list(prompt), SamplingParams(max_tokens=4)),
+            Request("b", list(prompt) + [3, 4], SamplingParams(max_tokens=4)),  # shares a's 5 blocks: waits
+            Request("c", other, SamplingParams(max_tokens=4)),  # FCFS after b, unrelated
+            Request("d", list(prompt), SamplingParams(max_tokens=4), namespace="tenant2")]  # never shares with a
+    for r in reqs:
+        sched.add_request(r)
+    out = sched.schedule()
+    assert {s.request_id for s in out.seqs} == {"a", "c", "d"}
+    assert [r.request_id for r in sched.waiting] == ["b"]
+    sched.update(out, ex.execute(out))
+    run_until_done(sched, ex)
+    for r in reqs:
+        assert r.output_tokens == expected(r.prompt_tokens, 4), r.request_id
+    assert reqs[1].num_cached_tokens == 20 and reqs[3].num_cached_tokens == 0
+    assert all_released(pool, pc, sched)
+
+
+def bursts_with_shared_contexts(rng, n):
+    """n requests in bursts (one per step, some empty); within a burst a request often repeats an
+    earlier one's context plus a short instruction, as SPAgent's guess call does."""
+    prefix = [rng.randrange(1, VOCAB) for _ in range(24)]
+    bursts, i = [], 0
+    while i < n:
+        burst = []
+        for _ in range(min(rng.choice([0, 1, 2, 3, 4]), n - i)):
+            if burst and rng.random() < 0.5:
+                prompt = burst[-1][1] + [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 6))]
+            else:
+                prompt = (prefix if rng.random() < 0.5 else []) + [rng.randrange(1, VOCAB)
+                                                                  for _ in range(rng.randint(1, 60))]
+            burst.append((f"r{i}", prompt, rng.randint(1, 20)))
+            i += 1
+        bursts.append(burst)
+    return bursts
+
+
+SHARING_CONFIGS = {
+    "roomy": dict(num_blocks=400),
+    "roomy_drafter": dict(num_blocks=400, drafter=True, k=4),
+    "tight_pool": dict(num_blocks=36, budget=128),  # preempts and evicts
+    "tight_pool_drafter": dict(num_blocks=28, drafter=True, k=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARING_CONFIGS))
+def test_inflight_sharing_is_lossless_against_sharing_off(name):
+    """Requests with common contexts arriving together: the same tokens with sharing on and off
+    (and the reference), no leaked blocks either way; with a roomy pool, fewer prompt tokens fed."""
+    kw = dict(SHARING_CONFIGS[name])
+    runs = {}
+    for share in (False, True):
+        drafter = RandomDrafter(1, 0.3) if kw.get("drafter") else None
+        sched, ex, pool, pc = make(**{**kw, "drafter": drafter}, share_inflight=share)
+        bursts = bursts_with_shared_contexts(random.Random(sum(map(ord, name))), 40)
+        objs, fed = [], 0
+        while bursts or sched.has_unfinished:
+            for rid, prompt, n in (bursts.pop(0) if bursts else []):
+                r = Request(rid, prompt, SamplingParams(max_tokens=n))
+                sched.add_request(r)
+                objs.append(r)
+            out = sched.schedule()
+            fed += sum(prompt_fed([s], len(sched.requests[s.request_id].prompt_tokens)) for s in out.seqs)
+            sched.update(out, ex.execute(out))
+        for r in objs:
+            assert r.output_tokens == expected(r.prompt_tokens, r.sampling.max_tokens), r.request_id
+        assert all_released(pool, pc, sched)
+        runs[share] = ([r.output_tokens for r in objs], fed, sched.num_inflight_shared_tokens, sched.num_preemptions)
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][2] > 0 and runs[False][2] == 0
+    if name.startswith("roomy"):
+        assert runs[True][1] < runs[False][1]
+    else:
+        assert runs[True][3] > 0

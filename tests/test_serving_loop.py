@@ -107,6 +107,29 @@ def test_background_thread_serves_and_shuts_down():
     assert out == reference_generate([3, 1, 4], 6, VOCAB)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_inflight_shared_prefill_is_counted_in_the_metrics(overlap):
+    """Two calls over one context submitted together: the second waits for the first's prefill
+    (also while steps are planned ahead) and the metrics count the prompt tokens it so shared."""
+    pool = BlockPool(64)
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=4, max_tokens_per_step=32, max_model_len=200,
+                                      vocab_size=VOCAB), pool, PrefixCache(4, pool))
+    loop = ServingLoop(sched, PipelinedOracleExecutor(64, 4, VOCAB), overlap=overlap)
+    prompt = [(7 * i) % (VOCAB - 1) + 1 for i in range(21)]  # five full blocks + 1 token
+    reqs = [Request("a", list(prompt), SamplingParams(max_tokens=6)),
+            Request("b", list(prompt) + [9, 8], SamplingParams(max_tokens=6))]
+    for r in reqs:
+        loop.submit(r)
+    loop.run_until_idle()
+    for r in reqs:
+        assert r.output_tokens == reference_generate(r.prompt_tokens, 6, VOCAB)
+    assert reqs[1].num_cached_tokens == 20
+    assert loop.metrics.summary()["inflight_shared_tokens"] == 20
+    assert b"agentinfer_inflight_shared_prompt_tokens_total 20.0" in loop.metrics.prometheus_text()
+    sched.prefix_cache.evict(pool.num_used)
+    assert pool.num_used == 0
+
+
 # ---- host/device overlap: step n+1 planned and dispatched before step n's tokens are on the host ----
 
 def _overlap_run(overlap: bool, seed: int, blocks: int = 22):

@@ -41,6 +41,9 @@ class StepLimits:
     vocab_size: int = 4096  # token ids must lie in [0, vocab_size)
     num_draft_tokens: int = 0  # k drafted tokens per decode step (0 = no drafting)
     eos_token_ids: tuple[int, ...] = ()  # tokens that end a request (unless ignore_eos)
+    # The planner's choice (the engine ignores it): a waiting request whose uncached prompt blocks a
+    # running request is still prefilling waits for them to be cached instead of computing them too.
+    share_inflight_prefill: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_tokens_per_step <= 0:

@@ -67,6 +67,9 @@ class ServerConfig:
     adaptive_draft: bool = True  # per-request k from measured step costs and acceptance (0 = off)
     policy: str = "fcfs"  # admission policy (fcfs, sjf, lpm, agentsched)
     prefix_cache: bool = True
+    # A waiting request whose next prompt blocks a running request is prefilling waits for them to be
+    # cached instead of computing them again (SchedulerConfig.share_inflight_prefill).
+    share_inflight_prefill: bool = True
     retention_ttl_s: float = 0.0  # keep a finished session's blocks this long (0 = off)
     attention_backend: str | None = None  # kernels backend; None = platform default
     max_draft_tokens: int | None = None  # the engine's verify width K; None = num_draft (at least 1)
@@ -287,7 +290,8 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, 
     sched_config = engine_config.scheduler_config(model_config, config.num_draft)
     # The chat template ends turns with the tokenizer's EOS; stop on it even if config.json omits it.
     eos = tuple(dict.fromkeys((*sched_config.eos_token_ids, *tokenizer.eos_token_ids)))
-    sched_config = dataclasses.replace(sched_config, eos_token_ids=eos)
+    sched_config = dataclasses.replace(sched_config, eos_token_ids=eos,
+                                       share_inflight_prefill=config.share_inflight_prefill)
     if draft_step_cost is not None and (drafter is None or not config.adaptive_draft):
         raise ValueError("draft_step_cost prices the adaptive switch's k: it needs a drafter and adaptive_draft")
     adaptive = AdaptiveSpeculation.measured(config.num_draft_tokens, config.max_num_seqs, draft_step_cost) \

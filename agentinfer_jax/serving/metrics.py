@@ -28,6 +28,7 @@ class RequestMetrics:
     verify_steps: int
     preemptions: int
     finish_reason: str
+    inflight_shared_tokens: int = 0  # of cached_tokens: waited for while another request prefilled them
 
     @classmethod
     def of(cls, r: Request) -> RequestMetrics:
@@ -37,7 +38,8 @@ class RequestMetrics:
         queue = (r.admitted_s - r.arrival_s) if r.admitted_s is not None else (r.finish_s - r.arrival_s)
         return cls(r.request_id, len(r.prompt_tokens), r.num_cached_tokens, n, queue, ttft, tpot,
                    r.finish_s - r.arrival_s, r.num_drafted, r.num_accepted, r.num_verify_steps,
-                   r.num_preemptions, r.finish_reason.value if r.finish_reason else "")
+                   r.num_preemptions, r.finish_reason.value if r.finish_reason else "",
+                   r.num_inflight_shared_tokens)
 
 
 class ServingMetrics:
@@ -60,6 +62,10 @@ class ServingMetrics:
         self.p_prompt = Counter("agentinfer_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.p_cached = Counter("agentinfer_cached_prompt_tokens", "Prompt tokens served from the prefix cache",
                                 registry=r)
+        self.p_inflight_shared = Counter(
+            "agentinfer_inflight_shared_prompt_tokens",
+            "Prompt tokens served from the prefix cache after waiting for another request's prefill of them",
+            registry=r)
         self.p_output = Counter("agentinfer_output_tokens", "Generated tokens", registry=r)
         self.p_drafted = Counter("agentinfer_drafted_tokens", "Drafted tokens sent to verification", registry=r)
         self.p_accepted = Counter("agentinfer_accepted_tokens", "Drafted tokens accepted", registry=r)
@@ -99,6 +105,7 @@ class ServingMetrics:
         self.p_requests.labels(m.finish_reason).inc()
         self.p_prompt.inc(m.prompt_tokens)
         self.p_cached.inc(m.cached_tokens)
+        self.p_inflight_shared.inc(m.inflight_shared_tokens)
         self.p_output.inc(m.output_tokens)
         self.p_drafted.inc(m.drafted)
         self.p_accepted.inc(m.accepted)
@@ -132,6 +139,7 @@ class ServingMetrics:
             "mean_queue_s": mean([m.queue_s for m in fin]), "p99_queue_s": p99([m.queue_s for m in fin]),
             "mean_e2e_s": mean([m.e2e_s for m in fin]),
             "prefix_hit_rate": sum(m.cached_tokens for m in fin) / prompt if prompt else 0.0,
+            "inflight_shared_tokens": sum(m.inflight_shared_tokens for m in fin),
             "drafted_tokens": sum(m.drafted for m in fin), "accepted_tokens": sum(m.accepted for m in fin),
             "tokens_per_verify_step": (sum(m.accepted for m in fin) + steps) / steps if steps else float("nan"),
             "preemptions": sum(m.preemptions for m in fin),

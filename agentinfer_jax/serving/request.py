@@ -55,6 +55,7 @@ class Request:
     block_ids: list[int] = dataclasses.field(default_factory=list)  # block i holds positions [i*bs, (i+1)*bs)
     num_computed_tokens: int = 0  # positions whose KV is in block_ids
     num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at (first) admission
+    num_inflight_shared_tokens: int = 0  # cache hits it waited for while a running request prefilled them
     num_inserted_blocks: int = 0  # leading full blocks already offered to the prefix cache
     num_preemptions: int = 0
     num_drafted: int = 0

@@ -16,6 +16,11 @@ Invariants:
   newest running request is preempted (its blocks released, recomputed later from its tokens).
 - Full blocks are offered to the prefix cache after a prefill chunk, at finish and at preemption;
   decode blocks are cached at the end, so a running request's decode blocks are not yet shareable.
+- In-flight prefix sharing (`share_inflight_prefill`): a waiting request is not admitted while a
+  running request (same namespace) is still prefilling at least one full block of its prompt past
+  its cached prefix; it is admitted once those blocks are cached (a hit), or as soon as no running
+  request is computing them any more (finished, aborted, preempted). A request waiting so is skipped,
+  never blocking the requests behind it in the policy's order.
 """
 
 from __future__ import annotations
@@ -137,6 +142,13 @@ class Scheduler:
         # for `backoff` steps (doubling up to MAX_PROPOSAL_BACKOFF, reset by a kept proposal): a
         # proposal costs host time every step, and weak ones come in runs.
         self._backoff: dict[str, tuple[int, int]] = {}  # request id -> (steps left to skip, backoff)
+        # In-flight prefix sharing: request id -> its cached blocks when it was first held back for
+        # a running request's prefill (what it gained by waiting is counted at its admission).
+        self._held_for_inflight: dict[str, int] = {}
+        self.num_inflight_shared_admissions = 0  # admissions that waited for an in-flight prefill
+        # Tokens those gained as cache hits by waiting: at most the prefill saved (the budget might
+        # have held some of them back anyway); compare runs with the flag off for the exact saving.
+        self.num_inflight_shared_tokens = 0
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -524,8 +536,48 @@ class Scheduler:
             return None
         return parent.block_ids[:shared]
 
+    def _inflight_prefills(self) -> dict[str, list[Request]] | None:
+        """Running requests still prefilling, by namespace; None when in-flight sharing is off (or
+        there is no prefix cache to share through)."""
+        if not self.config.share_inflight_prefill or self.prefix_cache is None:
+            return None
+        out: dict[str, list[Request]] = {}
+        for r in self.running:
+            if r.is_prefilling:
+                out.setdefault(r.namespace, []).append(r)
+        return out
+
+    def _inflight_shared_blocks(self, req: Request, num_hit: int, prefilling: dict[str, list[Request]]) -> int:
+        """Full blocks of `req`'s tokens past its `num_hit` cached ones that a running request of its
+        namespace is still prefilling (and will offer to the cache): the most over such requests.
+        Each comparison is one slice of `req`'s tokens, so this costs O(its tokens) per prefilling
+        request of its namespace (usually few: a prefill takes whole steps' budgets)."""
+        others = prefilling.get(req.namespace)
+        if not others:
+            return 0
+        bs = self.config.block_size
+        toks = req.all_tokens
+        limit = (len(toks) - 1) // bs  # as _cached_prefix: at least one token left to compute
+        best = 0
+        for other in others:
+            # Blocks below `start` are cached or already computed (then not ours to wait for); the
+            # prefill offers the full blocks of all of other's tokens.
+            start = max(num_hit, other.num_computed_tokens // bs)
+            end = min(limit, other.num_tokens // bs)
+            if end - start <= best:
+                continue
+            theirs = other.all_tokens
+            if toks[:(start + 1) * bs] != theirs[:(start + 1) * bs]:
+                continue
+            n = start + 1
+            while n < end and toks[n * bs:(n + 1) * bs] == theirs[n * bs:(n + 1) * bs]:
+                n += 1
+            best = max(best, n - start)
+        return best
+
     def _admit(self, now: float, budget: int, seqs: list[StepSeq]) -> int:
         bs = self.config.block_size
+        prefilling = self._inflight_prefills()
         cands = []
         for req in self.waiting:
             n_hit = len(self._cached_prefix(req))
@@ -543,13 +595,17 @@ class Scheduler:
             hit = self._cached_prefix(req)
             if len(forked) > len(hit):
                 hit = forked
+            if prefilling and self._inflight_shared_blocks(req, len(hit), prefilling) > 0:
+                self._held_for_inflight.setdefault(req.request_id, len(hit))
+                continue  # a running request is computing its next blocks: wait for the cache hit
             if self.retention is not None and req.session_id is not None:
                 self.retention.drop(req.session_id)  # the prefix cache now serves this session
             if hit:
                 self.pool.incref(hit)
             req.block_ids = list(hit)
             req.num_computed_tokens = len(hit) * self.config.block_size
-            if req.admitted_s is None:
+            first_admission = req.admitted_s is None
+            if first_admission:
                 req.admitted_s = now
                 req.num_cached_tokens = min(req.num_computed_tokens, len(req.prompt_tokens))
             req.num_inserted_blocks = len(hit)
@@ -564,6 +620,15 @@ class Scheduler:
             self.waiting.remove(req)
             self.running.append(req)
             req.state = RequestState.RUNNING
+            if prefilling is not None and req.is_prefilling:  # later candidates may share its prefill
+                prefilling.setdefault(req.namespace, []).append(req)
+            held_from = self._held_for_inflight.pop(req.request_id, None)
+            if held_from is not None and len(hit) > held_from:
+                shared = (len(hit) - held_from) * bs
+                self.num_inflight_shared_admissions += 1
+                self.num_inflight_shared_tokens += shared
+                if first_admission:  # a part of its num_cached_tokens (prompt tokens)
+                    req.num_inflight_shared_tokens = shared
             seqs.append(seq)
             budget -= len(seq.tokens)
         return budget
@@ -614,3 +679,4 @@ class Scheduler:
             self.adaptive.end(req.request_id)
         self._pending_k.pop(req.request_id, None)
         self._backoff.pop(req.request_id, None)
+        self._held_for_inflight.pop(req.request_id, None)
