@@ -36,7 +36,7 @@ $(JS_STAMP): $(LOCKS)/jetstream.txt pyproject.toml setup.py
 	$(JS_VENV)/bin/uv pip install -q --python $(JS_VENV)/bin/python --no-deps -e .
 	touch $(JS_STAMP)
 
-# The main job on the built-in default (tiny model, bundled traces), a few minutes on 2 CPU cores.
+# The main job on the built-in default (configs/cpu_demo.py, bundled traces), a few minutes on 2 CPU cores.
 demo: $(STAMP)
 	$(PY) experiments/agent_e2e.py --quick --repeats=2
 
