@@ -496,11 +496,10 @@ def test_same_prompt_submitted_together_is_prefilled_once(budget):
         assert fed_off == 2 * len(prompt)  # halved by sharing
 
 
-@pytest.mark.parametrize("end", ["abort", "stop"])
-def test_waiting_request_is_admitted_when_the_prefilling_one_goes_away(end):
-    """The prefilling request ends while its step runs (its blocks are released, never cached):
-    the request waiting for them is admitted at the next step and computes them itself."""
-    rng = random.Random(22)
+def _same_prompt_pair(seed):
+    """Requests a and b with one 21-token prompt, submitted together, after the first schedule:
+    a prefills, b waits for a's blocks."""
+    rng = random.Random(seed)
     prompt = [rng.randrange(1, VOCAB) for _ in range(21)]
     sched, ex, pool, pc = make(budget=64, seqs=2)
     a, b = (Request(rid, list(prompt), SamplingParams(max_tokens=5)) for rid in ("a", "b"))
@@ -508,6 +507,14 @@ def test_waiting_request_is_admitted_when_the_prefilling_one_goes_away(end):
     sched.add_request(b)
     out = sched.schedule()
     assert {s.request_id for s in out.seqs} == {"a"} and sched.waiting == [b]
+    return prompt, sched, ex, pool, pc, a, b, out
+
+
+@pytest.mark.parametrize("end", ["abort", "stop"])
+def test_waiting_request_is_admitted_when_the_prefilling_one_goes_away(end):
+    """The prefilling request ends while its step runs (its blocks are released, never cached):
+    the request waiting for them is admitted at the next step and computes them itself."""
+    prompt, sched, ex, pool, pc, a, b, out = _same_prompt_pair(22)
     getattr(sched, end)("a")  # mid-prefill
     sched.update(out, ex.execute(out))
     out = sched.schedule()
@@ -524,14 +531,7 @@ def test_preempted_prefill_does_not_strand_the_waiting_request():
     """The prefilling request preempted while its step runs computes nothing any more: the waiting
     one is no longer held for it. FCFS re-admits the preempted one first, so the waiting one then
     waits for that recompute and still gets its blocks as a cache hit; both complete."""
-    rng = random.Random(23)
-    prompt = [rng.randrange(1, VOCAB) for _ in range(21)]
-    sched, ex, pool, pc = make(budget=64, seqs=2)
-    a, b = (Request(rid, list(prompt), SamplingParams(max_tokens=5)) for rid in ("a", "b"))
-    sched.add_request(a)
-    sched.add_request(b)
-    out = sched.schedule()
-    assert sched.waiting == [b]
+    prompt, sched, ex, pool, pc, a, b, out = _same_prompt_pair(23)
     sched._preempt(a, sched.clock())  # what running out of blocks does
     sched.update(out, ex.execute(out))
     assert sched.waiting == [a, b]
