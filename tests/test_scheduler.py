@@ -429,6 +429,52 @@ def test_a_scored_proposal_is_verified_only_when_its_score_pays(score, drafts):
     assert sched.requests["a"].output_tokens == expected and pool.num_used == 0
 
 
+@pytest.mark.parametrize("score, synchronous", [(0.3, False), (7.0, True)])
+def test_a_request_outside_the_step_in_flight_that_would_draft_gets_a_synchronous_step(score, synchronous):
+    """b runs but is not in the step in flight (a is). If b's proposal pays, the next step is not
+    planned ahead: it waits for a's result and batches b's verification with a's decode (sitting
+    b out would run it alone, and again after every step planned ahead while a decodes). A weak
+    proposal keeps the overlap, b's decode planned ahead. Outputs stay the oracle's."""
+    from agentinfer_jax.serving.scheduler import SchedulerOutput
+    from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, StepCostTable
+
+    class PerRequestScore(ScoredDrafter):
+        def expected_accepted(self, rid):
+            return self.score if rid == "b" else 0.0  # a's proposals never pay
+
+    # Batch 2: a verify step of up to 6 tokens costs 1.5 plain ones.
+    adaptive = AdaptiveSpeculation(StepCostTable({2: {1: 1e-3, 2: 1e-3, 6: 1.5e-3}}), k_choices=(1, 2, 4))
+    drafter = PerRequestScore(5, 0.3)
+    pool = BlockPool(64)
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=2, max_tokens_per_step=32, max_model_len=128,
+                                      vocab_size=VOCAB, num_draft_tokens=4), pool, drafter=drafter, adaptive=adaptive)
+    prompts = {"a": [1, 2, 3], "b": [4, 5, 6, 7]}
+    for rid, prompt in prompts.items():
+        sched.add_request(Request(rid, list(prompt), SamplingParams(max_tokens=12)))
+    executor = PipelinedOracleExecutor(64, 4, VOCAB)
+    first = sched.schedule()  # both prefill and sample
+    sched.update(first, executor.collect(executor.dispatch(first)))
+    # The step in flight feeds a alone (b's seq of this plan is left out of it).
+    a_only = SchedulerOutput([s for s in sched.schedule().seqs if s.request_id == "a"], [], 0)
+    pending = executor.dispatch(a_only)
+    drafter.score = score
+    sched._backoff.clear()  # b's weak proposal in the plan above must not hold it back here
+    ahead = sched.schedule_ahead(a_only)
+    assert (ahead is None) is synchronous
+    sched.update(a_only, executor.collect(pending))
+    if ahead is None:
+        ahead = sched.schedule()
+        assert {s.request_id: s.num_draft > 0 for s in ahead.seqs} == {"a": False, "b": True}
+    else:
+        assert {s.request_id: s.num_draft for s in ahead.seqs} == {"a": 0, "b": 0}  # both planned ahead
+    sched.update(ahead, executor.collect(executor.dispatch(ahead)))
+    run_until_done(sched, executor)
+    for rid, prompt in prompts.items():
+        expected = reference_generate(prompt, 12, VOCAB, stop_ids=sched.config.eos_token_ids)
+        assert sched.requests[rid].output_tokens == expected
+    assert pool.num_used == 0
+
+
 def test_weak_scored_proposals_back_off():
     """Proposing costs host time every step: after proposals judged too weak to verify, a request
     proposes less often (at most every MAX_PROPOSAL_BACKOFF + 1 steps), and outputs are unchanged."""

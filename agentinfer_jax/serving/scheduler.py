@@ -206,7 +206,8 @@ class Scheduler:
         there feeds PREVIOUS_TOKEN (the engine reads it on the device). None when the next step
         cannot be planned blind: `inflight` verifies drafts (how many are accepted is unknown), or a
         request sampling in it would draft next (drafts follow its newest token) or is constrained
-        or penalised (its next mask / penalties follow the token in flight). Planning ahead never
+        or penalised (its next mask / penalties follow the token in flight); also when a running
+        request outside `inflight` would draft now (its verification joins a synchronous step). Planning ahead never
         preempts; a request that may finish in `inflight` is left out (if it does not finish, the
         next step picks it up). After this, `update(inflight)` and then `update(the result)`.
         """
@@ -227,6 +228,15 @@ class Scheduler:
                 if k > 0:
                     return None
             ahead[seq.request_id] = seq
+        if self.drafter is not None:
+            # A running request outside the step in flight that would draft now: a synchronous step
+            # batches its verification with everyone's decode. Sitting out instead would run it
+            # alone after this step, and again after every step planned ahead while others decode.
+            for req in self.running:
+                if req.request_id not in ahead and req.num_tokens - req.num_computed_tokens == 1:
+                    self._pending_k[req.request_id] = k = self._draft_len(req, len(self.running), ahead=True)
+                    if k > 0:
+                        return None
         return self._schedule(ahead)
 
     def _schedule(self, ahead: dict[str, StepSeq] | None) -> SchedulerOutput:
@@ -483,13 +493,8 @@ class Scheduler:
 
     def _plan_ahead(self, req: Request, inflight: StepSeq | None, budget: int) -> StepSeq | None | bool:
         """`req`'s feed in the step after the in-flight one (no drafts); None when it sits this one
-        out, False when blocks ran out."""
-        if inflight is None:  # not in the step in flight: planned as usual, unless it would draft
-            if self.drafter is not None and req.num_tokens - req.num_computed_tokens == 1:
-                # Asked once per step: the answer is what _plan_running (now or after the update) reads.
-                self._pending_k[req.request_id] = k = self._draft_len(req, 1, ahead=True)
-                if k > 0:
-                    return None  # it drafts once it is planned after an update
+        out (its in-flight token may be its last, or its record's end), False when blocks ran out."""
+        if inflight is None:  # not in the step in flight: schedule_ahead found it does not draft now
             seq = self._plan_running(req, budget)
             return False if seq is None else seq
         start = inflight.start_pos + len(inflight.tokens)
