@@ -28,6 +28,7 @@ turns (`turns`). SAM + memory also reports its retrieval + build milliseconds pe
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import json
@@ -206,6 +207,15 @@ def _rss_mb(key: str = "VmHWM") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _release_free_heap() -> None:
+    """Returns the C heap's free pages to the OS (glibc's malloc_trim), so RSS after a pass counts
+    what is live, not what the allocator keeps after freeing (which moved it by +-15% run to run)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS keeps the allocator's slack
+        pass
+
+
 def _store_stats(drafter, memory: SessionMemory | None) -> dict[str, float]:
     """Bytes per stored token of the drafter's cross-request store, and its size."""
     if memory is not None:
@@ -316,6 +326,7 @@ def main(argv: Sequence[str]) -> None:
                         replay(drafter, [t if p == 0 else dataclasses.replace(t, id=f"{t.id}#{p}") for t in trajs],
                                chat, k, stats, bar, wait)
                         gc.collect()
+                        _release_free_heap()
                         passes_rss.setdefault(f"{name}/{k}/{dname}", []).append(_rss_mb("VmRSS"))
                         held = {"drafter_mb": (drafter.nbytes if hasattr(drafter, "nbytes") else
                                                drafter.global_bytes() if hasattr(drafter, "global_bytes") else 0) / 2**20}

@@ -99,7 +99,7 @@ class SAMDrafter:
 
     def __init__(self, memory: SessionMemory | None = None, *, min_match: int = 1, factor: float = 8.0,
                  min_prob: float = 0.0, refresh_growth: float = 2.0, warmup_tokens: int = 64,
-                 max_live_sessions: int = 1024, live_cap_mb: float = 64.0, count_depth: int = 8,
+                 max_live_sessions: int = 256, live_cap_mb: float = 16.0, count_depth: int = 8,
                  global_memory: bool = True, calibrator: AcceptanceCalibrator | None = None) -> None:
         if min_match < 1 or factor <= 0 or not 0 <= min_prob <= 1 or refresh_growth <= 1:
             raise ValueError("need min_match >= 1, factor > 0, 0 <= min_prob <= 1, refresh_growth > 1")
@@ -110,7 +110,10 @@ class SAMDrafter:
         self.refresh_growth, self.warmup_tokens = refresh_growth, warmup_tokens
         self.max_live_sessions, self.count_depth = max_live_sessions, count_depth
         # Finished sessions keep their automaton for the session's next request (an agent's next
-        # call extends it) until these caps: the least recently used go first.
+        # call extends it) until these caps: the least recently used go first. The memory already
+        # holds finished sessions for retrieval, and a session's next call comes within a tool
+        # call, so the caps only need to cover the sessions between calls; an evicted session
+        # rebuilds its automaton from its prompt.
         self.live_cap_bytes = int(live_cap_mb * (1 << 20))
         self._idle_bytes = 0  # automaton bytes of finished (idle) sessions
         self.global_memory = global_memory
