@@ -17,11 +17,11 @@ E(k) = 1 + alpha + ... + alpha^k tokens for this request. The engine provides
 `step_cost(batch_size, tokens_fed) -> seconds` (measured). Feeding this request k more tokens
 slows the whole step from cost(B, n) to cost(B, n + k) plus the host time a verify step exposes
 (below), so the step yields (B - 1 + E(k)) / (cost(B, n + k) + penalty) tokens per second; the
-switch picks the k that maximises it (k = 0 when nothing beats plain decoding). A request switched off is re-probed with the smallest
-k every `probe_every` steps so its estimate can recover. A drafter that scores its own proposals
-(`expected_accepted`, AgentSAM's calibrator) then has each proposal judged on that score
-(`drafts_to_keep`): a weak one is cut to the prefix that pays, or dropped, before it costs a
-verification. A verify step also exposes the host work that overlap hides behind a plain step;
+switch picks the k that maximises it (k = 0 when nothing beats plain decoding). A request switched
+off is re-probed with the smallest k every `probe_every` steps so its estimate can recover. A
+drafter that scores its own proposals (`expected_accepted`, AgentSAM's calibrator) then has each
+proposal judged on that score (`drafts_to_keep`): a weak one is cut to the prefix that pays, or
+dropped, before it costs a verification. A verify step also exposes the host work that overlap hides behind a plain step;
 `MeasuredStepCost` learns that gap and the judgement adds it to the step's cost.
 """
 
@@ -256,7 +256,8 @@ class AdaptiveSpeculation:
         penalty = getattr(self.step_cost, "sync_penalty_s", 0.0)
         best_k, best = 0, batch_size / self.step_cost(batch_size, base)
         for k in choices:
-            rate = (batch_size - 1 + self.expected_tokens(alpha, k)) / (self.step_cost(batch_size, base + k) + penalty)
+            cost = self.step_cost(batch_size, base + k) + penalty
+            rate = (batch_size - 1 + self.expected_tokens(alpha, k)) / cost
             if rate > best:
                 best_k, best = k, rate
         est = self._get(request_id)
