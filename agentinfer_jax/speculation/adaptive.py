@@ -21,8 +21,9 @@ switch picks the k that maximises it (k = 0 when nothing beats plain decoding). 
 off is re-probed with the smallest k every `probe_every` steps so its estimate can recover. A
 drafter that scores its own proposals (`expected_accepted`, AgentSAM's calibrator) then has each
 proposal judged on that score (`drafts_to_keep`): a weak one is cut to the prefix that pays, or
-dropped, before it costs a verification. A verify step also exposes the host work that overlap hides behind a plain step;
-`MeasuredStepCost` learns that gap and the judgement adds it to the step's cost.
+dropped, before it costs a verification. A verify step also exposes the host work that overlap
+hides behind a plain step; `MeasuredStepCost` learns that gap and both judgements add it to the
+verify step's cost.
 """
 
 from __future__ import annotations
