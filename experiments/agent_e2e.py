@@ -383,7 +383,7 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
             measured_compilations += compiled
             if cfg.sam and projection_switch:
                 # The switch's k follows step costs, and the CPU's are not the target's (a verify
-                # step costs ~3x a decode here, about 1x on an H100): the projection of a drafting
+                # step costs 1.5-3x a decode here, about 1x on an H100): the projection of a drafting
                 # config replays it once more with k priced at the target's cost model.
                 target, outputs[f"{cfg.name}@target"], compiled = replay(cfg, draft_costs)
                 measured_compilations += compiled

@@ -207,9 +207,10 @@ class Scheduler:
         cannot be planned blind: `inflight` verifies drafts (how many are accepted is unknown), or a
         request sampling in it would draft next (drafts follow its newest token) or is constrained
         or penalised (its next mask / penalties follow the token in flight); also when a running
-        request outside `inflight` would draft now (its verification joins a synchronous step). Planning ahead never
-        preempts; a request that may finish in `inflight` is left out (if it does not finish, the
-        next step picks it up). After this, `update(inflight)` and then `update(the result)`.
+        request outside `inflight` would draft now (its verification joins a synchronous step).
+        Planning ahead never preempts; a request that may finish in `inflight` is left out (if it
+        does not finish, the next step picks it up). After this, `update(inflight)` and then
+        `update(the result)`.
         """
         ahead = {}
         for seq in inflight.seqs:
