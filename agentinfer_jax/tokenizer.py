@@ -104,12 +104,19 @@ class Tokenizer:
         return self.chat_template is not None and "tools" in self.chat_template
 
     def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
-                            tools: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any) -> str:
+                            tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False,
+                            **kwargs: Any) -> str:
         """The prompt text for `messages` ([{role, content}, ...]; assistant messages may carry
         `tool_calls` instead of content, role "tool" messages a `tool_call_id`) and the `tools`
-        JSON schemas ([{"type": "function", "function": {...}}, ...])."""
+        JSON schemas ([{"type": "function", "function": {...}}, ...]).
+
+        `continue_final_message`: the last message is an assistant turn the model goes on writing (a
+        forced prefix, as vLLM's flag of that name): the text ends at its content, with no end of turn
+        and no generation prompt."""
         if self._template is None:
             raise TokenizerError("this tokenizer has no chat_template")
+        if continue_final_message:
+            return self._continue_final(messages, tools, **kwargs)
         chat = []
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or "role" not in m or ("content" not in m and "tool_calls" not in m):
@@ -124,10 +131,27 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise TokenizerError(f"chat_template failed to render: {e}") from e
 
+    def _continue_final(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None,
+                        **kwargs: Any) -> str:
+        """The whole chat rendered as finished, then cut right after the last message's content (the
+        template's end-of-turn text after it dropped), so any template works unchanged."""
+        last = messages[-1] if messages else None
+        if not isinstance(last, Mapping) or last.get("role") != "assistant":
+            raise ValueError("continue_final_message needs an assistant message last")
+        content = last.get("content")
+        if not isinstance(content, str) or not content:
+            raise ValueError("continue_final_message needs the last message's content as a non-empty string")
+        text = self.apply_chat_template(messages, add_generation_prompt=False, tools=tools, **kwargs)
+        end = text.rfind(content)
+        if end < 0:
+            raise TokenizerError("chat_template does not render the final message's content verbatim")
+        return text[:end + len(content)]
+
     def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+                    tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False) -> list[int]:
         """Token ids of the chat prompt (no extra BOS: templates write their own)."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                        continue_final_message=continue_final_message)
         return self.encode(text, add_bos=False)
 
 

@@ -210,18 +210,25 @@ def test_planner_greedy_equals_brute_force_under_convex_cost():
     assert SpeculationPlanner(lambda m: 10.0 * m).select([SessionSpeculationInfo("x", 0.9, 1.0)]) == []
 
 
-def test_verified_phase_guesses_ask_for_the_action_line_only():
-    """The verified phase executes every guess whatever its score, so its speculative call asks for
-    one action line and stops before any further line: a short call (SPAgent: under ~10 tokens)."""
+def test_verified_phase_guesses_continue_the_reasoning_prompt_with_an_action_prefix():
+    """The verified phase executes every guess whatever its score, so its call is the reasoning
+    call's own prompt with the reply forced to start "Action:": its tokens extend the reasoning
+    prompt's (one shared prefix in the cache), and the model writes the rest of one line (SPAgent:
+    under ~10 tokens)."""
     from agentinfer_jax.agents.spagent import ActionSpeculator
+    from agentinfer_jax.tokenizer import load_tokenizer
 
-    client = ScriptedClient({"speculative": [["Action: Search[Paris]", "Action: Lookup[tower]"]]})
+    client = ScriptedClient({"speculative": [[" Search[Paris]", " Lookup[tower]"]]})
     spec = ActionSpeculator(client, ActionServer(SearchTool({"Paris": ["Paris is a city."]})), ActionBuffer(), "s",
                             SpeculationConfig(k=2, aggressive=False))
-    candidates = asyncio.run(spec.propose([{"role": "user", "content": "Question: Where?"}], "large", scored=False))
+    messages = [{"role": "user", "content": "Question: Where?"}]
+    candidates = asyncio.run(spec.propose(messages, "large", scored=False))
     assert sorted(str(c.action) for c in candidates) == ["Lookup[tower]", "Search[Paris]"]
     assert all(c.score == 0 for c in candidates) and spec.metrics.unscored_candidates == 0
     call = client.calls[0]
-    assert call.speculative and "Plausibility" not in call.messages[-1]["content"]
-    # A model that writes a score line anyway is cut before it.
-    assert "\nPlausibility" in call.stop and "\nAction" in call.stop
+    assert call.speculative and call.continue_final_message and call.stop == ["\n"]
+    assert call.messages[:-1] == messages and call.messages[-1]["role"] == "assistant"
+    tok = load_tokenizer()
+    reasoning = tok.encode_chat(messages)
+    guess = tok.encode_chat(call.messages, continue_final_message=True)
+    assert guess[:len(reasoning)] == reasoning and len(guess) - len(reasoning) <= 4

@@ -79,6 +79,22 @@ def test_greedy_completion_equals_dense_generate(stack):
     assert_no_leak(role)
 
 
+def test_continued_assistant_prefix_generates_as_the_dense_model_does(stack):
+    """continue_final_message: the prompt is the chat up to the assistant prefix's content (no end
+    of turn), and the reply is the dense model's greedy continuation of exactly those tokens."""
+    model, tokenizer, role = stack
+    client = EngineClient({"large": role.loop}, tokenizer)
+    msgs = [*random_messages(random.Random(5), turns=2), {"role": "assistant", "content": "Action: Search["}]
+    completion = asyncio.run(client.complete(msgs, max_tokens=6, continue_final_message=True))
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(msgs[:-1]) + "Action: Search[", add_bos=False)
+    reference = generate(model, [prompt], 6, eos_token_ids=sorted(role.scheduler.config.eos_token_ids))[0]
+    assert completion.prompt_tokens == len(prompt)
+    assert list(client.records[-1].output_tokens) == reference
+    with pytest.raises(ValueError, match="continue_final_message"):
+        asyncio.run(client.complete(msgs[:-1], continue_final_message=True))
+    assert_no_leak(role)
+
+
 def test_replay_forces_the_recorded_text_and_n_samples(stack):
     _, tokenizer, role = stack
     rng = random.Random(5)

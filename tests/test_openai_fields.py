@@ -290,3 +290,29 @@ def test_what_the_router_forwards_is_served_and_other_values_are_named(server, p
     for field, value in (("no_stop_trim", True), ("skip_special_tokens", False), ("return_hidden_states", True)):
         status, body = api.post(path, **{**fields, field: value})
         assert status == 400 and body["error"]["param"] == field, body
+
+
+def test_continue_final_message_continues_the_assistant_prefix(server):
+    """The reply to a chat whose last assistant message is continued equals the completion of the
+    same prompt rendered by transformers (its `continue_final_message`), and bad combinations are
+    400s naming the field."""
+    transformers = pytest.importorskip("transformers")
+    from agentinfer_jax.tokenizer import ASSETS_DIR
+
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_DIR / "tokenizer.json"))
+    ref.chat_template = json.loads((ASSETS_DIR / "tokenizer_config.json").read_text())["chat_template"]
+    messages = [*MESSAGES, {"role": "assistant", "content": "The river is"}]
+    ids = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=False, continue_final_message=True,
+                                  return_dict=False)
+    api = Api(server)
+    chat = api.ok("/v1/chat/completions", messages=messages, continue_final_message=True)
+    completion = api.ok("/v1/completions", prompt=list(ids))
+    assert chat["usage"]["prompt_tokens"] == len(ids)
+    assert api.out(chat) == api.out(completion)
+    # Without the flag the assistant turn is closed and a new one starts: a different prompt.
+    assert api.ok("/v1/chat/completions", messages=messages)["usage"]["prompt_tokens"] != len(ids)
+    status, body = api.post("/v1/chat/completions", messages=messages, continue_final_message=True,
+                            add_generation_prompt=True)
+    assert status == 400 and body["error"]["param"] == "continue_final_message", body
+    status, body = api.post("/v1/chat/completions", messages=MESSAGES, continue_final_message=True)
+    assert status == 400 and "assistant" in body["error"]["message"], body

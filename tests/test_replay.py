@@ -59,6 +59,10 @@ def test_replay_oracle_follows_the_trace():
         assert oracle(call) == [response]
         guess = oracle(RecordedCall(list(msgs), "large", 24, None, 0.0, 1, s.session_id, 0, True))[0]
         assert (str(s.actions[i]) in guess) == s.guess_hits[i]
+        # The verified phase's guess continues an "Action:" prefix: the same step, the rest of the line.
+        cont = oracle(RecordedCall([*msgs, {"role": "assistant", "content": "Action:"}], "large", 24, ["\n"], 0.0, 1,
+                                   s.session_id, 0, True, continue_final_message=True))[0]
+        assert cont.startswith(" ") and cont.endswith("\n") and (str(s.actions[i]) in cont) == s.guess_hits[i]
         msgs += [{"role": "assistant", "content": response}, {"role": "user", "content": "Observation: x"}]
     assert oracle(RecordedCall(msgs, "large", 8, None, 0.0, 1, s.session_id, 0, False)) is None  # past the record
     assert oracle(RecordedCall(msgs, "large", 8, None, 0.0, 1, "unknown", 0, False)) is None

@@ -148,3 +148,25 @@ def test_tools_and_tool_history_render_token_identical_to_transformers(style, tm
     text = ours.apply_chat_template(msgs, tools=[WEATHER])
     assert "get_weather" in text and "<b>now</b> & later" in text and "Zürich" in text
     assert msgs[-1]["content"] in text or msgs[-3]["content"] in text
+
+
+def test_continue_final_message_matches_transformers(tok):
+    """A forced assistant prefix renders as transformers renders it: the chat up to that message's
+    content, with neither its end of turn nor a generation prompt."""
+    transformers = pytest.importorskip("transformers")
+    config = json.loads((ASSETS_DIR / "tokenizer_config.json").read_text())
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_DIR / "tokenizer.json"))
+    ref.chat_template = config["chat_template"]
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        messages = [{"role": str(rng.choice(["system", "user", "assistant"])),
+                     "content": _random_text(rng, int(rng.integers(1, 40)))} for _ in range(int(rng.integers(0, 4)))]
+        messages.append({"role": "assistant", "content": "Action:" + _random_text(rng, int(rng.integers(0, 8)))})
+        expected = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                           continue_final_message=True)
+        assert tok.apply_chat_template(messages, continue_final_message=True) == expected
+        assert tok.encode_chat(messages, continue_final_message=True) == ref.encode(expected, add_special_tokens=False)
+    with pytest.raises(ValueError, match="assistant message last"):
+        tok.encode_chat([{"role": "user", "content": "hi"}], continue_final_message=True)
+    with pytest.raises(ValueError, match="non-empty"):
+        tok.encode_chat([{"role": "assistant", "content": ""}], continue_final_message=True)

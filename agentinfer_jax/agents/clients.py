@@ -2,7 +2,9 @@
 
 Every backend answers `complete(messages, role=..., ...) -> Completion`. `role` picks the model
 ("large" or "small", for AgentCollab); `session_id` and `priority` are hints for a serving engine's
-prefix cache and scheduler; `speculative=True` marks SPAgent's short candidate-sampling calls.
+prefix cache and scheduler; `speculative=True` marks SPAgent's short candidate-sampling calls;
+`continue_final_message=True` makes the last message an assistant prefix the model goes on writing
+(the reply's text is the continuation only, as vLLM returns it).
 
 Native tool calling: `OpenAIClient` and `ScriptedClient` also take OpenAI `tools` (and
 `tool_choice`); the Completion then carries the model's `tool_calls` (OpenAI's wire shape), and
@@ -61,6 +63,7 @@ class LLMClient(Protocol):
         speculative: bool = False,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> Completion: ...
 
 
@@ -68,10 +71,14 @@ class ClientError(RuntimeError):
     """A backend failed to answer (network, server error, replay script exhausted)."""
 
 
-def validate_request(messages: Any, role: str, max_tokens: int, n: int, temperature: float) -> None:
+def validate_request(messages: Any, role: str, max_tokens: int, n: int, temperature: float,
+                     continue_final_message: bool = False) -> None:
     """Raises ValueError naming the first bad argument of a `complete` call."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {role, content} dicts")
+    if continue_final_message and not (isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
+                                       and isinstance(messages[-1].get("content"), str) and messages[-1]["content"]):
+        raise ValueError("continue_final_message needs a last assistant message with non-empty content")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ValueError(f"messages[{i}] is not a {{role: str, content: str}} dict")
@@ -147,8 +154,9 @@ class OpenAIClient:
         speculative: bool = False,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> Completion:
-        validate_request(messages, role, max_tokens, n, temperature)
+        validate_request(messages, role, max_tokens, n, temperature, continue_final_message)
         import openai
 
         extra: dict[str, Any] = {"priority": priority}
@@ -156,6 +164,8 @@ class OpenAIClient:
             extra["session_id"] = session_id
         if speculative:
             extra["speculative"] = True
+        if continue_final_message:  # vLLM's and SGLang's fields; they need both
+            extra.update(continue_final_message=True, add_generation_prompt=False)
         if tools:
             extra_args: dict[str, Any] = {"tools": tools}
             if tool_choice is not None:
@@ -269,8 +279,9 @@ class ReplayClient:
         speculative: bool = False,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> Completion:
-        validate_request(messages, role, max_tokens, n, temperature)
+        validate_request(messages, role, max_tokens, n, temperature, continue_final_message)
         if speculative:
             text = self._speculative_text
         else:
@@ -314,6 +325,7 @@ class RecordedCall:
     priority: int
     speculative: bool
     tools: list[dict[str, Any]] | None = None
+    continue_final_message: bool = False  # the last message is an assistant prefix being continued
 
     @property
     def channel(self) -> str:
@@ -379,11 +391,12 @@ class ScriptedClient:
         speculative: bool = False,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        continue_final_message: bool = False,
     ) -> Completion:
-        validate_request(messages, role, max_tokens, n, temperature)
+        validate_request(messages, role, max_tokens, n, temperature, continue_final_message)
         call = RecordedCall(
             [dict(m) for m in messages], role, max_tokens, stop, temperature, n, session_id, priority, speculative,
-            tools,
+            tools, continue_final_message,
         )
         self.calls.append(call)
         item = self._next_item(call)

@@ -168,17 +168,18 @@ class EngineClient:
 
     def _requests(self, messages: list[Message], role: str, max_tokens: int, stop: list[str] | None,
                   temperature: float, n: int, session_id: str | None, priority: int,
-                  speculative: bool) -> tuple[ServingLoop, list[Request], str]:
-        validate_request(messages, role, max_tokens, n, temperature)
+                  speculative: bool, continue_final_message: bool = False) -> tuple[ServingLoop, list[Request], str]:
+        validate_request(messages, role, max_tokens, n, temperature, continue_final_message)
         if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
             raise ValueError("stop must be a list of non-empty strings")
         use = self.speculative_role if speculative and self.speculative_role in self.loops else role
         served_role, loop = self.loop_for(use)
-        prompt = self.tokenizer.encode_chat(messages)
+        prompt = self.tokenizer.encode_chat(messages, add_generation_prompt=not continue_final_message,
+                                            continue_final_message=continue_final_message)
         forced: list[list[int] | None] = [None] * n
         if self.replay is not None:
             call = RecordedCall([dict(m) for m in messages], role, max_tokens, stop, temperature, n, session_id,
-                                priority, speculative)
+                                priority, speculative, continue_final_message=continue_final_message)
             texts = self.replay(call)
             if texts is not None:
                 if len(texts) != n:
@@ -228,9 +229,10 @@ class EngineClient:
         session_id: str | None = None,
         priority: int = 0,
         speculative: bool = False,
+        continue_final_message: bool = False,
     ) -> Completion:
         loop, reqs, served_role = self._requests(messages, role, max_tokens, stop, temperature, n, session_id,
-                                                 priority, speculative)
+                                                 priority, speculative, continue_final_message)
         pending = [RequestStream(loop, r) for r in reqs]
         start = time.perf_counter()
         submitted: list[RequestStream] = []

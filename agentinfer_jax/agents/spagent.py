@@ -32,12 +32,12 @@ Guess the next action directly, without a thought. Write one line `Action: Searc
 `Action: Lookup[...]` or `Action: Finish[...]`, then one line `Plausibility: N` where N from 1
 (a wild guess) to 5 (certainly the right next action) says how sure you are."""
 
-# The verified phase executes every guess whatever its score: it asks for the action line alone, so
-# the guess stays short (SPAgent: speculative calls under about 10 tokens).
-GUESS_INSTRUCTION = """\
-Guess the next action directly, without a thought. Write only one line: `Action: Search[...]`,
-`Action: Lookup[...]` or `Action: Finish[...]`."""
-_GUESS_STOP = ["\nObservation", "\nThought", "\nPlausibility", "\nAction"]
+# The verified phase executes every guess whatever its score, so its call is a forced start of the
+# reply: the model continues "Action:" on the reasoning call's own prompt (no thought, no instruction
+# to prefill; its prefix cache is the reasoning call's) and stops at the end of the line. SPAgent:
+# speculative calls under about 10 tokens.
+GUESS_PREFIX = "Action:"
+_GUESS_STOP = ["\n"]
 
 _SCORE = re.compile(r"(?:plausibility|score|confidence)\s*[:=]?\s*\(?\s*([1-5](?:\.\d+)?)", re.IGNORECASE)
 _TRAILING_SCORE = re.compile(r"[\])]\s*[-:(|,]?\s*([1-5])\s*(?:/\s*5)?\s*\)?\s*$")
@@ -128,25 +128,30 @@ class ActionSpeculator:
     async def propose(self, messages: list[Message], role: str, priority: int = 0,
                       scored: bool = True) -> list[Candidate]:
         """k sampled candidate actions, de-duplicated by normalised key (max score kept), best first.
-        `scored=False` (the verified phase) asks for the action lines only: every score 0."""
-        instruction = CANDIDATE_INSTRUCTION if scored else GUESS_INSTRUCTION
-        prompt = [*messages, {"role": "user", "content": instruction}]
+        `scored=False` (the verified phase) has the model continue an "Action:" reply on `messages`
+        (every score 0)."""
+        if scored:
+            prompt = [*messages, {"role": "user", "content": CANDIDATE_INSTRUCTION}]
+            extra: dict[str, object] = {"stop": ["\nObservation", "\nThought"]}
+        else:
+            prompt = [*messages, {"role": "assistant", "content": GUESS_PREFIX}]
+            extra = {"stop": _GUESS_STOP, "continue_final_message": True}
         completion: Completion = await self._client.complete(
             prompt,
             role=role,
             max_tokens=self.config.max_tokens,
-            stop=["\nObservation", "\nThought"] if scored else _GUESS_STOP,
             temperature=self.config.temperature,
             n=self.config.k,
             session_id=self.session_id,
             priority=priority,
             speculative=True,
+            **extra,
         )
         self.metrics.candidate_calls += 1
         self.metrics.speculative_tokens += completion.prompt_tokens + completion.completion_tokens
         best: dict[str, Candidate] = {}
         for text in completion.texts:
-            step = parse_step(text)
+            step = parse_step(text if scored else GUESS_PREFIX + text)
             if step.action is None or step.action.kind == "finish" and not step.action.arg:
                 self.metrics.unparsable_candidates += 1
                 continue

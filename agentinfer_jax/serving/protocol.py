@@ -232,14 +232,19 @@ class ChatCompletionRequest(_RequestBase):
     store: bool | None = None
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
-    continue_final_message: bool | None = None  # SGLang (sent by sglang-router)
+    # vLLM / SGLang: the last (assistant) message is a prefix the reply continues; the template's
+    # generation prompt is then off unless add_generation_prompt says otherwise (both true: a 400).
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
     # SGLang reasoning-parser switches (sent by sglang-router): no effect either way on a server
     # without a reasoning parser, which this one is.
     separate_reasoning: bool | None = None
     stream_reasoning: bool | None = None
 
     @model_validator(mode="after")
-    def _check_tools(self) -> ChatCompletionRequest:
+    def _check_field_combinations(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("'continue_final_message' and 'add_generation_prompt' cannot both be true")
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise ValueError("'tool_choice' needs 'tools'")
         if self.parallel_tool_calls is not None and not self.tools:
@@ -278,7 +283,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "no_stop_trim": (lambda v: v is False, "'no_stop_trim' is not supported (stop strings are trimmed)"),
     "skip_special_tokens": (lambda v: v is True, "only 'skip_special_tokens' true is supported"),
     "return_hidden_states": (lambda v: v is False, "'return_hidden_states' is not supported"),
-    "continue_final_message": (lambda v: v is False, "'continue_final_message' is not supported"),
 }
 
 

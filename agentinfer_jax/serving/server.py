@@ -125,7 +125,10 @@ class BodyParser:
         plan = self._tool_plan(req)
         tools = [t.template_tool() for t in req.tools] if req.tools else None
         try:
-            ids = self.stack.tokenizer.encode_chat(messages, tools=tools)
+            cont = bool(req.continue_final_message)
+            generation_prompt = not cont if req.add_generation_prompt is None else req.add_generation_prompt
+            ids = self.stack.tokenizer.encode_chat(messages, tools=tools, add_generation_prompt=generation_prompt,
+                                                   continue_final_message=cont)
         except ValueError as e:  # TokenizerError is a ValueError
             raise ApiError(400, f"messages cannot be formatted: {e}", "invalid_messages", param="messages") from e
         return self._common(req, ids, req.max_completion_tokens, plan)

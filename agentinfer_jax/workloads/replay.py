@@ -207,13 +207,16 @@ class TraceReplay:
         s = self.sessions.get(call.session_id or "")
         if s is None:
             return None
-        step = sum(m["role"] == "assistant" for m in call.messages)
+        # A continued assistant prefix (SPAgent's guess) is the reply being written, not a past turn.
+        step = sum(m["role"] == "assistant" for m in call.messages) - call.continue_final_message
         if step >= len(s.responses):
             return None
         if not call.speculative:
             return [s.responses[step]] * call.n
         true = s.actions[step]
         guess = true if s.guess_hits[step] and true is not None else Action("search", f"{s.question[:40]} (guess)")
+        if call.continue_final_message:  # the verified phase's guess: the rest of an "Action:" line
+            return [f" {guess}\n"] * call.n
         return [f"Action: {guess}\nPlausibility: 4"] * call.n
 
 
