@@ -160,8 +160,13 @@ def build_roles(cfg: RunConfig, setup: Setup, draft_costs: dict[str, Any] | None
         memory.flush()  # pre-filled before the round, as a deployment's memory is: not built while measuring
         return memory
 
+    def config(name: str) -> ServerConfig:
+        # A switch pricing k at measured costs starts from costs timed before the round, as served.
+        measured = cfg.sam and (draft_costs or {}).get(name) is None
+        return dataclasses.replace(role_config(cfg, setup, name), measure_step_costs=measured)
+
     models = {"large": setup.large, **({"small": setup.small} if cfg.collab else {})}
-    return {name: build_stack(role_config(cfg, setup, name), model=model, tokenizer=setup.tokenizer,
+    return {name: build_stack(config(name), model=model, tokenizer=setup.tokenizer,
                               session_memory=memory(),
                               draft_step_cost=(draft_costs or {}).get(name) if cfg.sam else None)
             for name, model in models.items()}

@@ -234,3 +234,24 @@ def test_measured_step_cost_learns_the_sync_penalty_as_a_median():
     for gap in (0.2e-3, 0.3e-3, 40e-3, 0.25e-3, -1.0):  # one stalled gap; a negative one is ignored
         cost.record_sync_gap(gap)
     assert cost.sync_penalty_s == pytest.approx(0.275e-3)
+
+
+@pytest.mark.parametrize("max_batch, max_k, max_tokens", [(8, 8, 256), (6, 4, 64), (16, 8, 64), (1, 1, 16)])
+def test_seeded_cells_price_every_step_the_switch_asks_about(max_batch, max_k, max_tokens):
+    """After seeding the cells `cells_to_seed` names with a reference cost, every step the switch can
+    price (batch 1..max_batch, a decode step to every sequence verifying max_k drafts, within the
+    token budget) reads a seeded cell: no first choice rests on interpolation or optimism. A seeded
+    cell's first served step counts (it is not a compiling one)."""
+    rng = random.Random(max_batch * 100 + max_k)
+    truth = {}
+    cost = MeasuredStepCost()
+    bucket = MeasuredStepCost._bucket
+    for n, t in cost.cells_to_seed(max_batch, max_k, max_tokens):
+        assert 1 <= n <= min(t, max_batch) and t <= max_tokens
+        truth[bucket(n), bucket(t)] = rng.uniform(1e-3, 9e-3)
+        cost.seed(n, t, truth[bucket(n), bucket(t)])
+    for b in range(1, max_batch + 1):
+        for t in range(b, min(max_tokens, b * (max_k + 1)) + 1):
+            assert cost(b, t) == truth[bucket(b), bucket(t)], (b, t)
+    cost.record(1, 1, 0.5)  # served: with the seed, the median of two samples moves
+    assert cost(1, 1) == pytest.approx((truth[1, 1] + 0.5) / 2)

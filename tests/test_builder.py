@@ -217,3 +217,26 @@ def test_draft_step_cost_prices_the_switch_and_needs_a_drafter():
         build_stack(ServerConfig(config="tiny", **SMALL), draft_step_cost=flat)
     with pytest.raises(ValueError, match="draft_step_cost"):
         build_stack(ServerConfig(config="tiny", drafter="ngram", adaptive_draft=False, **SMALL), draft_step_cost=flat)
+
+
+def test_warm_stack_compiles_before_serving_and_prices_the_switch_from_timed_steps():
+    """compile_at_start: every step shape is compiled before the first request, so serving compiles
+    nothing; measure_step_costs: the adaptive switch starts with a timed cost for every cell it
+    prices. Greedy output still equals the reference."""
+    config = ServerConfig(config="tiny", drafter="ngram", num_draft_tokens=2, compile_at_start=True,
+                          measure_step_costs=True, min_token_bucket=8,
+                          **{**SMALL, "max_num_seqs": 2, "max_model_len": 64})
+    stack = build_stack(config)
+    cost = stack.scheduler.adaptive.step_cost
+    compiled = stack.engine.num_compilations
+    assert compiled == len(stack.engine.step_shapes(drafting=True))
+    for n, t in cost.cells_to_seed(2, 2, 16):
+        assert cost._bucket(t) in cost._cells[cost._bucket(n)]
+    rng = random.Random(5)
+    prompt = [rng.randrange(5, stack.model_config.vocab_size) for _ in range(20)]
+    out = []
+    stack.loop.submit(Request("r", prompt, SamplingParams(max_tokens=10)), lambda ev: out.extend(ev.new_tokens))
+    stack.loop.run_until_idle()
+    assert out == generate(stack.model, [prompt], 10)[0]
+    assert stack.engine.num_compilations == compiled
+    stack.shutdown()

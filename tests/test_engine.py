@@ -8,6 +8,7 @@ preemption, an adversarial drafter and batching, and must emit the same tokens.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import time
 
@@ -329,3 +330,30 @@ def test_overlapped_serving_loop_matches_reference(model, requests, reference, v
         assert out == [reference[i] for i in subset]
     if variant == "overlap_scored_drafts":  # drafting and planning ahead took turns
         assert sum(r.num_verify_steps for r in reqs) > 0
+
+
+def test_timed_steps_leave_live_requests_untouched(model, requests, reference):
+    """`time_steps` (the adaptive switch's costs, timed before serving) gives one positive time per
+    shape, refuses shapes the engine cannot run, and, run between the steps of live requests,
+    leaves their greedy tokens equal to the reference."""
+    ec = EngineConfig(num_blocks=48, block_size=8, max_num_seqs=4, max_tokens_per_step=32, max_model_len=64,
+                      max_draft_tokens=3, min_token_bucket=8, min_page_bucket_tokens=32)
+    engine = Engine(model, ec)
+    times = engine.time_steps([(1, 1), (1, 4), (2, 8), (4, 32)], context_tokens=40, repeats=2)
+    assert len(times) == 4 and all(t > 0 for t in times)
+    for bad in ((0, 1), (5, 8), (2, 1), (1, 33)):
+        with pytest.raises(ValueError, match="cannot time"):
+            engine.time_steps([bad], context_tokens=40)
+    real_execute = engine.execute
+    calls = itertools.count()
+
+    def execute_and_time(step):  # a timing run after every 3rd served step
+        out = real_execute(step)
+        if next(calls) % 3 == 0:
+            engine.time_steps([(2, 8)], context_tokens=64, repeats=1)
+        return out
+
+    engine.execute = execute_and_time
+    subset = [i for i in range(16) if len(requests[i][0]) + requests[i][1] <= 64][:6]
+    out, _, _ = run(model, requests, subset=subset, ec=ec, engine=engine, blocks=24)
+    assert out == [reference[i] for i in subset]

@@ -426,6 +426,35 @@ class Engine:
             self.execute(self._shape_step(*shape))
         return self.num_compilations - before
 
+    def time_steps(self, shapes: Sequence[tuple[int, int]], context_tokens: int, repeats: int = 3) -> list[float]:
+        """Median device seconds of a step per (sequences n, tokens t) in `shapes`: n sequences feeding t
+        tokens in all, each ending at `context_tokens` of context; a sequence's feed is a verify
+        (its newest token + drafts) where the drafts fit the verify width, else a prefill chunk.
+        One untimed run first (it compiles the shape if needed). Like compile_all's steps these
+        attend only to the null page, so live requests are untouched."""
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        out = []
+        for n, t in shapes:
+            if not 1 <= n <= min(t, self.config.max_num_seqs) or t > self.config.max_tokens_per_step:
+                raise ValueError(f"cannot time {n} sequences feeding {t} tokens (max_num_seqs "
+                                 f"{self.config.max_num_seqs}, max_tokens_per_step {self.config.max_tokens_per_step})")
+            ctx = max(min(context_tokens, self.config.max_model_len), -(-t // n))
+            seqs = []
+            for i in range(n):
+                q = t // n + (i < t % n)
+                drafts = q - 1 if q - 1 <= self.config.max_draft_tokens else 0
+                seqs.append(StepSeq(f"time-{i}", ctx - q, (0,) * q, drafts,
+                                    (0,) * -(-ctx // self.config.block_size)))
+            step = StepBatch(seqs)
+            self.execute(step)
+            runs = []
+            for _ in range(repeats):
+                self.execute(step)
+                runs.append(self.last_timing.step_s)  # dispatch to result, as the serving loop times a step
+            out.append(float(np.median(runs)))
+        return out
+
     def _shape_step(self, t: int, s: int, k: int, p: int) -> StepBatch | None:
         """A step that lands exactly in these buckets (None if none can): the fewest sequences of
         bucket s, t tokens, the longest context filling page bucket p, drafts when k > 0."""

@@ -19,6 +19,7 @@ import logging
 import os
 import pathlib
 import re
+import time
 from collections.abc import Sequence
 
 from agentinfer_jax.cache import BlockPool, PrefixCache
@@ -33,7 +34,7 @@ from agentinfer_jax.serving.metrics import ServingMetrics
 from agentinfer_jax.serving.policies import make_policy
 from agentinfer_jax.serving.scheduler import Scheduler, SessionRetention
 from agentinfer_jax.speculation import PromptLookupDrafter, SAMDrafter, SessionMemory
-from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation
+from agentinfer_jax.speculation.adaptive import AdaptiveSpeculation, MeasuredStepCost
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,12 @@ class ServerConfig:
     interpret: bool = False  # Pallas interpret mode (CPU tests of the GPU kernel)
     mesh_shape: tuple[int, int] | None = None  # (data, model) devices to shard the engine over; None = one
     overlap: bool = True  # plan and dispatch step n+1 while step n runs (host/device overlap)
+    # Before serving: compile every step shape, so no request waits on a compilation (the CLI's
+    # default; in-process stacks of one model share compilations, so one warm-up serves them all).
+    compile_at_start: bool = False
+    # Before serving, with the adaptive switch: time a step of each (batch, tokens) cell it prices,
+    # so its first choices are priced, not explored (the CLI's default). Served steps outvote these.
+    measure_step_costs: bool = False
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.config is None):
@@ -300,10 +307,24 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, 
     scheduler = Scheduler(sched_config, pool, prefix_cache, policy, drafter=drafter,
                           retention=retention, adaptive=adaptive,
                           grammar=_grammar_compiler(tokenizer, model_config.vocab_size, eos))
+    if config.compile_at_start:
+        start = time.perf_counter()
+        compiled = engine.compile_all(drafting=drafter is not None)
+        log.info("warm-up: %d step shapes compiled in %.1f s", compiled, time.perf_counter() - start)
+    if config.measure_step_costs and isinstance(getattr(adaptive, "step_cost", None), MeasuredStepCost):
+        _seed_step_costs(engine, adaptive.step_cost, config)
     loop = ServingLoop(scheduler, engine, detokenize=SafeDetokenizer(tokenizer), metrics=metrics,
                        overlap=config.overlap)
     return ServingStack(config, config.model_name or default_name, model_config, model, tokenizer, engine, pool,
                         prefix_cache, scheduler, loop, memory)
+
+
+def _seed_step_costs(engine: Engine, cost: MeasuredStepCost, config: ServerConfig) -> None:
+    """Times a step per cell the adaptive switch prices, at half the context limit (a cell's price
+    is context-blind; served steps refine it), and seeds `cost` with them."""
+    cells = cost.cells_to_seed(config.max_num_seqs, config.num_draft, config.max_tokens_per_step)
+    for (n, t), seconds in zip(cells, engine.time_steps(cells, config.max_model_len // 2)):
+        cost.seed(n, t, seconds)
 
 
 def build_slot_engine(config: ServerConfig, *, model=None) -> SlotEngine:

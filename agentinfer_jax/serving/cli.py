@@ -58,6 +58,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="always draft k tokens (default: k per request from measured step cost and acceptance)")
     p.add_argument("--mesh", type=_mesh_shape, metavar="DATA,MODEL",
                    help="shard the engine over DATA x MODEL devices (KV heads and weights on MODEL)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="serve at once (default: compile every step shape and time the adaptive switch's "
+                        "step costs first, so no request waits on a compilation)")
     p.add_argument("--no-overlap", action="store_true",
                    help="wait for each step before planning the next (default: plan step n+1 while n runs)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="fcfs")
@@ -114,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         num_draft_tokens=args.num_draft_tokens, policy=args.policy, prefix_cache=not args.no_prefix_cache,
         share_inflight_prefill=not args.no_share_inflight_prefill,
         retention_ttl_s=args.retention_ttl, adaptive_draft=not args.no_adaptive_draft, mesh_shape=args.mesh,
-        overlap=not args.no_overlap)
+        overlap=not args.no_overlap, compile_at_start=not args.no_warmup, measure_step_costs=not args.no_warmup)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -116,6 +116,26 @@ class MeasuredStepCost:
         samples.append(float(seconds))
         self._cells.setdefault(b, {})[t] = statistics.median(samples)
 
+    def seed(self, batch_size: int, tokens_fed: int, seconds: float) -> None:
+        """A sample timed before serving (the shape is compiled): it counts at once, and the cell's
+        first served step is no longer dropped as a compiling one. Served samples outvote it."""
+        self._seen.add((self._bucket(batch_size), self._bucket(tokens_fed)))
+        self.record(batch_size, tokens_fed, seconds)
+
+    def cells_to_seed(self, max_batch_size: int, max_k: int, max_tokens: int) -> list[tuple[int, int]]:
+        """(batch size, tokens) at every cell the switch reads for batches up to `max_batch_size`
+        and drafts up to `max_k`: power-of-two batches, and power-of-two token counts from a plain
+        decode step (one per sequence) to every sequence verifying max_k drafts."""
+        out = []
+        b = 1
+        while b <= self._bucket(max_batch_size):
+            n, t = min(b, max_batch_size), b  # the top bucket holds up to max_batch_size
+            while t <= min(max_tokens, self._bucket(n * (max_k + 1))):
+                out.append((n, t))
+                t *= 2
+            b *= 2
+        return out
+
     def __call__(self, batch_size: int, tokens_fed: int) -> float:
         if not self._cells:
             return self.default_s
