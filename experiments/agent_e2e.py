@@ -14,10 +14,12 @@ replay pieces are `agentinfer_jax.workloads.replay`. Configs:
   collab     AgentCollab: a smaller random model runs the steps the controller gives it; the
              PROGRESS signal comes from the trace (see TraceProgressController)
   compress   AgentCompress: BM25 search-result filtering + extractive memory distillation
-  spagent    SPAgent verified phase: a guess of the next action (right with the real hit rate of
-             the bundled speculative-action data, per action type and step) runs through the
-             ActionServer in parallel with the reasoning call; a match is served from the ActionBuffer
-             (the guess call runs on the small model when one is loaded, i.e. in "all")
+  spagent    SPAgent verified phase: a guess of the next action (the reasoning prompt with the reply
+             forced to start "Action:"; right with the real hit rate of the bundled
+             speculative-action data, per action type and step) runs through the ActionServer in
+             parallel with the reasoning call; a match is served from the ActionBuffer (the guess
+             call runs on the small model when one is loaded, i.e. in "all")
+  Drafting configs time their step-cost cells before each round (as the server's warm-up does).
   all        everything together
 
 Checks: final answers identical across configs; lossless configs (agentsched, sam, spagent)
