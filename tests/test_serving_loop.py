@@ -233,3 +233,34 @@ def test_overlap_dispatch_failure_isolates_the_bad_request():
     assert got["ok2"] == reference_generate([7, 8, 9], 12, VOCAB)
     sched.prefix_cache.evict(pool.num_used)
     assert pool.num_used == 0
+
+
+def test_step_costs_count_device_time_and_a_verify_steps_exposed_host_time(monkeypatch):
+    """What the loop reports to the cost model, on a scripted clock: a step's device time runs from
+    its dispatch (or the previous result, if later) to its result, so a host stall before dispatch
+    never prices a step; a verify step also reports the host time it exposed after the previous
+    result (overlap hides it behind a plain step, which reports none)."""
+    import types
+
+    import agentinfer_jax.serving.loop as loop_module
+    from agentinfer_jax.engine.step_batch import StepSeq
+
+    seen = []
+    scheduler = types.SimpleNamespace(observe_step=lambda out, s, exposed=None: seen.append((s, exposed)))
+    executor = types.SimpleNamespace(dispatch=None, collect=None)
+    loop = ServingLoop(scheduler, executor, overlap=True)
+    plain = types.SimpleNamespace(seqs=[StepSeq("a", 5, (1,), 0, (1,))])
+    verify = types.SimpleNamespace(seqs=[StepSeq("a", 6, (1, 2, 3), 2, (1,))])
+    clock = iter([0.30, 0.60, 0.70, 1.50])
+    monkeypatch.setattr(loop_module.time, "perf_counter", lambda: next(clock))
+    loop._observe(plain, planned_s=0.0, dispatched_s=0.10)  # first step: busy from its planning
+    loop._observe(verify, planned_s=0.25, dispatched_s=0.50)  # host stalled 0.2 s after A's result
+    loop._observe(plain, planned_s=0.52, dispatched_s=0.55)  # dispatched while B ran
+    loop._observe(verify, planned_s=0.70, dispatched_s=1.40)  # stalled 0.7 s: exposed, not priced
+    assert seen == [pytest.approx((0.20, None)), pytest.approx((0.10, 0.20)), pytest.approx((0.10, None)),
+                    pytest.approx((0.10, 0.70))]
+    seen.clear()
+    loop.overlap = False  # without overlap nothing is hidden, so nothing is reported as exposed
+    monkeypatch.setattr(loop_module.time, "perf_counter", lambda: 2.0)
+    loop._observe(verify, planned_s=1.6, dispatched_s=1.9)
+    assert seen == [pytest.approx((0.10, None))]
