@@ -10,7 +10,7 @@ from test_suffix_automaton import brute_continuations
 
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
                                         SuffixTreeDrafter, UnknownRequestError)
-from agentinfer_jax.speculation.calibrator import CONTEXT, FIRST, PAIR
+from agentinfer_jax.speculation.calibrator import CELLS_PER_CLASS, CONTEXT, FIRST, PAIR
 from agentinfer_jax.speculation.sam_drafter import GLOBAL, MEMORY, OWN, AcceptanceCalibrator
 
 
@@ -86,7 +86,7 @@ def exhaustive_choice(d, rid):
     """SAMDrafter's selection rule evaluated without pruning, from its public pieces: the draft of
     the candidate with the most expected accepted tokens, cut where the path probability < min_prob;
     a drafted token is in class source + 3 while another cursor's top path agrees with the
-    candidate's path up to and including it."""
+    candidate's path up to and including it, + 6 more while both other cursors' paths do."""
     state = d._requests[rid]
     cursors = []
     if state.sam.match_length >= d.min_match:
@@ -102,13 +102,15 @@ def exhaustive_choice(d, rid):
     paths = {src: _top_path(sam, st, limit) for src, sam, st, _ in cursors}
     for src, sam, st, length in cursors:
         mine = paths[src]
-        agreed = max([next((j for j, (a, b) in enumerate(zip(mine, other)) if a != b), min(len(mine), len(other)))
-                      for o, other in paths.items() if o != src] or [0])
+        common = sorted((next((j for j, (a, b) in enumerate(zip(mine, other)) if a != b), min(len(mine), len(other)))
+                         for o, other in paths.items() if o != src), reverse=True)
+        agreed = common[0] if common else 0
+        agreed_by_two = common[1] if len(common) > 1 else 0
         toks, probs = [], []
         prev2, prev = (int(tokens[-2]) if len(tokens) > 1 else -1), int(tokens[-1])
         while len(toks) < limit and sam.top_next(st) is not None:
             tok, st, n, total = sam.top_next(st)
-            cls = src + 3 if len(toks) < agreed else src
+            cls = (src + 3 if len(toks) < agreed else src) + (6 if len(toks) < agreed_by_two else 0)
             q = cal.prob(cal.cell(cls, length + len(toks), n, total), n, total)
             q = cal.token_prob(cls, len(toks), prev2, prev, tok, q)
             probs.append(q * probs[-1] if probs else q)
@@ -414,6 +416,26 @@ def test_sources_that_agree_on_a_first_token_form_their_own_evidence_class():
     assert OWN not in classes[4] and MEMORY not in classes[4]
     assert classes[9].get(OWN) == 9 and classes[9].get(MEMORY) == 4
     assert all(src < 3 for src in classes[9])
+
+
+def test_a_token_all_three_sources_back_forms_its_own_evidence_class():
+    """Where the session, a retrieved session and the global store of past responses all continue
+    with the same token, each candidate's token there is in class source + 3 + 6 (both other
+    cursors agree); the session's tokens past the others' paths are in its plain class."""
+    with SessionMemory(top_k=2, global_min_rebuild=1) as memory:
+        d = SAMDrafter(memory, min_prob=0.0)
+        d.begin("old", [1, 2, 3], session_id="old")
+        d.extend("old", [4, 5, 6])  # memory holds 1..6, the global store the response 4 5 6
+        d.end("old")
+        memory.flush()
+        d.begin("new", [5, 4, 5, 6, 7, 4, 5], session_id="new")  # all three: 4 5 -> 6
+        d.wait_for_memory("new")
+        assert d.propose("new", 4) == [6, 7, 4, 5]
+        st = d._requests["new"]
+        classes = {int(st.cand_src[h]) % 3: [int(c) // CELLS_PER_CLASS for c in st.cand_cells[h, :st.cand_len[h]]]
+                   for h in range(st.n_cand)}
+        d.end("new")
+    assert classes == {OWN: [OWN + 9, OWN, OWN, OWN], MEMORY: [MEMORY + 9], GLOBAL: [GLOBAL + 9]}
 
 
 def test_idle_session_automata_stay_within_the_live_cap():
