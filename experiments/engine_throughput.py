@@ -338,7 +338,10 @@ def main(argv):
                               block_size=bs, max_num_seqs=max(batches), max_model_len=max_len,
                               max_tokens_per_step=max(FLAGS.max_tokens_per_step, max(batches) * (k + 1)),
                               drafter=drafter.removesuffix("_adaptive"), num_draft_tokens=k, prefix_cache=False,
-                              adaptive_draft=drafter.endswith("_adaptive"))
+                              adaptive_draft=drafter.endswith("_adaptive"),
+                              # As served: every shape compiled up front (the adaptive switch's k
+                              # follows timings, so one warm-up run need not meet every shape).
+                              compile_at_start=True, measure_step_costs=True)
         stack = build_stack(config)
         stack.engine.record_steps = True
         # Quick: the synchronous loop only beside the overlapped one without drafting (steps that
