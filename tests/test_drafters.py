@@ -291,13 +291,13 @@ def test_sam_session_reuse_extends_incrementally():
     d.begin("r1", [1, 2, 3, 4], session_id="s")
     d.extend("r1", [5, 6])
     d.end("r1")
-    state = d._sessions["s"]
+    state = d._idle["s"]
     d.begin("r2", [1, 2, 3, 4, 5, 6, 7, 1, 2], session_id="s")
-    assert d._sessions["s"] is state and state.sam.tokens.tolist() == [1, 2, 3, 4, 5, 6, 7, 1, 2]
+    assert d._busy["s"] is state and state.sam.tokens.tolist() == [1, 2, 3, 4, 5, 6, 7, 1, 2]
     assert d.propose("r2", 3) == [3, 4, 5]
     d.end("r2")
     d.begin("r3", [9, 9, 1], session_id="s")  # diverged context: rebuilt
-    assert d._sessions["s"].sam.tokens.tolist() == [9, 9, 1]
+    assert d._busy["s"].sam.tokens.tolist() == [9, 9, 1]
     d.end("r3")
 
 
@@ -447,8 +447,28 @@ def test_idle_session_automata_stay_within_the_live_cap():
     for i in range(60):
         d.begin(f"r{i}", [rng.randrange(1000) for _ in range(800)], session_id=f"s{i}")
         d.end(f"r{i}")
-        idle = [s for s in d._sessions.values() if s.active_request is None]
-        assert sum(s.sam.nbytes for s in idle) <= 0.5 * 2**20
-    assert "B" in d._sessions and "s59" in d._sessions and "s0" not in d._sessions
+        assert sum(s.sam.nbytes for s in d._idle.values()) <= 0.5 * 2**20
+    assert "B" in d._busy and "s59" in d._idle and "s0" not in d._idle
     d.extend("busy", [1, 2])
     assert d.propose("busy", 2) == [3, 1]
+
+
+def test_idle_sessions_beyond_the_count_cap_go_least_recently_used_first():
+    """With more sessions than max_live_sessions, idle ones are dropped oldest first and busy ones
+    never, however many are busy; a kept idle session's next call extends its automaton (drafts
+    from its history at once), a dropped one starts afresh."""
+    d = SAMDrafter(max_live_sessions=3)
+    history = [7, 8, 9, 7, 8]
+    for i in range(6):  # six busy sessions: over the cap, and none may go
+        d.begin(f"b{i}", history, session_id=f"s{i}")
+    assert len(d._busy) == 6 and not d._idle
+    for i in range(6):  # they finish in order s0..s5; only the three most recent can stay
+        d.end(f"b{i}")
+    assert list(d._idle) == ["s3", "s4", "s5"]
+    d.begin("again", history + [9, 7], session_id="s5")  # extends its kept automaton
+    assert list(d._idle) == ["s3", "s4"] and "s5" in d._busy
+    assert d.propose("again", 2) == [8, 9]
+    d.begin("new", [1, 2, 3], session_id="n")  # 2 busy + 2 idle > 3: the oldest idle goes
+    assert list(d._idle) == ["s4"] and set(d._busy) == {"s5", "n"}
+    d.begin("gone", history, session_id="s0")  # dropped earlier: rebuilt from its prompt
+    assert d._requests["gone"].sam.tokens.tolist() == history

@@ -118,7 +118,10 @@ class SAMDrafter:
         self._idle_bytes = 0  # automaton bytes of finished (idle) sessions
         self.global_memory = global_memory
         self.calibrator = calibrator or AcceptanceCalibrator()
-        self._sessions: OrderedDict[str, _SessionState] = OrderedDict()
+        # A session is busy (a request of it runs) or idle (kept for its next request); only idle
+        # ones are evicted, least recently used first, so eviction is O(1) however many are busy.
+        self._busy: dict[str, _SessionState] = {}
+        self._idle: OrderedDict[str, _SessionState] = OrderedDict()
         self._requests: dict[str, _SessionState] = {}
         self._out = np.zeros(8, np.int32)
 
@@ -129,20 +132,19 @@ class SAMDrafter:
             raise ValueError(f"request {request_id!r} already begun")
         prompt = as_token_array(check_tokens(prompt_tokens, "prompt_tokens"))
         key = session_id if session_id is not None else f"request:{request_id}"
-        state = self._sessions.get(key)
-        if state is not None and state.active_request is None:
-            self._idle_bytes -= state.idle_bytes
-            state.idle_bytes = 0
-        if state is not None and state.active_request is None and _extends(prompt, state.sam.tokens):
-            state.sam.extend_many(prompt[len(state.sam):])
-            self._sessions.move_to_end(key)
-        elif state is not None and state.active_request is not None:
+        if key in self._busy:
             # A concurrent request of a busy session: a private, unshared state.
             state = _SessionState(key, prompt, self.count_depth)
         else:
-            state = _SessionState(key, prompt, self.count_depth)
-            self._sessions[key] = state
-            self._sessions.move_to_end(key)
+            state = self._idle.pop(key, None)
+            if state is not None:
+                self._idle_bytes -= state.idle_bytes
+                state.idle_bytes = 0
+            if state is not None and _extends(prompt, state.sam.tokens):
+                state.sam.extend_many(prompt[len(state.sam):])
+            else:
+                state = _SessionState(key, prompt, self.count_depth)
+            self._busy[key] = state
             self._evict_idle()
         state.active_request = request_id
         state.response_start = len(state.sam)
@@ -222,7 +224,9 @@ class SAMDrafter:
         del self._requests[request_id]
         if state.active_request == request_id:
             state.active_request = None
-            if self._sessions.get(state.session_id) is state:
+            if self._busy.get(state.session_id) is state:
+                del self._busy[state.session_id]
+                self._idle[state.session_id] = state
                 state.idle_bytes = state.sam.nbytes
                 self._idle_bytes += state.idle_bytes
                 self._evict_idle()
@@ -243,7 +247,7 @@ class SAMDrafter:
     def nbytes(self) -> int:
         """Bytes held by live session automata, retrieved automata and the calibrator."""
         total = self.calibrator.nbytes
-        for st in {id(s): s for s in [*self._sessions.values(), *self._requests.values()]}.values():
+        for st in {id(s): s for s in [*self._idle.values(), *self._requests.values()]}.values():
             total += st.sam.nbytes
             if st.memory_matcher is not None:
                 total += st.memory_matcher.sam.nbytes
@@ -252,16 +256,12 @@ class SAMDrafter:
     # ---- internals ----------------------------------------------------------------------------
 
     def _evict_idle(self) -> None:
-        """Drops the least recently used idle sessions beyond max_live_sessions or live_cap_mb."""
-        sessions = self._sessions
-        while len(sessions) > self.max_live_sessions or self._idle_bytes > self.live_cap_bytes:
-            old_key, old = next(iter(sessions.items()))
-            if old.active_request is not None:
-                sessions.move_to_end(old_key)  # busy: look past it (it is not idle anyway)
-                if all(s.active_request is not None for s in sessions.values()):
-                    return
-                continue
-            del sessions[old_key]
+        """Drops the least recently used idle sessions while the sessions kept (busy and idle)
+        exceed max_live_sessions or the idle ones live_cap_mb; busy sessions are never dropped."""
+        idle = self._idle
+        while idle and (len(self._busy) + len(idle) > self.max_live_sessions
+                        or self._idle_bytes > self.live_cap_bytes):
+            _, old = idle.popitem(last=False)
             self._idle_bytes -= old.idle_bytes
 
     def _get(self, request_id: str) -> _SessionState:
