@@ -40,11 +40,16 @@ def test_round_trip_and_parity_with_transformers(tok):
         assert all(0 <= i < tok.vocab_size for i in ids)
 
 
-def test_chat_template_matches_transformers(tok):
+def _reference_with_template():
+    """transformers' tokenizer over the bundled files, with the bundled chat template."""
     transformers = pytest.importorskip("transformers")
-    config = json.loads((ASSETS_DIR / "tokenizer_config.json").read_text())
     ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_DIR / "tokenizer.json"))
-    ref.chat_template = config["chat_template"]
+    ref.chat_template = json.loads((ASSETS_DIR / "tokenizer_config.json").read_text())["chat_template"]
+    return ref
+
+
+def test_chat_template_matches_transformers(tok):
+    ref = _reference_with_template()
     rng = np.random.default_rng(1)
     for _ in range(5):
         messages = [{"role": str(rng.choice(["system", "user", "assistant", "tool"])),
@@ -153,10 +158,7 @@ def test_tools_and_tool_history_render_token_identical_to_transformers(style, tm
 def test_continue_final_message_matches_transformers(tok):
     """A forced assistant prefix renders as transformers renders it: the chat up to that message's
     content, with neither its end of turn nor a generation prompt."""
-    transformers = pytest.importorskip("transformers")
-    config = json.loads((ASSETS_DIR / "tokenizer_config.json").read_text())
-    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ASSETS_DIR / "tokenizer.json"))
-    ref.chat_template = config["chat_template"]
+    ref = _reference_with_template()
     rng = np.random.default_rng(7)
     for _ in range(5):
         messages = [{"role": str(rng.choice(["system", "user", "assistant"])),

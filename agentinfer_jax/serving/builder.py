@@ -308,6 +308,8 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, 
                           retention=retention, adaptive=adaptive,
                           grammar=_grammar_compiler(tokenizer, model_config.vocab_size, eos))
     if config.compile_at_start:
+        log.info("warm-up: compiling %d step shapes before serving (--no-warmup skips this)",
+                 len(engine.step_shapes(drafting=drafter is not None)))
         start = time.perf_counter()
         compiled = engine.compile_all(drafting=drafter is not None)
         log.info("warm-up: %d step shapes compiled in %.1f s", compiled, time.perf_counter() - start)
