@@ -74,6 +74,10 @@ flags.DEFINE_integer("rounds", 21, "Timed rounds per efficiency point (medians).
 flags.DEFINE_string("compilation_cache_dir", DEFAULT_CACHE_DIR, "JAX persistent compilation cache ('' = off).")
 flags.DEFINE_list("overlap", ["on", "off"], "Serving-loop host/device overlap settings to sweep (on, off).")
 flags.DEFINE_string("json_out", "", "Write results here.")
+flags.DEFINE_bool("compile_all", True, "Sweep stacks warm up as the server does: every step shape compiled and the "
+                  "adaptive switch's cost cells timed before measuring (its k follows timings, so a warm-up run "
+                  "need not meet every shape). Off: only the warm-up run's shapes compile (large models on an "
+                  "accelerator: far fewer compilations)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,9 +343,7 @@ def main(argv):
                               max_tokens_per_step=max(FLAGS.max_tokens_per_step, max(batches) * (k + 1)),
                               drafter=drafter.removesuffix("_adaptive"), num_draft_tokens=k, prefix_cache=False,
                               adaptive_draft=drafter.endswith("_adaptive"),
-                              # As served: every shape compiled up front (the adaptive switch's k
-                              # follows timings, so one warm-up run need not meet every shape).
-                              compile_at_start=True, measure_step_costs=True)
+                              compile_at_start=FLAGS.compile_all, measure_step_costs=FLAGS.compile_all)
         stack = build_stack(config)
         stack.engine.record_steps = True
         # Quick: the synchronous loop only beside the overlapped one without drafting (steps that

@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS CMD...
 }
 step kernel 90 python3 -m agentinfer_jax.kernels.benchmark_paged_attention --json_out "$OUT/kernel.json"
 step engine_1b 240 python3 "$REPO/experiments/engine_throughput.py" --config=llama3_2_1b --dtype=bfloat16 \
-  --batch_sizes=1,4,16 --context_lens=2048 --gen_len=64 --drafters=none,sam_adaptive --rounds=11 \
+  --batch_sizes=1,4,16 --context_lens=2048 --gen_len=64 --drafters=none,sam_adaptive --rounds=11 --nocompile_all \
   --compilation_cache_dir=/tmp/xla-cache --json_out="$OUT/engine_throughput_1b.json"
 step agent_e2e 150 python3 "$REPO/experiments/agent_e2e.py" --quick --repeats=1 \
   --json_out="$OUT/agent_e2e.json"
