@@ -38,7 +38,7 @@ $(JS_STAMP): $(LOCKS)/jetstream.txt pyproject.toml setup.py
 
 # The main job on the built-in default (configs/cpu_demo.py, bundled traces), a few minutes on 2 CPU cores.
 demo: $(STAMP)
-	$(PY) experiments/agent_e2e.py --quick --repeats=2
+	$(PY) experiments/agent_e2e.py --quick --repeats=3
 
 # N agentinfer-serve replicas behind the SGLang Model Gateway on this host (router on 127.0.0.1:30000),
 # until Ctrl-C. ROUTING: session (sticky per x-smg-routing-key), cache_aware, round_robin, power_of_two, random.
