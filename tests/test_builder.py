@@ -154,6 +154,12 @@ def test_role_engines_are_the_server_stack_with_the_adaptive_switch():
     from agentinfer_jax.serving.cli import config_from_args, parse_args
     assert not config_from_args(parse_args(["--no-share-inflight-prefill"])).share_inflight_prefill
     assert config_from_args(parse_args([])).share_inflight_prefill
+    # The server warms up and keeps its compiled steps on disk unless told not to.
+    served_cli = config_from_args(parse_args([]))
+    assert served_cli.compile_at_start and served_cli.measure_step_costs and served_cli.compilation_cache_dir
+    assert served_cli.engine_config().compilation_cache_dir == served_cli.compilation_cache_dir
+    quick = config_from_args(parse_args(["--no-warmup", "--compilation-cache-dir", ""]))
+    assert not (quick.compile_at_start or quick.measure_step_costs) and quick.compilation_cache_dir is None
     assert type(role.scheduler.policy) is type(served.scheduler.policy)
     off = build_role_engine("x", model, tok, ec, drafter=ConstDrafter(), num_draft_tokens=4, adaptive_draft=False)
     assert off.scheduler.adaptive is None

@@ -85,6 +85,9 @@ class ServerConfig:
     # Before serving, with the adaptive switch: time a step of each (batch, tokens) cell it prices,
     # so its first choices are priced, not explored (the CLI's default). Served steps outvote these.
     measure_step_costs: bool = False
+    # JAX's persistent compilation cache folder, so a restart loads the warm-up's compiled steps
+    # (the CLI's default: ~/.cache/agentinfer_jax/xla); None: $AGENTINFER_JAX_CACHE_DIR if set, else off.
+    compilation_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if (self.checkpoint is None) == (self.config is None):
@@ -107,7 +110,8 @@ class ServerConfig:
                             max_tokens_per_step=self.max_tokens_per_step, max_model_len=self.max_model_len,
                             max_draft_tokens=k, min_token_bucket=self.min_token_bucket,
                             seq_buckets=tuple(self.seq_buckets), attention_backend=self.attention_backend,
-                            interpret=self.interpret, kv_dtype=self.kv_dtype)
+                            interpret=self.interpret, kv_dtype=self.kv_dtype,
+                            compilation_cache_dir=self.compilation_cache_dir)
 
     @classmethod
     def from_engine_config(cls, engine: EngineConfig, **fields) -> ServerConfig:
@@ -116,7 +120,8 @@ class ServerConfig:
                    max_tokens_per_step=engine.max_tokens_per_step, max_model_len=engine.max_model_len,
                    max_draft_tokens=engine.max_draft_tokens, min_token_bucket=engine.min_token_bucket,
                    seq_buckets=tuple(engine.seq_buckets), attention_backend=engine.attention_backend,
-                   interpret=engine.interpret, kv_dtype=engine.kv_dtype, **fields)
+                   interpret=engine.interpret, kv_dtype=engine.kv_dtype,
+                   compilation_cache_dir=engine.compilation_cache_dir, **fields)
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR
 from agentinfer_jax.serving import distributed
 from agentinfer_jax.serving.builder import DRAFTERS, ServerConfig, build_stack
 from agentinfer_jax.serving.policies import POLICY_NAMES
@@ -61,6 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-warmup", action="store_true",
                    help="serve at once (default: compile every step shape and time the adaptive switch's "
                         "step costs first, so no request waits on a compilation)")
+    p.add_argument("--compilation-cache-dir", default=DEFAULT_CACHE_DIR,
+                   help="JAX's persistent compilation cache, so a restart loads compiled steps ('' = off)")
     p.add_argument("--no-overlap", action="store_true",
                    help="wait for each step before planning the next (default: plan step n+1 while n runs)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="fcfs")
@@ -117,7 +120,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         num_draft_tokens=args.num_draft_tokens, policy=args.policy, prefix_cache=not args.no_prefix_cache,
         share_inflight_prefill=not args.no_share_inflight_prefill,
         retention_ttl_s=args.retention_ttl, adaptive_draft=not args.no_adaptive_draft, mesh_shape=args.mesh,
-        overlap=not args.no_overlap, compile_at_start=not args.no_warmup, measure_step_costs=not args.no_warmup)
+        overlap=not args.no_overlap, compile_at_start=not args.no_warmup, measure_step_costs=not args.no_warmup,
+        compilation_cache_dir=args.compilation_cache_dir or None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
