@@ -9,6 +9,10 @@ Two phases per session:
   call runs while candidates are sampled and executed in the background into the ActionBuffer;
   when the real action equals a speculated one, its outcome comes from the buffer.
 
+The verified phase's guess continues an assistant "Action:" prefix (`continue_final_message`: this
+project's server, vLLM and SGLang serve it; a backend that refuses it fails the guess, which costs
+only the guess's own benefit).
+
 `SpeculationPlanner` is the load-aware part: which sessions may speculate this round.
 """
 
