@@ -148,7 +148,8 @@ class Tokenizer:
         return text[:end + len(content)]
 
     def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
-                    tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False) -> list[int]:
+                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    continue_final_message: bool = False) -> list[int]:
         """Token ids of the chat prompt (no extra BOS: templates write their own)."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                         continue_final_message=continue_final_message)

@@ -19,8 +19,9 @@ replay pieces are `agentinfer_jax.workloads.replay`. Configs:
              speculative-action data, per action type and step) runs through the ActionServer in
              parallel with the reasoning call; a match is served from the ActionBuffer (the guess
              call runs on the small model when one is loaded, i.e. in "all")
-  Drafting configs time their step-cost cells before each round (as the server's warm-up does).
   all        everything together
+
+Drafting configs time their step-cost cells before each round (as the server's warm-up does).
 
 Checks: final answers identical across configs; lossless configs (agentsched, sam, spagent)
 leave every output token of every reasoning call identical to the baseline.

@@ -174,8 +174,7 @@ class EngineClient:
             raise ValueError("stop must be a list of non-empty strings")
         use = self.speculative_role if speculative and self.speculative_role in self.loops else role
         served_role, loop = self.loop_for(use)
-        prompt = self.tokenizer.encode_chat(messages, add_generation_prompt=not continue_final_message,
-                                            continue_final_message=continue_final_message)
+        prompt = self.tokenizer.encode_chat(messages, continue_final_message=continue_final_message)
         forced: list[list[int] | None] = [None] * n
         if self.replay is not None:
             call = RecordedCall([dict(m) for m in messages], role, max_tokens, stop, temperature, n, session_id,

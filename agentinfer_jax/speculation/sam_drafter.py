@@ -18,8 +18,9 @@ candidate's value is its expected accepted tokens, sum_j prod_{i<=j} p_i. A draf
 class is its source, or source + AGREED while another cursor's top path agrees with the candidate's
 up to and including that token (where the paths part, the evidence of agreement ends), + BOTH on top
 while both other cursors' paths agree. The candidate with the highest value is drafted, cut where
-its path probability falls below `min_prob` and at min(k, ceil(factor * longest match)) tokens. Candidates are evaluated best-first and
-abandoned as soon as they cannot beat the best so far (their path probability only falls).
+its path probability falls below `min_prob` and at min(k, ceil(factor * longest match)) tokens.
+Candidates are evaluated best-first and abandoned as soon as they cannot beat the best so far
+(their path probability only falls).
 
 Learning: up to the first rejection the true next tokens are known, so when the verified tokens
 arrive through `extend`, every candidate's tokens there (drafted or not) are scored, and the rates
