@@ -41,3 +41,9 @@ def test_replay_keeps_answers_and_lossless_outputs_identical():
     assert report["compilations_in_measured_rounds"] == 0  # warm-up compiled every step shape
     assert report["projection"]["speedup"]["baseline"] == 1.0 and report["projection"]["speedup_all"] > 0
     assert report["llm_free_bound"]["wall"] > 1.0  # tools take time: no LLM-side technique passes it
+    # No session finishes before its tools, run one after another, and its answering call: no
+    # config passes its critical-path bound, on either clock.
+    for name, c in report["configs"].items():
+        floor = report["critical_path_bound"][name]
+        assert 1.0 < floor["wall"] and c["speedup_mean"] <= floor["wall"] * (1 + 1e-9), name
+        assert report["projection"]["speedup"][name] <= floor["projection"] * (1 + 1e-9), name

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from agentinfer_jax.workloads.cost_model import StepCostModel, StepFeatures
-from agentinfer_jax.workloads.projection import CallWindow, StepTimeline, TimedStep, ToolWait, project_session
+from agentinfer_jax.workloads.projection import (CallWindow, StepTimeline, TimedStep, ToolWait, project_session,
+                                                 project_span)
 
 
 def _random_steps(rng, horizon_cs: int) -> list[TimedStep]:
@@ -121,3 +122,20 @@ def test_speculative_tool_waits_follow_the_virtual_clock(seed):
     want = v(wall) - (wait.end_s - wait.start_s) + projected_wait
     assert got == pytest.approx(want, abs=1e-9)
     assert project_session(wall, [call], timelines, [plain]) == pytest.approx(v(wall), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_span_lasts_what_the_virtual_clock_says(seed):
+    """A window's projected length (the answering call's, on the critical path) is the virtual
+    clock's advance over it, for spans inside, across and outside the calls."""
+    rng = np.random.default_rng(100 + seed)
+    horizon = 200
+    steps = {"large": _random_steps(rng, horizon), "small": _random_steps(rng, horizon)}
+    predict = {"large": lambda f: 0.0003 * f.decode_tokens, "small": lambda f: 0.002 + 0.0001 * f.decode_tokens}
+    calls = [CallWindow("large", 0.20, 0.90), CallWindow("small", 0.70, 1.40), CallWindow("large", 1.60, 1.95)]
+    timelines = {r: StepTimeline(steps[r], predict[r]) for r in steps}
+    v = lambda t: _virtual_clock(t, calls, steps, predict)  # noqa: E731
+    for a, b in [(0.20, 0.90), (0.70, 1.40), (0.10, 1.99), (1.45, 1.55), (1.60, 1.95), (0.5, 0.5)]:
+        assert project_span(a, b, calls, timelines) == pytest.approx(v(b) - v(a), abs=1e-9)
+    with pytest.raises(ValueError, match="ends before"):
+        project_span(0.5, 0.4, calls, timelines)

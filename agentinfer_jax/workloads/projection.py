@@ -23,7 +23,7 @@ import numpy as np
 
 from agentinfer_jax.workloads.cost_model import StepCostModel, StepFeatures
 
-__all__ = ["TimedStep", "CallWindow", "ToolWait", "StepTimeline", "project_session"]
+__all__ = ["TimedStep", "CallWindow", "ToolWait", "StepTimeline", "project_session", "project_span"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,3 +158,12 @@ def project_session(wall_s: float, calls: Sequence[CallWindow], timelines: Mappi
         wait = max(0.0, (w.exec_end_s - w.exec_start_s) - head_start)
         projected += wait - (w.end_s - w.start_s)
     return projected
+
+
+def project_span(start_s: float, end_s: float, calls: Sequence[CallWindow],
+                 timelines: Mapping[str, StepTimeline]) -> float:
+    """How long the wall-clock span [start_s, end_s] of a session waiting on `calls` lasts on the
+    virtual clock (one call's window, for instance), by the same rule as `project_session`."""
+    if end_s < start_s:
+        raise ValueError(f"span ends before it starts: [{start_s}, {end_s}]")
+    return (end_s - start_s) - _saved_between(_saved_segments(calls, timelines), start_s, end_s)
