@@ -246,3 +246,25 @@ def test_warm_stack_compiles_before_serving_and_prices_the_switch_from_timed_ste
     assert out == generate(stack.model, [prompt], 10)[0]
     assert stack.engine.num_compilations == compiled
     stack.shutdown()
+
+
+def test_speculative_requests_are_admitted_first_unless_turned_off():
+    """SPAgent's rule between requests: with one sequence slot, a speculative request submitted after
+    a plain one runs first (the stack's default); with speculation_first off, arrival order wins."""
+    model, tok = init_model(tiny_config(), seed=4), load_tokenizer()
+    rng = random.Random(5)
+    order = {}
+    for first in (True, False):
+        stack = build_stack(ServerConfig(config="tiny", speculation_first=first, **SMALL), model=model, tokenizer=tok)
+        assert stack.scheduler.policy.speculation_first is first
+        done: list[str] = []
+        for rid, spec in (("reasoning", False), ("guess", True)):
+            prompt = [rng.randrange(5, tok.vocab_size) for _ in range(12)]
+            stack.loop.submit(Request(rid, prompt, SamplingParams(max_tokens=4), speculative=spec),
+                              lambda ev: done.append(ev.request_id) if ev.finished else None)
+        stack.loop.run_until_idle()
+        order[first] = done
+    assert order == {True: ["guess", "reasoning"], False: ["reasoning", "guess"]}
+    from agentinfer_jax.serving.cli import config_from_args, parse_args
+    assert config_from_args(parse_args([])).speculation_first
+    assert not config_from_args(parse_args(["--no-speculation-first"])).speculation_first

@@ -72,6 +72,9 @@ class ServerConfig:
     # cached instead of computing them again (SchedulerConfig.share_inflight_prefill).
     share_inflight_prefill: bool = True
     retention_ttl_s: float = 0.0  # keep a finished session's blocks this long (0 = off)
+    # SPAgent's rule between requests: a speculative request (a short action guess whose tool runs
+    # beside the reasoning call) is admitted before non-speculative ones of the same priority.
+    speculation_first: bool = True
     attention_backend: str | None = None  # kernels backend; None = platform default
     max_draft_tokens: int | None = None  # the engine's verify width K; None = num_draft (at least 1)
     seq_buckets: tuple[int, ...] = ()  # extra padded sequence counts (EngineConfig.seq_buckets)
@@ -285,7 +288,7 @@ def build_stack(config: ServerConfig, *, metrics: ServingMetrics | None = None, 
     """
     model_config = model.config if model is not None else _model_config(config)
     _check_fits(config, model_config)  # before any weights load
-    policy = make_policy(config.policy)
+    policy = make_policy(config.policy, speculation_first=config.speculation_first)
     engine_config = config.engine_config()
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(config)
     if tokenizer.vocab_size > model_config.vocab_size:

@@ -71,6 +71,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-share-inflight-prefill", action="store_true",
                    help="admit a request at once even while a running request is prefilling its prompt's "
                    "next blocks (default: wait for them to be cached)")
+    p.add_argument("--no-speculation-first", action="store_true",
+                   help="admit requests marked speculative in policy order (default: before the others of "
+                        "their priority, SPAgent's rule for its short action guesses)")
     p.add_argument("--retention-ttl", type=float, default=0.0, help="session KV retention seconds (0 = off)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: max-model-len)")
@@ -118,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         num_blocks=args.num_blocks, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_tokens_per_step=args.max_tokens_per_step, max_model_len=args.max_model_len, drafter=args.drafter,
         num_draft_tokens=args.num_draft_tokens, policy=args.policy, prefix_cache=not args.no_prefix_cache,
-        share_inflight_prefill=not args.no_share_inflight_prefill,
+        share_inflight_prefill=not args.no_share_inflight_prefill, speculation_first=not args.no_speculation_first,
         retention_ttl_s=args.retention_ttl, adaptive_draft=not args.no_adaptive_draft, mesh_shape=args.mesh,
         overlap=not args.no_overlap, compile_at_start=not args.no_warmup, measure_step_costs=not args.no_warmup,
         compilation_cache_dir=args.compilation_cache_dir or None)
