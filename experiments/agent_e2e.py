@@ -254,8 +254,8 @@ def projected_latencies(results: list[AgentResult], client: EngineClient, steps:
 
 def critical_paths(results: list[AgentResult], client: EngineClient, steps: dict[str, list[TimedStep]],
                    cost_models: dict[str, StepCostModel]) -> tuple[list[float], list[float]]:
-    """Per session, a floor under its latency that no technique can cross, on the wall clock and on
-    the virtual clock: its tools ran one after another (each action needs the observation before
+    """Per session, a floor under its latency in this run, on the wall clock and on the virtual
+    clock: its tools ran one after another (each action needs the observation before
     it), and its answering call came after the last of them with no tool left to hide behind. So
     the session took at least its tools' recorded durations plus that last call."""
     timelines = {role: StepTimeline(role_steps, cost_models[role]) for role, role_steps in steps.items()}
@@ -267,7 +267,8 @@ def critical_paths(results: list[AgentResult], client: EngineClient, steps: dict
         recs = calls[r.metrics.session_id]
         tools = sum(end - start for _, _, start, end in r.metrics.tool_waits)
         last = max((c for c in recs if not c.speculative), key=lambda c: c.started_s, default=None)
-        if last is None:
+        if last is None or any(end_wait > last.finished_s for _, end_wait, _, _ in r.metrics.tool_waits):
+            # no answering call after the last tool (the session stopped at max_steps): tools only
             wall.append(tools)
             projected.append(tools)
             continue
