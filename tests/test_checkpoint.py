@@ -132,8 +132,11 @@ def test_orbax_round_trip_is_bit_exact(saved, tmp_path):
     config, model, _ = saved
     save_orbax(model, tmp_path / "orbax")
     _assert_bit_exact(model, restore_orbax(tmp_path / "orbax", config))
-    with pytest.raises(CheckpointError, match="does not match"):
+    # A mismatch is named from the stored metadata, before any array is read.
+    with pytest.raises(CheckpointError, match=r"does not match the config: layers\.0\.mlp\.\w+_proj\.value has shape"):
         restore_orbax(tmp_path / "orbax", config.replace(intermediate_size=64))
+    with pytest.raises(CheckpointError, match=r"does not match the config: (no|unexpected) layers\.\d"):
+        restore_orbax(tmp_path / "orbax", config.replace(num_layers=config.num_layers + 1))
 
 
 def test_hf_config_round_trip_and_rejections():

@@ -366,6 +366,26 @@ def save_orbax(model: Transformer, path: str | os.PathLike[str]) -> None:
         checkpointer.save(os.path.abspath(os.fspath(path)), nnx.state(model))
 
 
+def _leaf_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _check_orbax_shapes(directory: str, stored, expected) -> None:
+    """CheckpointError naming the first parameter the checkpoint lacks, has extra or shapes differently."""
+    have = {_leaf_names(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(stored)}
+    want = {_leaf_names(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    for name, shape in want.items():
+        if name not in have:
+            raise CheckpointError(f"{directory}: Orbax checkpoint does not match the config: no {'.'.join(name)}")
+        if have[name] != shape:
+            raise CheckpointError(f"{directory}: Orbax checkpoint does not match the config: {'.'.join(name)} "
+                                  f"has shape {have[name]}, the config needs {shape}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise CheckpointError(f"{directory}: Orbax checkpoint does not match the config: unexpected "
+                              f"{'.'.join(extra[0])}")
+
+
 def restore_orbax(path: str | os.PathLike[str], config: ModelConfig, *,
                   mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Transformer:
     """Restores a model saved by `save_orbax` for the same `config`."""
@@ -381,6 +401,9 @@ def restore_orbax(path: str | os.PathLike[str], config: ModelConfig, *,
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_state, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
+        # Checked against the stored metadata first: a restore that fails halfway leaves Orbax's
+        # pending reads to be garbage-collected.
+        _check_orbax_shapes(directory, checkpointer.metadata(directory).item_metadata, abstract_state)
         try:
             state = checkpointer.restore(directory, abstract_state)
         except (ValueError, KeyError) as e:
