@@ -330,6 +330,8 @@ def main(argv: Sequence[str]) -> None:
     limit = 25 if FLAGS.quick and FLAGS.limit is None else FLAGS.limit
     if FLAGS.passes < 1:
         raise app.UsageError("--passes must be >= 1")
+    if FLAGS.stream_passes < 0:
+        raise app.UsageError("--stream_passes must be >= 0 (0: the table instead)")
     chat = ChatTokenizer(FLAGS.tokenizer)
     # Tool-calling trajectories as the ChatML text turns the template renders them to.
     loaded = {p: [t.as_text_chat() for t in load_traces(p, limit=limit)] for p in paths}

@@ -346,6 +346,14 @@ def test_sam_acceptance_replays_a_tool_calling_trajectory_file(tmp_path):
     result = json.loads(out.read_text())
     # 3 sessions x 3 replies, each reply's tokens generated once per drafter; repeated sessions draft well.
     assert result["drafters"]["sam_session"]["tokens_per_step"] > 1.0
+    # --stream_passes: one drafter over the file twice, RSS after each pass, every turn counted.
+    stream = tmp_path / "stream.json"
+    res = subprocess.run([sys.executable, str(script), f"--traces={path}", "--drafters=sam_memory",
+                          "--stream_passes=2", f"--json_out={stream}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    passes = json.loads(stream.read_text())["results"]["8/sam_memory"]
+    assert len(passes["rss_mb_after_each_pass"]) == 2 and len(passes["growth_per_pass"]) == 1
+    assert passes["turns_per_pass"] == 3 * sum(m["role"] == "assistant" for m in TRAJECTORY["messages"])
 
 
 BOUNDED_TOOLS = [  # bounded strings and numbers: a random model's reply must end within max_tokens
