@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import itertools
+import math
 import random
 import string
 import threading
@@ -15,7 +16,8 @@ from agentinfer_jax.agents.action_buffer import ActionBuffer
 from agentinfer_jax.agents.action_server import ActionServer
 from agentinfer_jax.agents.clients import ScriptedClient
 from agentinfer_jax.agents.loop import AgentConfig, AgentFeatures, ReActAgent
-from agentinfer_jax.agents.spagent import SessionSpeculationInfo, SpeculationConfig, SpeculationPlanner, parse_plausibility
+from agentinfer_jax.agents.spagent import (SessionSpeculationInfo, SpeculationConfig, SpeculationGate, SpeculationPlanner,
+                                          parse_plausibility)
 from agentinfer_jax.agents.tools import SearchTool, ToolOutcome, ToolState, tool_error
 
 CORPUS = {"Alpha": ["Alpha is a town."], "Beta": ["Beta is a river."], "Gamma": ["Gamma is a hill."]}
@@ -232,3 +234,48 @@ def test_verified_phase_guesses_continue_the_reasoning_prompt_with_an_action_pre
     reasoning = tok.encode_chat(messages)
     guess = tok.encode_chat(call.messages, continue_final_message=True)
     assert guess[:len(reasoning)] == reasoning and len(guess) - len(reasoning) <= 4
+
+
+def test_gate_admits_the_best_subset_online_and_frees_room_on_release():
+    """Sessions asking in order of benefit (none leaving) end up admitted exactly as the best subset
+    found by brute force under a convex cost; a release makes room for a refused session."""
+    rng = random.Random(11)
+    for _ in range(200):
+        n, k = rng.randint(1, 7), rng.randint(1, 4)
+        p = [rng.random() for _ in range(n)]
+        a, c = rng.uniform(0, 0.5), rng.uniform(0, 0.3)
+        cost = lambda m: a * m + c * m * m  # noqa: E731
+        tool_s = rng.uniform(0.1, 3)
+        gate = SpeculationGate(SpeculationPlanner(cost, k=k), hit_probability=lambda i: p[i], default_tool_time_s=tool_s)
+        benefit = [(1 - (1 - q) ** k) * tool_s for q in p]
+        order = sorted(range(n), key=lambda i: -benefit[i])
+        admitted = [i for i in order if gate.admit(f"s{i}", i)]
+        best = max(sum(benefit[i] for i in sub) - cost(len(sub))
+                   for r in range(n + 1) for sub in itertools.combinations(range(n), r))
+        assert abs(sum(benefit[i] for i in admitted) - cost(len(admitted)) - best) < 1e-9
+        assert set(gate.active) == {f"s{i}" for i in admitted} and gate.refused == n - len(admitted)
+    # One slot: the second asks in vain until the first's step ends.
+    gate = SpeculationGate(SpeculationPlanner(lambda m: 0.0 if m <= 1 else math.inf), default_tool_time_s=1.0)
+    assert gate.admit("a", 1) and not gate.admit("b", 1)
+    gate.release("a")
+    assert gate.admit("b", 1)
+    gate.observe_tool(0.5)
+    gate.observe_tool(1.5)
+    assert gate.mean_tool_time_s == 1.0
+
+
+def test_agent_guesses_only_where_the_gate_admits():
+    """A gate whose cost beats any benefit stops every guess (the answer is the same); a free one
+    lets them run; either way no session stays active after its run."""
+    for cost, guesses in ((lambda m: 100.0 * m, 0), (lambda m: 0.0, 1)):
+        gate = SpeculationGate(SpeculationPlanner(cost, k=2))
+        tool = CountingSearch()
+        client = _verified_client("Beta", "Beta", reasoning_s=0.05)
+        agent = ReActAgent(client, tool, config=AgentConfig(max_steps=6), features=AgentFeatures(speculate=True),
+                           action_server=ActionServer(tool, timeout_s=5.0),
+                           speculation=SpeculationConfig(k=2, beta=3, aggressive=False), speculation_gate=gate)
+        result = asyncio.run(agent.run("q"))
+        assert result.answer == "done" and result.steps[0].observation == "Beta is a river."
+        assert min(len(client.calls_on("speculative")), 1) == guesses
+        assert result.metrics.speculation["gated_steps"] == (0 if guesses else 2)
+        assert result.metrics.buffer_hits == guesses and gate.active == {}

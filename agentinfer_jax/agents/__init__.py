@@ -21,6 +21,7 @@ from agentinfer_jax.agents.spagent import (
     Candidate,
     SessionSpeculationInfo,
     SpeculationConfig,
+    SpeculationGate,
     SpeculationPlanner,
     parse_plausibility,
 )
@@ -31,6 +32,6 @@ __all__ = [
     "BufferStats", "Candidate", "ClientError", "CollabController", "Completion", "LLMClient", "LatencyModel",
     "MemoryDistiller", "OpenAIClient", "ProgressSignal", "ReActAgent", "RecordedCall", "ReplayClient", "ReplayTool",
     "ScriptedClient", "SearchResult", "SearchResultFilter", "SearchTool", "SessionMetrics", "SessionSpeculationInfo",
-    "SpeculationConfig", "SpeculationPlanner", "Step", "StepRecord", "ToolLatency", "ToolOutcome", "ToolState",
+    "SpeculationConfig", "SpeculationGate", "SpeculationPlanner", "Step", "StepRecord", "ToolLatency", "ToolOutcome", "ToolState",
     "build_messages", "normalize_action_key", "parse_plausibility", "parse_progress", "parse_step", "strip_progress",
 ]

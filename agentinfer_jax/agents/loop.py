@@ -24,7 +24,7 @@ from agentinfer_jax.agents.collab import PROGRESS_INSTRUCTION, CollabController,
 from agentinfer_jax.agents.compress import MemoryDistiller, SearchResultFilter
 from agentinfer_jax.agents.react import (REACT_TOOLS, Action, StepRecord, action_from_tool_call, build_messages,
                                          build_tool_messages, cut_at_observation, parse_step)
-from agentinfer_jax.agents.spagent import ActionSpeculator, Phase, SpeculationConfig
+from agentinfer_jax.agents.spagent import ActionSpeculator, Phase, SpeculationConfig, SpeculationGate
 from agentinfer_jax.agents.tools import ToolEnvironment, ToolOutcome, ToolState, render_results
 
 T = TypeVar("T")
@@ -116,9 +116,12 @@ class ReActAgent:
         result_filter: SearchResultFilter | None = None,
         distiller_factory: Callable[[str], MemoryDistiller] | None = None,
         speculation: SpeculationConfig = SpeculationConfig(),
+        speculation_gate: SpeculationGate | None = None,
         instruction: str | None = None,
         token_counter: TokenCounter | None = None,
     ) -> None:
+        """`speculation_gate`: SPAgent's choice of which sessions speculate, shared by this agent's
+        sessions (None: every session guesses in every verified step)."""
         if config.native_tools and (features.collab or features.speculate):
             raise ValueError("native_tools runs without collab and speculate (they read Thought/Action text)")
         self.client, self.tools = client, tools
@@ -131,6 +134,7 @@ class ReActAgent:
             lambda sid: MemoryDistiller(client, session_id=sid, token_counter=token_counter)
         )
         self._speculation = speculation
+        self.speculation_gate = speculation_gate
         self._instruction = instruction
         self._extra = PROGRESS_INSTRUCTION if features.collab else ""
         self._count = token_counter
@@ -190,8 +194,12 @@ class _Session:
         start = time.perf_counter()
         try:
             for index in range(1, self.cfg.max_steps + 1):
-                if await self._step(index):
-                    break
+                try:
+                    if await self._step(index):
+                        break
+                finally:
+                    if self.agent.speculation_gate is not None:
+                        self.agent.speculation_gate.release(self.id)
         except Exception as e:  # a failing backend ends this session, never the serving loop
             self.metrics.error = f"{type(e).__name__}: {e}"
         finally:
@@ -293,7 +301,7 @@ class _Session:
         if spec.phase is Phase.AGGRESSIVE and limit is not None and index > limit:
             spec.switch_to_verified(index)
         if spec.phase is Phase.VERIFIED:
-            if spec.config.verified:
+            if spec.config.verified and self._may_speculate(index):
                 spec.launch(messages, role, self.state)
             return None
         try:
@@ -310,9 +318,19 @@ class _Session:
             spec.launch(messages, role, self.state, candidates)
         return None
 
+    def _may_speculate(self, index: int) -> bool:
+        gate = self.agent.speculation_gate
+        if gate is None or gate.admit(self.id, index):
+            return True
+        self.speculator.metrics.gated_steps += 1
+        return False
+
     async def _execute(self, action: Action) -> ToolOutcome:
         if self.speculator is not None:
             outcome, _ = await self.speculator.execute_real(action, self.state)
+            gate = self.agent.speculation_gate
+            if gate is not None and outcome.finished_s:
+                gate.observe_tool(outcome.finished_s - outcome.started_s)
             return outcome
         return await self.agent.server.execute(action, self.state)
 

@@ -13,7 +13,8 @@ The verified phase's guess continues an assistant "Action:" prefix (`continue_fi
 project's server, vLLM and SGLang serve it; a backend that refuses it fails the guess, which costs
 only the guess's own benefit).
 
-`SpeculationPlanner` is the load-aware part: which sessions may speculate this round.
+`SpeculationPlanner` is the load-aware part: which sessions may speculate this round;
+`SpeculationGate` applies it as sessions come and go (an agent's sessions share one).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class SpeculationMetrics:
     speculation_errors: int = 0
     phase_switch_step: int | None = None
     speculative_tokens: int = 0
+    gated_steps: int = 0  # verified steps whose guess the SpeculationGate refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,15 +268,63 @@ class SpeculationPlanner:
         p = min(1.0, max(0.0, info.hit_probability))
         return (1.0 - (1.0 - p) ** self.k) * max(0.0, info.mean_tool_time_s)
 
+    def admits(self, info: SessionSpeculationInfo, speculating: int) -> bool:
+        """Whether one more speculating session, `info`, gains more than its marginal cost when
+        `speculating` sessions speculate already."""
+        cost_next = self._cost(speculating + 1)
+        return math.isfinite(cost_next) and self.benefit(info) - (cost_next - self._cost(speculating)) > 0
+
     def select(self, sessions: Sequence[SessionSpeculationInfo]) -> list[str]:
         """Session ids allowed to speculate, highest benefit first."""
-        ranked = sorted(sessions, key=lambda s: (-self.benefit(s), s.session_id))
         chosen: list[str] = []
-        cost_so_far = self._cost(0)
-        for info in ranked:
-            cost_next = self._cost(len(chosen) + 1)
-            if not math.isfinite(cost_next) or self.benefit(info) - (cost_next - cost_so_far) <= 0:
+        for info in sorted(sessions, key=lambda s: (-self.benefit(s), s.session_id)):
+            if not self.admits(info, len(chosen)):
                 break
             chosen.append(info.session_id)
-            cost_so_far = cost_next
         return chosen
+
+
+class SpeculationGate:
+    """SPAgent's choice of who speculates, online: a session asks before each verified-phase guess
+    and leaves when its step ends; it is admitted while its benefit beats the marginal cost of one
+    more speculating session (the planner's greedy step, taken in arrival order).
+
+    A session's hit probability comes from its step index (`hit_probability`, SPAgent's reported
+    rates by default) and t_act from the tools this gate has seen run (`default_tool_time_s`
+    before the first). Invariant: `active` holds exactly the sessions admitted and not released;
+    an admitted session is never revoked by a later arrival.
+    """
+
+    def __init__(self, planner: SpeculationPlanner,
+                 hit_probability: Callable[[int], float] = hit_probability_prior,
+                 default_tool_time_s: float = 1.0) -> None:
+        if not default_tool_time_s >= 0:
+            raise ValueError(f"default_tool_time_s must be >= 0, got {default_tool_time_s}")
+        self._planner, self._p = planner, hit_probability
+        self._default_s = default_tool_time_s
+        self._tool_s, self._tools = 0.0, 0
+        self.active: dict[str, SessionSpeculationInfo] = {}
+        self.refused = 0
+
+    @property
+    def mean_tool_time_s(self) -> float:
+        return self._tool_s / self._tools if self._tools else self._default_s
+
+    def observe_tool(self, seconds: float) -> None:
+        """One tool execution's duration (t_act's running mean)."""
+        if seconds >= 0:
+            self._tool_s += seconds
+            self._tools += 1
+
+    def admit(self, session_id: str, step_index: int) -> bool:
+        """Whether `session_id` may speculate in its step `step_index` (it stays active until released)."""
+        self.active.pop(session_id, None)
+        info = SessionSpeculationInfo(session_id, self._p(step_index), self.mean_tool_time_s)
+        if self._planner.admits(info, len(self.active)):
+            self.active[session_id] = info
+            return True
+        self.refused += 1
+        return False
+
+    def release(self, session_id: str) -> None:
+        self.active.pop(session_id, None)
