@@ -37,7 +37,6 @@ import collections
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import random
 import sys

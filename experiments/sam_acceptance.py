@@ -33,7 +33,6 @@ import dataclasses
 import gc
 import json
 import pathlib
-import statistics
 import time
 from collections.abc import Callable, Sequence
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.cache import block_allocator as ba

@@ -3,7 +3,6 @@ over a dense (contiguous-cache) forward pass of the same model."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import jax.numpy as jnp

@@ -26,71 +26,33 @@ Learning: up to the first rejection the true next tokens are known, so when the 
 arrive through `extend`, every candidate's tokens there (drafted or not) are scored, and the rates
 are not biased by which candidate won.
 
-Hot paths: `walk_candidates` (propose) and `score_candidates` (the calibrator's update) are numba
-kernels in calibrator.py over the automata's and the calibrator's arrays, the only implementation;
-the automata's own kernels are in suffix_automaton.py. Per step the Python side makes one call,
-`_draft_from_cursors`, which reads the cursors, bounds the draft and walks.
+Hot paths: `draft_from_cursors` (propose: the cursors, the draft's bound and `walk_candidates`)
+and `score_candidates` (the calibrator's update) are numba kernels in calibrator.py over the
+automata's and the calibrator's arrays, the only implementation; the automata's own kernels are in
+suffix_automaton.py. Per step the Python side makes one call to each.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import numba
 import numpy as np
 
 from agentinfer_jax.speculation.base import UnknownRequestError, check_k, check_tokens
 from agentinfer_jax.speculation.calibrator import (AGREED, GLOBAL, MEMORY, NUM_CLASSES, NUM_SOURCES, OWN,
-                                                   SOURCE_NAMES, AcceptanceCalibrator, score_candidates,
-                                                   walk_candidates)
+                                                   SOURCE_NAMES, AcceptanceCalibrator, draft_from_cursors,
+                                                   score_candidates)
 from agentinfer_jax.speculation.session_memory import SessionMemory
-from agentinfer_jax.speculation.suffix_automaton import (LAST, LEN, LINK, N_TOKENS, ROOT, Matcher, SuffixAutomaton,
-                                                         as_token_array)
+from agentinfer_jax.speculation.suffix_automaton import Matcher, SuffixAutomaton, as_token_array
 
 __all__ = ["SAMDrafter", "compile_kernels", "AcceptanceCalibrator", "OWN", "MEMORY", "GLOBAL", "SOURCE_NAMES", "AGREED",
            "NUM_CLASSES"]
 
 _NUM_SOURCES = NUM_SOURCES
 _NO_AUTOMATON = np.zeros((1, 8), np.int32)  # stands in for an absent source's rows
-
-
-# One call per proposal, on the serving loop's thread: it keeps the GIL, as the calibrator's step
-# kernels do. Gathering the cursors here instead of in Python halves the first proposal of a turn,
-# which runs with cold caches (multitask replay: p50 19 -> 12 us; the other steps 7.5 -> 4.5 us).
-@numba.njit(cache=True)
-def _draft_from_cursors(own_st, own_meta, own_tokens, mem_st, mem_state, mem_len, glob_st, glob_state, glob_len,
-                        min_match, factor, k, cells, ckeys, cstats, w, wc, ctx_stop, min_prob, out,
-                        cand_src, cand_len, cand_toks, cand_cells):
-    """The session's own cursor (the longest earlier-occurring suffix of its text), the memory and
-    global matchers' cursors (length < min_match: none), the draft's length bound (`factor` times
-    the longest match, at most k) and `walk_candidates`. Returns (drafted, candidates, expected
-    accepted, last token, the one before it)."""
-    n_tok = own_meta[N_TOKENS]
-    last = own_tokens[n_tok - 1] if n_tok > 0 else -1
-    last2 = own_tokens[n_tok - 2] if n_tok > 1 else -1
-    states = np.full(_NUM_SOURCES, -1, np.int64)
-    lengths = np.zeros(_NUM_SOURCES, np.int64)
-    tail = own_meta[LAST]
-    own = own_st[tail, LINK] if tail != ROOT else ROOT
-    if own != ROOT and own_st[own, LEN] >= min_match:
-        states[OWN], lengths[OWN] = own, own_st[own, LEN]
-    if mem_len >= min_match:
-        states[MEMORY], lengths[MEMORY] = mem_state, mem_len
-    if glob_len >= min_match:
-        states[GLOBAL], lengths[GLOBAL] = glob_state, glob_len
-    longest = lengths.max()
-    if longest == 0 or k == 0:
-        return 0, 0, 0.0, last, last2
-    reach = factor * longest
-    limit = k if reach >= k else int(math.ceil(reach))
-    n, n_cand, score = walk_candidates((own_st, mem_st, glob_st), states, lengths, limit, cells, ckeys, cstats, w,
-                                       wc, ctx_stop, last, last2, min_prob, out, cand_src, cand_len, cand_toks,
-                                       cand_cells)
-    return n, n_cand, score, last, last2
 
 
 class _SessionState:
@@ -222,7 +184,7 @@ class SAMDrafter:
         if len(self._out) < k:
             self._out = np.zeros(k, np.int32)
         sam, mem, glob, cal = state.sam, state.memory_matcher, state.global_matcher, self.calibrator
-        n, state.n_cand, state.last_expected, state.last_token, state.last_token2 = _draft_from_cursors(
+        n, state.n_cand, state.last_expected, state.last_token, state.last_token2 = draft_from_cursors(
             sam.st, sam.meta, sam._tokens,
             _NO_AUTOMATON if mem is None else mem.sam.st, 0 if mem is None else mem.state,
             0 if mem is None else mem.length,
