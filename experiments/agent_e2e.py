@@ -240,27 +240,28 @@ def timed_steps(roles: dict[str, ServingStack]) -> dict[str, list[TimedStep]]:
                    for r in stack.engine.steps] for name, stack in roles.items()}
 
 
-def projected_latencies(results: list[AgentResult], client: EngineClient, steps: dict[str, list[TimedStep]],
-                        cost_models: dict[str, StepCostModel]) -> list[float]:
-    """Each session's latency on the virtual clock (workloads.projection): PROJECTION, not measured."""
-    timelines = {role: StepTimeline(role_steps, cost_models[role]) for role, role_steps in steps.items()}
-    windows: dict[str | None, list[CallWindow]] = collections.defaultdict(list)
+def session_calls(client: EngineClient) -> dict[str | None, list[Any]]:
+    """Each session's LLM calls (CallRecords), in the order they were made."""
+    calls: dict[str | None, list[Any]] = collections.defaultdict(list)
     for rec in client.records:
-        windows[rec.session_id].append(CallWindow(rec.role, rec.started_s, rec.finished_s))
-    return [project_session(r.metrics.wall_s, windows[r.metrics.session_id], timelines,
+        calls[rec.session_id].append(rec)
+    return calls
+
+
+def projected_latencies(results: list[AgentResult], calls: dict[str | None, list[Any]],
+                        timelines: dict[str, StepTimeline]) -> list[float]:
+    """Each session's latency on the virtual clock (workloads.projection): PROJECTION, not measured."""
+    return [project_session(r.metrics.wall_s, [CallWindow(c.role, c.started_s, c.finished_s)
+                                               for c in calls[r.metrics.session_id]], timelines,
                             [ToolWait(*w) for w in r.metrics.tool_waits]) for r in results]
 
 
-def critical_paths(results: list[AgentResult], client: EngineClient, steps: dict[str, list[TimedStep]],
-                   cost_models: dict[str, StepCostModel]) -> tuple[list[float], list[float]]:
+def critical_paths(results: list[AgentResult], calls: dict[str | None, list[Any]],
+                   timelines: dict[str, StepTimeline]) -> tuple[list[float], list[float]]:
     """Per session, a floor under its latency in this run, on the wall clock and on the virtual
     clock: its tools ran one after another (each action needs the observation before
     it), and its answering call came after the last of them with no tool left to hide behind. So
     the session took at least its tools' recorded durations plus that last call."""
-    timelines = {role: StepTimeline(role_steps, cost_models[role]) for role, role_steps in steps.items()}
-    calls: dict[str | None, list[Any]] = collections.defaultdict(list)
-    for rec in client.records:
-        calls[rec.session_id].append(rec)
     wall, projected = [], []
     for r in results:
         recs = calls[r.metrics.session_id]
@@ -404,9 +405,12 @@ def experiment(cfg_names: Sequence[str], *, traces: str | None, num_sessions: in
                 r.shutdown()
         summary = summarize(cfg, results, client, makespan)
         steps = timed_steps(roles)
-        projected = projected_latencies(results, client, steps, cost_models)
+        # Each step's predicted time once, for the projection and the critical path alike.
+        timelines = {role: StepTimeline(role_steps, cost_models[role]) for role, role_steps in steps.items()}
+        calls = session_calls(client)
+        projected = projected_latencies(results, calls, timelines)
         summary["projected_mean_session_latency_s"] = sum(projected) / len(projected)
-        floor, projected_floor = critical_paths(results, client, steps, cost_models)
+        floor, projected_floor = critical_paths(results, calls, timelines)
         summary["critical_path_s"] = sum(floor) / len(floor)
         summary["projected_critical_path_s"] = sum(projected_floor) / len(projected_floor)
         summary["steps"] = sum(len(v) for v in steps.values())

@@ -277,6 +277,19 @@ def print_table(rows: list[tuple[str, int, str, dict]]) -> None:
               f"{s['extend_us_p50']:6.1f} {s['rss_mb']:7.0f} {s['bytes_per_token']:6.1f} {mem}")
 
 
+def _after_pass(drafter, memory: SessionMemory | None) -> tuple[float, dict[str, float]]:
+    """RSS MB after a pass (garbage collected, free heap returned) and what the drafter's own
+    arrays (and the memory's) hold then, MB."""
+    gc.collect()
+    _release_free_heap()
+    rss = _rss_mb("VmRSS")
+    held = {"drafter_mb": (drafter.nbytes if hasattr(drafter, "nbytes") else
+                           drafter.global_bytes() if hasattr(drafter, "global_bytes") else 0) / 2**20}
+    if memory is not None:
+        held["memory_mb"] = memory.nbytes() / 2**20
+    return rss, held
+
+
 def stream_rss(loaded: dict[str, list[Trajectory]], ks: Sequence[int], names: Sequence[str],
                factories: dict[str, Callable], chat: ChatTokenizer, total_turns: int) -> None:
     """RSS after each pass of one drafter over every trace file in turn (`--stream_passes`)."""
@@ -292,11 +305,9 @@ def stream_rss(loaded: dict[str, list[Trajectory]], ks: Sequence[int], names: Se
                         # Later passes are new sessions with the same text (memory holds the first).
                         replay(drafter, [t if p == 0 else dataclasses.replace(t, id=f"{t.id}#{p}") for t in trajs],
                                chat, k, stats, bar, wait)
-                    gc.collect()
-                    _release_free_heap()
-                    rss.append(_rss_mb("VmRSS"))
-                    held.append((drafter.nbytes if hasattr(drafter, "nbytes") else 0) / 2**20
-                                + (memory.nbytes() / 2**20 if memory is not None else 0.0))
+                    mb, parts = _after_pass(drafter, memory)
+                    rss.append(mb)
+                    held.append(sum(parts.values()))
                 if memory is not None:
                     memory.close()
                 del drafter, wait, memory
@@ -369,13 +380,8 @@ def main(argv: Sequence[str]) -> None:
                         # Later passes are new sessions with the same text (memory holds the first).
                         replay(drafter, [t if p == 0 else dataclasses.replace(t, id=f"{t.id}#{p}") for t in trajs],
                                chat, k, stats, bar, wait)
-                        gc.collect()
-                        _release_free_heap()
-                        passes_rss.setdefault(f"{name}/{k}/{dname}", []).append(_rss_mb("VmRSS"))
-                        held = {"drafter_mb": (drafter.nbytes if hasattr(drafter, "nbytes") else
-                                               drafter.global_bytes() if hasattr(drafter, "global_bytes") else 0) / 2**20}
-                        if memory is not None:
-                            held["memory_mb"] = memory.nbytes() / 2**20
+                        mb, held = _after_pass(drafter, memory)
+                        passes_rss.setdefault(f"{name}/{k}/{dname}", []).append(mb)
                         passes_held.setdefault(f"{name}/{k}/{dname}", []).append(held)
                     stats.rss_mb = _rss_mb()
                     stats.extra.update(_store_stats(drafter, memory))
