@@ -8,8 +8,10 @@ context advances by accepted + 1 tokens. Messages are tokenized one by one, so t
 prompt extends the previous turn's context token for token (as in a serving engine).
 
 Drafters: prompt-lookup n-gram; the real SuffixDecoding (arctic-inference's suffix-tree cache,
-built by `make suffix-decoding`) with its defaults (`suffix_decoding`) and with max_spec_factor 8
-(`suffix_decoding_f8`); our own SuffixDecoding-style suffix tree (`suffix_tree`, `suffix_tree_f8`,
+built by `make suffix-decoding`) with its defaults (`suffix_decoding`), with max_spec_factor 8
+(`suffix_decoding_f8`) and, opt-in, its tree speculation at factor 8 (`suffix_decoding_tree_f8`: up
+to k nodes verified as a tree, accepted = the longest root path agreeing with the recording; the
+same verify width as a k-token path, but our engine verifies paths only); our own SuffixDecoding-style suffix tree (`suffix_tree`, `suffix_tree_f8`,
 opt-in); AgentSAM on the session only; AgentSAM with cross-session memory (BM25-retrieved similar
 sessions + the global automaton of past responses; each finished session is added to memory);
 optionally `sam_retrieval_only`, the memory without the global automaton, and `sam_memory_no_ctx`,
@@ -125,6 +127,7 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
            stats: Stats, bar: tqdm, wait_memory: Callable[[str], None] | None) -> None:
     gen_header = chat.header("assistant")
     end_ids = chat.ids("<|im_end|>")
+    tree = getattr(drafter, "tree", False)
     for traj in trajs:
         context: list[int] = []
         for i, m in enumerate(traj.messages):
@@ -139,13 +142,19 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
                 pos = 0
                 while pos < len(response):
                     t0 = time.perf_counter_ns()
-                    draft = drafter.propose(rid, k)
+                    if tree:
+                        draft, parents = drafter.propose_tree(rid, k)
+                    else:
+                        draft = drafter.propose(rid, k)
                     t1 = time.perf_counter_ns()
-                    acc = 0
-                    for d, r in zip(draft, response[pos:]):
-                        if d != r:
-                            break
-                        acc += 1
+                    if tree:
+                        acc = tree_accepted(draft, parents, response[pos:])
+                    else:
+                        acc = 0
+                        for d, r in zip(draft, response[pos:]):
+                            if d != r:
+                                break
+                            acc += 1
                     adv = min(acc + 1, len(response) - pos)
                     t2 = time.perf_counter_ns()
                     drafter.extend(rid, response[pos:pos + adv])
@@ -162,6 +171,24 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
             context += chat.message(m)
 
 
+def tree_accepted(tokens: Sequence[int], parents: Sequence[int], target: Sequence[int]) -> int:
+    """Greedy verification of a draft tree (node i's parent is parents[i], -1 for the root's
+    children, parents before children): the longest root path agreeing with `target`. Siblings
+    carry distinct tokens, so at most one child of a node can agree."""
+    children: dict[int, dict[int, int]] = {}
+    for i, (tok, parent) in enumerate(zip(tokens, parents)):
+        if not -1 <= parent < i:
+            raise ValueError(f"node {i}'s parent {parent} does not come before it")
+        children.setdefault(parent, {}).setdefault(tok, i)
+    node, acc = -1, 0
+    for tok in target:
+        node = children.get(node, {}).get(tok, -2)
+        if node == -2:
+            break
+        acc += 1
+    return acc
+
+
 def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], None] | None, SessionMemory | None]]]:
     """Factories, so only one drafter (and its global state) is alive at a time."""
 
@@ -171,15 +198,16 @@ def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], Non
                              calibrator=AcceptanceCalibrator(token_context=token_context))
         return drafter, drafter.wait_for_memory, memory
 
-    def peer(factor):
+    def peer(factor, tree=False):
         import suffix_decoding_peer
         if not suffix_decoding_peer.available():
             raise app.UsageError("SuffixDecoding is not built: run `make suffix-decoding` first")
-        return suffix_decoding_peer.SuffixDecodingDrafter(max_spec_factor=factor), None, None
+        return suffix_decoding_peer.SuffixDecodingDrafter(max_spec_factor=factor, tree=tree), None, None
 
     return {"prompt_lookup": lambda: (PromptLookupDrafter(), None, None),
             "suffix_decoding": lambda: peer(1.0),
             "suffix_decoding_f8": lambda: peer(8.0),
+            "suffix_decoding_tree_f8": lambda: peer(8.0, tree=True),
             "suffix_tree": lambda: (SuffixTreeDrafter(), None, None),
             "suffix_tree_f8": lambda: (SuffixTreeDrafter(factor=8.0), None, None),
             "sam_session": lambda: (SAMDrafter(), None, None),
@@ -266,13 +294,13 @@ def gil_probe(text: np.ndarray) -> dict[str, float]:
 
 
 def print_table(rows: list[tuple[str, int, str, dict]]) -> None:
-    head = (f"{'trace':38s} {'k':>3s} {'drafter':18s} {'turns':>6s} {'tok/step':>8s} {'acc_rate':>8s} "
+    head = (f"{'trace':38s} {'k':>3s} {'drafter':23s} {'turns':>6s} {'tok/step':>8s} {'acc_rate':>8s} "
             f"{'us_p50':>7s} {'us_p99':>7s} {'ext_us':>6s} {'rss_mb':>7s} {'B/tok':>6s} {'mem_p99_ms':>10s}")
     print(head)
     print("-" * len(head))
     for trace, k, name, s in rows:
         mem = f"{s['memory_ms_p99']:10.2f}" if "memory_ms_p99" in s else f"{'':10s}"
-        print(f"{trace[:38]:38s} {k:3d} {name:18s} {s['turns']:6d} {s['tokens_per_step']:8.3f} "
+        print(f"{trace[:38]:38s} {k:3d} {name:23s} {s['turns']:6d} {s['tokens_per_step']:8.3f} "
               f"{s['accept_rate']:8.3f} {s['draft_us_p50']:7.1f} {s['draft_us_p99']:7.1f} "
               f"{s['extend_us_p50']:6.1f} {s['rss_mb']:7.0f} {s['bytes_per_token']:6.1f} {mem}")
 

@@ -6,7 +6,8 @@ never a dependency of the package. `available()` says whether it is built.
 Each request starts a local tree over its prompt (`start_request`), every verified token goes to
 its local tree and to its response in the global tree (`add_active_response`), and a proposal is
 `speculate` over the last `max_tree_depth` context tokens with the peer's own selection between
-the two trees, as in arctic-inference's vLLM model runner.
+the two trees, as in arctic-inference's vLLM model runner. With `tree=True` the peer's tree
+speculation (`use_tree_spec`) is exposed as `propose_tree`: up to k nodes, each with its parent.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ def available() -> bool:
 
 class SuffixDecodingDrafter:
     """Drafter over arctic-inference's SuffixDecodingCache (defaults: depth 64, min prob 0.1,
-    max_spec_factor 1)."""
+    max_spec_factor 1). `tree`: the replay verifies `propose_tree`'s trees instead of `propose`'s
+    paths (the peer's `use_tree_spec`)."""
 
     def __init__(self, max_tree_depth: int = 64, max_spec_factor: float = 1.0,
-                 min_token_prob: float = 0.1, max_cached_requests: int = -1) -> None:
+                 min_token_prob: float = 0.1, max_cached_requests: int = -1, tree: bool = False) -> None:
         self.cache = _import_cache()(max_tree_depth=max_tree_depth, max_cached_requests=max_cached_requests)
         self.depth, self.factor, self.min_prob = max_tree_depth, max_spec_factor, min_token_prob
+        self.tree = tree
         self._contexts: dict[str, tuple[np.ndarray, int]] = {}
         self.response_tokens = 0
 
@@ -66,10 +69,19 @@ class SuffixDecodingDrafter:
         self.response_tokens += len(toks)
 
     def propose(self, request_id: str, k: int) -> list[int]:
+        return list(self._speculate(request_id, k, False).token_ids)
+
+    def propose_tree(self, request_id: str, k: int) -> tuple[list[int], list[int]]:
+        """Up to k draft nodes and each node's parent index (-1: a child of the last context token);
+        a parent always comes before its children."""
+        draft = self._speculate(request_id, k, True)
+        return list(draft.token_ids), list(draft.parents)
+
+    def _speculate(self, request_id: str, k: int, tree: bool):
         buf, n = self._contexts[request_id]
-        draft = self.cache.speculate(request_id, buf[max(0, n - self.depth):n], max_spec_tokens=k,
-                                     max_spec_factor=self.factor, min_token_prob=self.min_prob)
-        return list(draft.token_ids)
+        return self.cache.speculate(request_id, buf[max(0, n - self.depth):n], max_spec_tokens=k,
+                                    max_spec_factor=self.factor, min_token_prob=self.min_prob,
+                                    use_tree_spec=tree)
 
     def end(self, request_id: str) -> None:
         self.cache.stop_request(request_id)

@@ -40,3 +40,29 @@ def test_adapter_drafts_what_the_peer_cache_speculates_and_follows_the_drafter_p
         d.end(rid)
         reference.stop_request(rid)
     assert d.response_tokens > 0 and d.global_bytes() > 0
+
+
+def test_tree_adapter_returns_the_peer_cache_tree_with_parents_before_children():
+    rng = random.Random(5)
+    d = peer.SuffixDecodingDrafter(max_spec_factor=8.0, tree=True)
+    reference = peer._import_cache()(max_tree_depth=64)
+    branched = 0
+    for trial in range(20):
+        prompt = [rng.randrange(4) for _ in range(rng.randrange(8, 60))]
+        rid = f"t{trial}"
+        d.begin(rid, prompt)
+        reference.start_request(rid, prompt)
+        for _ in range(4):
+            tokens, parents = d.propose_tree(rid, 8)
+            expect = reference.speculate(rid, prompt[-64:], max_spec_tokens=8, max_spec_factor=8.0,
+                                         min_token_prob=0.1, use_tree_spec=True)
+            assert (tokens, parents) == (list(expect.token_ids), list(expect.parents)) and len(tokens) <= 8
+            assert all(-1 <= p < i for i, p in enumerate(parents))
+            branched += len(set(parents)) < len(parents)
+            step = [rng.randrange(4) for _ in range(rng.randrange(1, 4))]
+            d.extend(rid, step)
+            reference.add_active_response(rid, step)
+            prompt += step
+        d.end(rid)
+        reference.stop_request(rid)
+    assert branched  # some trees really branch
