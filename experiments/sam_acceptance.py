@@ -11,9 +11,9 @@ Drafters: prompt-lookup n-gram; the real SuffixDecoding (arctic-inference's suff
 built by `make suffix-decoding`) with its defaults (`suffix_decoding`), with max_spec_factor 8
 (`suffix_decoding_f8`) and, opt-in, its tree speculation at factor 8 (`suffix_decoding_tree_f8`: up
 to k nodes verified as a tree, accepted = the longest root path agreeing with the recording; the
-same verify width as a k-token path, but our engine verifies paths only); our own SuffixDecoding-style suffix tree (`suffix_tree`, `suffix_tree_f8`,
-opt-in); AgentSAM on the session only; AgentSAM with cross-session memory (BM25-retrieved similar
-sessions + the global automaton of past responses; each finished session is added to memory);
+same verify width as a k-token path, but our engine verifies paths only); AgentSAM on the session
+only; AgentSAM with cross-session memory (BM25-retrieved similar sessions + the global automaton of
+past responses; each finished session is added to memory);
 optionally `sam_retrieval_only`, the memory without the global automaton, and `sam_memory_no_ctx`,
 SAM + memory whose calibrator does not condition later drafted tokens on the tokens before each.
 
@@ -47,7 +47,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from agentinfer_jax.speculation import (AcceptanceCalibrator, Drafter, PromptLookupDrafter, SAMDrafter,
-                                        SessionMemory, SuffixTreeDrafter)
+                                        SessionMemory)
 from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces, portable_path, shared_trace_paths
 
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "agentinfer_jax" / "assets"
@@ -208,8 +208,6 @@ def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], Non
             "suffix_decoding": lambda: peer(1.0),
             "suffix_decoding_f8": lambda: peer(8.0),
             "suffix_decoding_tree_f8": lambda: peer(8.0, tree=True),
-            "suffix_tree": lambda: (SuffixTreeDrafter(), None, None),
-            "suffix_tree_f8": lambda: (SuffixTreeDrafter(factor=8.0), None, None),
             "sam_session": lambda: (SAMDrafter(), None, None),
             "sam_memory": sam_memory,
             "sam_retrieval_only": lambda: sam_memory(global_memory=False),

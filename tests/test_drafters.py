@@ -9,7 +9,7 @@ import pytest
 from test_suffix_automaton import brute_continuations
 
 from agentinfer_jax.speculation import (Drafter, PromptLookupDrafter, SAMDrafter, SessionMemory,
-                                        SuffixTreeDrafter, UnknownRequestError)
+                                        UnknownRequestError)
 from agentinfer_jax.speculation.calibrator import CELLS_PER_CLASS, CONTEXT, FIRST, PAIR
 from agentinfer_jax.speculation.sam_drafter import GLOBAL, MEMORY, OWN, AcceptanceCalibrator
 
@@ -341,7 +341,7 @@ def test_memory_retrieval_is_picked_up_by_propose_without_waiting():
         d.end("b")
 
 
-@pytest.mark.parametrize("make", [PromptLookupDrafter, SuffixTreeDrafter, SAMDrafter])
+@pytest.mark.parametrize("make", [PromptLookupDrafter, SAMDrafter])
 def test_drafter_protocol_and_bad_input(make):
     d = make()
     assert isinstance(d, Drafter)
@@ -370,18 +370,6 @@ def test_drafter_protocol_and_bad_input(make):
 def test_calibrator_rejects_bad_parameters(kwargs):
     with pytest.raises(ValueError):
         AcceptanceCalibrator(**kwargs)
-
-
-def test_suffix_tree_uses_global_tree_of_past_responses():
-    d = SuffixTreeDrafter(min_prob=0.1, factor=4.0)
-    resp = [50, 51, 52, 53, 54, 55]
-    for i in range(3):
-        d.begin(f"r{i}", [1, 2, 3])
-        d.extend(f"r{i}", resp)
-        d.end(f"r{i}")
-    d.begin("new", [9, 9, 50, 51])
-    assert d.propose("new", 4) == [52, 53, 54, 55]
-    d.end("new")
 
 
 def test_calibrator_cells_are_the_documented_bins():

@@ -1,8 +1,8 @@
 """The real SuffixDecoding behind our Drafter interface (experiments/suffix_decoding_peer.py).
 
 Skipped unless `make suffix-decoding` has built the peer into build/suffix_decoding. The peer is the
-reference: a draft it proposes must be a continuation its own cache would give for the same context,
-and our suffix tree reimplementation (suffix_tree.py) follows the same rule on the local tree."""
+reference: a draft (path or tree) it proposes must be what its own cache speculates for the same
+context."""
 
 import importlib.util
 import pathlib

@@ -1,5 +1,5 @@
 """Model-free drafting for speculative decoding: AgentSAM (suffix automaton + cross-session memory),
-prompt lookup, SuffixDecoding-style suffix trees, and the adaptive on/off switch."""
+prompt lookup, and the adaptive on/off switch."""
 
 from agentinfer_jax.speculation.base import Drafter, UnknownRequestError
 from agentinfer_jax.speculation.calibrator import AcceptanceCalibrator
@@ -7,7 +7,6 @@ from agentinfer_jax.speculation.ngram import PromptLookupDrafter
 from agentinfer_jax.speculation.sam_drafter import SAMDrafter
 from agentinfer_jax.speculation.session_memory import SessionMemory
 from agentinfer_jax.speculation.suffix_automaton import Matcher, SuffixAutomaton
-from agentinfer_jax.speculation.suffix_tree import SuffixTreeDrafter
 
 __all__ = ["Drafter", "UnknownRequestError", "AcceptanceCalibrator", "PromptLookupDrafter", "SAMDrafter",
-           "SessionMemory", "Matcher", "SuffixAutomaton", "SuffixTreeDrafter"]
+           "SessionMemory", "Matcher", "SuffixAutomaton"]
