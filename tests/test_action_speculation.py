@@ -303,12 +303,13 @@ def test_cancelling_a_session_stops_its_speculative_tool_calls():
     class SlowCleanup:
         def __init__(self):
             self.running = 0
+            self.inner = SearchTool(CORPUS)
 
         async def run(self, action, state):
             self.running += 1
             try:
                 await asyncio.sleep(5.0)
-                return SearchTool(CORPUS).execute(action, state)
+                return self.inner.execute(action, state)
             finally:
                 await asyncio.sleep(0.05)  # closing a connection, say
                 self.running -= 1
@@ -333,3 +334,45 @@ def test_cancelling_a_session_stops_its_speculative_tool_calls():
     assert started == 2  # the real Search[Alpha] and the speculative Search[Beta]
     assert still_running == 0 and left == [] and in_flight == 0 and buffered == 0
     assert set(threading.enumerate()) <= threads_before
+
+
+def test_a_second_cancellation_during_cleanup_still_empties_the_buffer_and_stops_the_distiller():
+    """Cancelled again while it closes (a wait_for timeout followed by a shutdown, say), a session
+    used to skip the rest of its cleanup: its buffered results stayed and its distillation ran on."""
+    from agentinfer_jax.agents.compress import MemoryDistiller
+
+    class Tool:
+        inner = SearchTool(CORPUS)
+
+        async def run(self, action, state):
+            try:
+                await asyncio.sleep(0.01 if action.arg in ("Alpha", "Beta") else 5.0)
+                return self.inner.execute(action, state)
+            finally:
+                if action.arg == "Gamma":
+                    await asyncio.sleep(0.05)  # the cleanup the second cancellation lands in
+
+    async def main():
+        client = ScriptedClient({"speculative": [" Search[Beta]"] + [" Search[Gamma]"] * 2,
+                                 "large": ["Action: Search[Alpha]", "Action: Search[Gamma]"], "small": ["[1] x"]},
+                                latency_s=lambda call: 0.0 if call.speculative else 0.02 if call.role == "large" else 30.0)
+        words = lambda text: len(text.split())  # noqa: E731
+        agent = ReActAgent(client, Tool(), features=AgentFeatures(speculate=True, distill_memory=True),
+                           speculation=SpeculationConfig(k=2, aggressive=False), token_counter=words,
+                           distiller_factory=lambda sid: MemoryDistiller(client, threshold_tokens=1, token_counter=words))
+        session = asyncio.create_task(agent.run("q", session_id="s1"))
+        await asyncio.sleep(0.2)  # Beta buffered, the distiller waiting on the small model, Gamma running
+        buffered = agent.buffer.session_size("s1")
+        session.cancel()
+        await asyncio.sleep(0.01)
+        session.cancel()
+        try:
+            await session
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.2)  # what was cancelled has unwound; nothing may still be running
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return buffered, agent.buffer.session_size("s1"), left
+
+    buffered, after, left = asyncio.run(main())
+    assert buffered == 1 and after == 0 and left == []

@@ -218,12 +218,14 @@ class _Session:
         except Exception as e:  # a failing backend ends this session, never the serving loop
             self.metrics.error = f"{type(e).__name__}: {e}"
         finally:
-            if self.speculator is not None:
-                await self.speculator.aclose()
-            if self.distiller is not None:
-                await self.distiller.aclose()
-            self.metrics.wall_s = time.perf_counter() - start
-            self._collect()
+            try:
+                if self.speculator is not None:
+                    await self.speculator.aclose()
+            finally:  # also when a second cancellation interrupts the first close
+                if self.distiller is not None:
+                    await self.distiller.aclose()
+                self.metrics.wall_s = time.perf_counter() - start
+                self._collect()
         return AgentResult(self.question, self.metrics.answer, self.steps, self.messages(), self.metrics)
 
     def _collect(self) -> None:

@@ -230,8 +230,10 @@ class ActionSpeculator:
         tasks = list(self._background)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._buffer.drop_session(self.session_id)
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # emptied even when the wait is cancelled (cancelled tasks put nothing more)
+            self._buffer.drop_session(self.session_id)
 
 
 # ---------------------------------------------------------------------------------------------
