@@ -207,3 +207,19 @@ def test_unusable_native_tool_calls_become_invalid_tool_call_observations():
     assert result.steps[0].observation.startswith("Invalid tool call: cannot run str 'garbage'")
     assert result.steps[1].observation == "Alpha is a town. Alpha has a river." and result.steps[1].tool_call is None
     assert [m["role"] for m in client.calls[-1].messages[2:]] == ["assistant", "user", "assistant", "user"]
+
+
+def test_closing_the_agent_under_a_running_session_is_a_tool_error_not_a_cancellation():
+    """`agent.aclose()` cancels running tool calls; a session waiting on one used to receive the
+    CancelledError as if it had been cancelled itself, and `run` raised it."""
+
+    async def main():
+        agent = ReActAgent(ScriptedClient(["Action: Search[Alpha]", "Action: Finish[x]"]), SearchTool(CORPUS, latency=5.0))
+        session = asyncio.create_task(agent.run("q"))
+        await asyncio.sleep(0.05)
+        await agent.aclose()
+        return await asyncio.wait_for(session, 2.0)
+
+    result = asyncio.run(main())
+    assert result.steps[0].observation == "tool error: Search[Alpha] was cancelled (the action server closed)"
+    assert result.answer == "x" and result.metrics.tool_errors == 1 and result.metrics.error is None
