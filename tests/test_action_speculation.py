@@ -279,3 +279,100 @@ def test_agent_guesses_only_where_the_gate_admits():
         assert min(len(client.calls_on("speculative")), 1) == guesses
         assert result.metrics.speculation["gated_steps"] == (0 if guesses else 2)
         assert result.metrics.buffer_hits == guesses and gate.active == {}
+
+
+def test_buffered_search_miss_does_not_rewind_the_browsing_state():
+    """Step 1 guesses Search[Zeta] (a miss, run with no page open) while the real Search[Alpha] opens
+    Alpha; step 2's real Search[Zeta] must not take the buffered miss's state, or step 3's Lookup
+    finds no page. Speculation must give the same session as no speculation."""
+    script = ["Action: Search[Alpha]", "Action: Search[Zeta]", "Action: Lookup[town]", "Action: Finish[x]"]
+    plain = asyncio.run(ReActAgent(ScriptedClient(list(script)), SearchTool(CORPUS)).run("q"))
+    client = ScriptedClient({"speculative": [" Search[Zeta]"] + [" Search[Gamma]"] * 3, "large": script},
+                            latency_s=lambda call: 0.0 if call.speculative else 0.05)
+    result = asyncio.run(make_agent(client, CountingSearch(), aggressive=False).run("q"))
+    assert [s.observation for s in result.steps] == [s.observation for s in plain.steps]
+    assert result.steps[2].observation == "(Result 1 / 1) Alpha is a town."
+
+
+def test_cancelling_a_session_stops_its_speculative_tool_calls():
+    """Cancelling a session while its real and speculative tool calls run: when the cancellation
+    reaches the caller, every tool call has stopped (before, a tool still cleaning up after its
+    cancellation kept running), nothing of the session is left in the buffer, no thread is added."""
+    threads_before = set(threading.enumerate())
+
+    class SlowCleanup:
+        def __init__(self):
+            self.running = 0
+            self.inner = SearchTool(CORPUS)
+
+        async def run(self, action, state):
+            self.running += 1
+            try:
+                await asyncio.sleep(5.0)
+                return self.inner.execute(action, state)
+            finally:
+                await asyncio.sleep(0.05)  # closing a connection, say
+                self.running -= 1
+
+    async def main():
+        tool = SlowCleanup()
+        client = ScriptedClient({"speculative": [" Search[Beta]"] * 3, "large": ["Action: Search[Alpha]"] * 3},
+                                latency_s=lambda call: 0.0 if call.speculative else 0.02)
+        agent = make_agent(client, tool, aggressive=False)
+        session = asyncio.create_task(agent.run("q", session_id="s1"))
+        await asyncio.sleep(0.2)
+        started = tool.running
+        session.cancel()
+        try:
+            await session
+        except asyncio.CancelledError:
+            pass
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return started, tool.running, left, agent.server.running, agent.buffer.session_size("s1")
+
+    started, still_running, left, in_flight, buffered = asyncio.run(main())
+    assert started == 2  # the real Search[Alpha] and the speculative Search[Beta]
+    assert still_running == 0 and left == [] and in_flight == 0 and buffered == 0
+    assert set(threading.enumerate()) <= threads_before
+
+
+def test_a_second_cancellation_during_cleanup_still_empties_the_buffer_and_stops_the_distiller():
+    """Cancelled again while it closes (a wait_for timeout followed by a shutdown, say), a session
+    used to skip the rest of its cleanup: its buffered results stayed and its distillation ran on."""
+    from agentinfer_jax.agents.compress import MemoryDistiller
+
+    class Tool:
+        inner = SearchTool(CORPUS)
+
+        async def run(self, action, state):
+            try:
+                await asyncio.sleep(0.01 if action.arg in ("Alpha", "Beta") else 5.0)
+                return self.inner.execute(action, state)
+            finally:
+                if action.arg == "Gamma":
+                    await asyncio.sleep(0.05)  # the cleanup the second cancellation lands in
+
+    async def main():
+        client = ScriptedClient({"speculative": [" Search[Beta]"] + [" Search[Gamma]"] * 2,
+                                 "large": ["Action: Search[Alpha]", "Action: Search[Gamma]"], "small": ["[1] x"]},
+                                latency_s=lambda call: 0.0 if call.speculative else 0.02 if call.role == "large" else 30.0)
+        words = lambda text: len(text.split())  # noqa: E731
+        agent = ReActAgent(client, Tool(), features=AgentFeatures(speculate=True, distill_memory=True),
+                           speculation=SpeculationConfig(k=2, aggressive=False), token_counter=words,
+                           distiller_factory=lambda sid: MemoryDistiller(client, threshold_tokens=1, token_counter=words))
+        session = asyncio.create_task(agent.run("q", session_id="s1"))
+        await asyncio.sleep(0.2)  # Beta buffered, the distiller waiting on the small model, Gamma running
+        buffered = agent.buffer.session_size("s1")
+        session.cancel()
+        await asyncio.sleep(0.01)
+        session.cancel()
+        try:
+            await session
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.2)  # what was cancelled has unwound; nothing may still be running
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return buffered, agent.buffer.session_size("s1"), left
+
+    buffered, after, left = asyncio.run(main())
+    assert buffered == 1 and after == 0 and left == []

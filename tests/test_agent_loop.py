@@ -152,3 +152,74 @@ def test_openai_client_sends_session_fields_and_reads_usage():
     assert seen[0]["model"] == "tiny-model" and seen[0]["session_id"] == "sess-1" and seen[0]["priority"] == 3
     assert seen[0]["speculative"] is True and seen[0]["n"] == 2 and seen[0]["stop"] == ["\n"]
     assert seen[1]["model"] == "big-model" and "session_id" not in seen[1] and "speculative" not in seen[1]
+
+
+def test_hung_llm_call_times_out_and_ends_the_session_with_an_error():
+    """A backend that never answers (the in-process EngineClient has no timeout of its own) used
+    to hang the session; with llm_timeout_s it ends within the bound, steps kept, nothing left running."""
+
+    async def main():
+        client = ScriptedClient(["Action: Search[Alpha]", "Action: Finish[x]"],
+                                latency_s=lambda call: 0.0 if len(call.messages) == 2 else 30.0)
+        result = await ReActAgent(client, SearchTool(CORPUS), config=AgentConfig(llm_timeout_s=0.1)).run("q")
+        return result, [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    result, pending = asyncio.run(main())
+    assert result.metrics.error == "ClientError: LLM call timed out after 0.1s"
+    assert result.metrics.wall_s < 2.0 and pending == []
+    assert [s.observation for s in result.steps] == ["Alpha is a town. Alpha has a river."] and not result.metrics.finished
+    with pytest.raises(ValueError, match="llm_timeout_s"):
+        AgentConfig(llm_timeout_s=0)
+
+
+def test_failing_result_filter_keeps_the_unfiltered_observation():
+    """A search-result filter that raises (or times out) used to end the session and lose the
+    tool's observation; the observation now stands unfiltered and the failure is counted."""
+    from agentinfer_jax.agents.compress import SearchResultFilter
+    from agentinfer_jax.agents.loop import AgentFeatures
+
+    class Broken(SearchResultFilter):
+        async def filter(self, question, results, *, session_id=None):
+            raise RuntimeError("ranker down")
+
+    client = ScriptedClient(["Action: Search[river]", "Action: Finish[Beta]"])
+    agent = ReActAgent(client, SearchTool(CORPUS), features=AgentFeatures(filter_results=True), result_filter=Broken())
+    result = asyncio.run(agent.run("Which page is a river?"))
+    assert result.metrics.error is None and result.answer == "Beta" and result.metrics.filter_errors == 1
+    assert result.steps[0].observation.startswith("Could not find river. Similar: [")
+
+
+def test_unusable_native_tool_calls_become_invalid_tool_call_observations():
+    """A tool call that is not a dict crashed the session (AttributeError); one without an id broke
+    the next request's history (KeyError). Both now give a step the model can read."""
+    from agentinfer_jax.agents.clients import Completion
+
+    def reply(*calls):
+        return Completion([""], 1, 1, 0.0, tool_calls=calls)
+
+    client = ScriptedClient([
+        reply("garbage"),
+        reply({"type": "function", "function": {"name": "search", "arguments": '{"entity": "Alpha"}'}}),  # no id
+        reply({"id": "c3", "type": "function", "function": {"name": "finish", "arguments": '{"answer": "x"}'}}),
+    ])
+    result = asyncio.run(ReActAgent(client, SearchTool(CORPUS), config=AgentConfig(native_tools=True)).run("q"))
+    assert result.metrics.error is None and result.answer == "x" and result.metrics.parse_errors == 1
+    assert result.steps[0].observation.startswith("Invalid tool call: cannot run str 'garbage'")
+    assert result.steps[1].observation == "Alpha is a town. Alpha has a river." and result.steps[1].tool_call is None
+    assert [m["role"] for m in client.calls[-1].messages[2:]] == ["assistant", "user", "assistant", "user"]
+
+
+def test_closing_the_agent_under_a_running_session_is_a_tool_error_not_a_cancellation():
+    """`agent.aclose()` cancels running tool calls; a session waiting on one used to receive the
+    CancelledError as if it had been cancelled itself, and `run` raised it."""
+
+    async def main():
+        agent = ReActAgent(ScriptedClient(["Action: Search[Alpha]", "Action: Finish[x]"]), SearchTool(CORPUS, latency=5.0))
+        session = asyncio.create_task(agent.run("q"))
+        await asyncio.sleep(0.05)
+        await agent.aclose()
+        return await asyncio.wait_for(session, 2.0)
+
+    result = asyncio.run(main())
+    assert result.steps[0].observation == "tool error: Search[Alpha] was cancelled (the action server closed)"
+    assert result.answer == "x" and result.metrics.tool_errors == 1 and result.metrics.error is None

@@ -126,3 +126,26 @@ def test_agent_routes_steps_by_progress():
     assert "===PROGRESS===" in client.calls[0].messages[0]["content"]  # the instruction asks for the block
     assert all("===PROGRESS===" not in m["content"] for m in result.messages if m["role"] == "assistant")
     assert result.metrics.prompt_tokens["small"] > 0 and result.metrics.prompt_tokens["large"] > 0
+
+
+def test_progress_block_without_end_marker_keeps_the_action():
+    """A block missing its END marker used to run to the end of the reply, swallowing the Action
+    line after it: the step became "Invalid action". It now stops after its value (or where the
+    Action line begins); its value still counts."""
+    for tail in ("<value>FALSE</value>\n", "<value>FALSE\n", ""):
+        text = f"Thought 2: stuck.\n===PROGRESS===\n<reason>no new facts</reason>\n{tail}Action 2: Lookup[dice]"
+        assert strip_progress(text) == "Thought 2: stuck.\nAction 2: Lookup[dice]"
+        assert parse_progress(text).value is (False if tail else True)
+    # the next block's own END marker does not close an earlier unterminated one
+    two = "===PROGRESS===\n<value>FALSE</value>\nAction: Search[A]\n===PROGRESS===\n<value>TRUE</value>\n===END_PROGRESS==="
+    assert strip_progress(two) == "Action: Search[A]" and parse_progress(two).value is False
+
+    corpus = {"Demon Dice": ["Demon Dice is a dice game by Lester Smith."]}
+    unterminated = "Thought 2: stuck.\n===PROGRESS===\n<reason>no new facts yet</reason>\n<value>FALSE</value>\nAction 2: Lookup[dice]"
+    client = ScriptedClient({"large": [step("TRUE", "Search[Demon Dice]", 1), step("TRUE", "Finish[Lester Smith]", 3)],
+                             "small": [unterminated]})
+    agent = ReActAgent(client, SearchTool(corpus), config=AgentConfig(max_steps=4), features=AgentFeatures(collab=True))
+    result = asyncio.run(agent.run("Who made Demon Dice?"))
+    assert result.steps[1].observation == "(Result 1 / 1) Demon Dice is a dice game by Lester Smith."
+    assert result.metrics.parse_errors == 0 and result.metrics.collab["escalations"] == 1
+    assert [c.role for c in client.calls] == ["large", "small", "large"] and result.answer == "Lester Smith"

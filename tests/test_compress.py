@@ -130,3 +130,45 @@ def test_agent_filters_search_misses_and_distils_history():
     assert last_prompt[3]["content"] == f"Observation 1: {result.steps[0].observation}"
     assert client.calls[1].messages[3]["content"] == f"Observation 1: {original}"
     assert [s.response for s in result.steps] == [o for o in outputs]
+
+
+def test_filter_keeps_results_bm25_cannot_index():
+    """Results with no indexable word (empty, or stop words only) made bm25s raise inside the filter
+    (the session then lost the search's observation); they now rank in search order."""
+    empty = [SearchResult("", ""), SearchResult("the", "of a")]
+    assert asyncio.run(SearchResultFilter(top_n=1).filter("Which river?", empty)) == [empty[0]]
+    assert asyncio.run(SearchResultFilter(top_n=5).filter("Which river?", empty)) == empty
+    llm = SearchResultFilter(top_n=1, use_llm=True, client=ScriptedClient(["no idea"]))  # LLM fallback path
+    assert asyncio.run(llm.filter("Which river?", empty)) == [empty[0]] and llm.llm_fallbacks == 1
+    assert asyncio.run(SearchResultFilter().filter("q", [])) == []
+
+
+def test_distiller_failures_fall_back_or_are_counted_never_lost():
+    """A small model whose reply is not text used to fail the whole distillation task; it now takes
+    the extractive fallback. A distillation that failed after the last poll was dropped without a
+    trace at close; it is now counted."""
+    from agentinfer_jax.agents.clients import Completion
+
+    async def main():
+        rng = random.Random(5)
+        steps = _steps(rng, 2)
+        broken = MemoryDistiller(ScriptedClient([Completion([None], 0, 0, 0.0)]), threshold_tokens=1,
+                                 min_delay_rounds=0, token_counter=words)
+        broken.maybe_start("q", steps, 10)
+        await asyncio.sleep(0.01)
+        applied = broken.poll(steps)
+
+        class Failing(MemoryDistiller):
+            async def _distill(self, question, snapshot, started_round):
+                raise RuntimeError("distiller bug")
+
+        failing = Failing(None, threshold_tokens=1, token_counter=words)
+        failing.maybe_start("q", _steps(rng, 2), 10)
+        await asyncio.sleep(0.01)  # it fails in the background; the session ends before the next poll
+        await failing.aclose()
+        return applied, steps, broken.metrics, failing.metrics
+
+    applied, steps, broken, failing = asyncio.run(main())
+    assert applied and all(s.compressed for s in steps) and broken.llm_fallbacks == 1 and broken.tokens_saved > 0
+    assert broken.distillations_failed == 0
+    assert failing.distillations_started == 1 and failing.distillations_failed == 1

@@ -4,6 +4,7 @@ import asyncio
 import math
 import random
 import re
+import time
 
 import numpy as np
 import pytest
@@ -164,3 +165,104 @@ def test_server_deduplicates_limits_concurrency_and_contains_errors():
         assert slow.stats.timeouts == 1
 
     asyncio.run(main())
+
+
+def test_server_turns_garbage_and_self_cancelling_tools_into_errors():
+    """A tool that returns something other than a ToolOutcome, or raises CancelledError on its own,
+    gives a "tool error" outcome; before, the first crashed the session and the second cancelled it."""
+
+    class Odd:
+        async def run(self, action, state):
+            if action.arg == "str":
+                return "just text"
+            if action.arg == "none":
+                return None
+            if action.arg == "bad":
+                return ToolOutcome(None, state)
+            raise asyncio.CancelledError()  # e.g. its connection pool was closed under it
+
+    async def main():
+        server = ActionServer(Odd())
+        outs = {a: await server.execute(Action("search", a), ToolState()) for a in ("str", "none", "bad", "cancel")}
+        return outs, server.stats.errors
+
+    outs, errors = asyncio.run(main())
+    assert all(not o.ok and o.observation.startswith("tool error: ") for o in outs.values())
+    assert "returned str" in outs["str"].observation and "returned NoneType" in outs["none"].observation
+    assert "malformed" in outs["bad"].observation and "cancelled itself" in outs["cancel"].observation
+    assert errors == 4
+
+
+def test_timeout_holds_for_a_tool_that_ignores_cancellation():
+    """wait_for waited for a tool that swallowed its cancellation and then returned its late result;
+    the server now answers at timeout + grace and cancels the straggler again on aclose."""
+
+    class Stubborn:
+        def __init__(self):
+            self.finished = False
+
+        async def run(self, action, state):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass  # swallows the first cancellation...
+            try:
+                await asyncio.sleep(10)
+                return ToolOutcome("late", state)
+            finally:
+                self.finished = True  # ...but not the second one
+
+    async def main():
+        tool = Stubborn()
+        server = ActionServer(tool, timeout_s=0.05, cancel_grace_s=0.05)
+        start = time.perf_counter()
+        out = await server.execute(Action("search", "x"), ToolState())
+        elapsed = time.perf_counter() - start
+        stats, finished_before = server.stats, tool.finished
+        await server.aclose()
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return out, elapsed, stats, finished_before, tool.finished, left
+
+    out, elapsed, stats, finished_before, finished_after, left = asyncio.run(main())
+    assert not out.ok and "timed out after 0.05s" in out.observation and elapsed < 1.0
+    assert stats.timeouts == 1 and stats.abandoned == 1
+    assert not finished_before and finished_after and left == []
+
+
+def test_caller_never_joins_an_execution_being_cancelled():
+    """The last waiter of a speculative execution leaves (its session ended); a real call of the same
+    action arriving before the cancellation lands used to join it and raise CancelledError."""
+
+    async def main():
+        tool = CountingTool(delay=0.05)
+        server = ActionServer(tool)
+        spec = asyncio.create_task(server.execute(Action("search", "A"), ToolState(), speculative=True))
+        await asyncio.sleep(0.01)
+        spec.cancel()
+        await asyncio.sleep(0)  # the waiter has left and cancelled the execution, which is still unwinding
+        out = await server.execute(Action("search", "A"), ToolState())
+        return out, len(tool.calls), server.running
+
+    out, calls, running = asyncio.run(main())
+    assert out.ok and out.observation == "obs A" and calls == 2 and running == 0
+
+
+def test_shared_search_miss_keeps_each_callers_own_state():
+    """Search keys ignore the state, but a miss leaves the state where it ran: a caller in another
+    state that joins it must not be moved to the other caller's page."""
+
+    async def main():
+        tool = SearchTool({"Alpha": ["Alpha is a town."], "Beta": ["Beta is a river."]}, latency=0.02)
+        server = ActionServer(tool)
+        on_alpha, on_beta = ToolState(page="Alpha"), ToolState(page="Beta", keyword="river", cursor=1)
+        a, b = await asyncio.gather(server.execute(Action("search", "Zeta"), on_alpha),
+                                    server.execute(Action("search", "Zeta"), on_beta))
+        hit_a, hit_b = await asyncio.gather(server.execute(Action("search", "Beta"), on_alpha),
+                                            server.execute(Action("search", "Beta"), on_beta))
+        return a, b, hit_a, hit_b, tool.invocations, server.stats
+
+    a, b, hit_a, hit_b, invocations, stats = asyncio.run(main())
+    assert a.observation == b.observation and a.observation.startswith("Could not find Zeta")
+    assert a.state == ToolState(page="Alpha") and b.state == ToolState(page="Beta", keyword="river", cursor=1)
+    assert hit_a.state == hit_b.state == ToolState(page="Beta")  # a hit opens its page wherever it ran: shared
+    assert invocations == 3 and stats.retried_in_other_state == 1 and stats.deduplicated == 2

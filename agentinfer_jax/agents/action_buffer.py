@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+from collections.abc import Callable
 
 from agentinfer_jax.agents.tools import ToolOutcome
 
@@ -63,11 +64,15 @@ class ActionBuffer:
             self._puts += 1
         return True
 
-    def get(self, session_id: str, key: str) -> ToolOutcome | None:
-        """The stored outcome (counted as a hit) or None (a miss)."""
+    def get(self, session_id: str, key: str,
+            usable: Callable[[ToolOutcome], bool] | None = None) -> ToolOutcome | None:
+        """The stored outcome (counted as a hit) or None (a miss). An entry that `usable` rejects
+        (e.g. one run in another browsing state) is a miss and stays stored."""
         with self._lock:
             entries = self._sessions.get(session_id)
             outcome = entries.get(key) if entries is not None else None
+            if outcome is not None and usable is not None and not usable(outcome):
+                outcome = None
             if outcome is None:
                 self._misses += 1
                 return None
@@ -75,6 +80,11 @@ class ActionBuffer:
             self._sessions.move_to_end(session_id)
             self._hits += 1
             return outcome
+
+    def peek(self, session_id: str, key: str) -> ToolOutcome | None:
+        """The stored outcome, without counting a lookup or refreshing its recency."""
+        with self._lock:
+            return self._sessions.get(session_id, {}).get(key)
 
     def __contains__(self, item: tuple[str, str]) -> bool:
         session_id, key = item

@@ -28,7 +28,12 @@ and write exactly this block (reason in 10-20 words, value TRUE or FALSE):
 <value>TRUE</value>
 ===END_PROGRESS==="""
 
-_BLOCK = re.compile(r"=+\s*PROGRESS\s*=+(.*?)(?:=+\s*END[_ ]?PROGRESS\s*=+|$)", re.IGNORECASE | re.DOTALL)
+_START = re.compile(r"=+\s*PROGRESS\s*=+", re.IGNORECASE)
+_END = re.compile(r"=+\s*END[_ ]?PROGRESS\s*=+", re.IGNORECASE)
+# Where a block without its END marker stops: after its value tag, or where the step's Action (or
+# a new Thought) line begins; never at the end of the reply, which would swallow the action.
+_OPEN_END = re.compile(r"(?P<label>^[ \t]*\**[ \t]*(?:action|thought)\b)|<\s*value\s*>[^<\n]*(?:<\s*/\s*value\s*>)?",
+                       re.IGNORECASE | re.MULTILINE)
 _VALUE = re.compile(r"<\s*value\s*>\s*(\w+)\s*(?:<\s*/\s*value\s*>)?", re.IGNORECASE)
 _REASON = re.compile(r"<\s*reason\s*>(.*?)(?:<\s*/\s*reason\s*>|<\s*value|$)", re.IGNORECASE | re.DOTALL)
 _TRUE = {"true", "yes", "1"}
@@ -44,15 +49,35 @@ class ProgressSignal:
     parsed: bool
 
 
+def _blocks(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, body) of each PROGRESS block, in order."""
+    blocks = []
+    pos = 0
+    while (start := _START.search(text, pos)) is not None:
+        following = _START.search(text, start.end())
+        limit = following.start() if following is not None else len(text)
+        end = _END.search(text, start.end(), limit)
+        if end is not None:
+            blocks.append((start.start(), end.end(), text[start.end():end.start()]))
+            pos = end.end()
+            continue
+        cut = _OPEN_END.search(text, start.end(), limit)
+        stop = limit if cut is None else cut.start() if cut.group("label") else cut.end()
+        blocks.append((start.start(), stop, text[start.end():stop]))
+        pos = max(stop, start.end())
+    return blocks
+
+
 def parse_progress(text: object, default: bool = True) -> ProgressSignal:
     """Reads the PROGRESS block; a missing block or unreadable value gives `default` (never raises)."""
     raw = text if isinstance(text, str) else ""
-    block = _BLOCK.search(raw)
-    if block is None:
+    blocks = _blocks(raw)
+    if not blocks:
         return ProgressSignal(default, "", False)
-    reason_match = _REASON.search(block.group(1))
+    body = blocks[0][2]
+    reason_match = _REASON.search(body)
     reason = re.sub(r"\s+", " ", reason_match.group(1)).strip() if reason_match else ""
-    value_match = _VALUE.search(block.group(1))
+    value_match = _VALUE.search(body)
     word = value_match.group(1).lower() if value_match else ""
     if word in _TRUE:
         return ProgressSignal(True, reason, True)
@@ -63,7 +88,11 @@ def parse_progress(text: object, default: bool = True) -> ProgressSignal:
 
 def strip_progress(text: str) -> str:
     """The response without its PROGRESS block (what the history keeps and the action parser reads)."""
-    marked = _BLOCK.sub("\x00", text)
+    marked, pos = [], 0
+    for start, end, _ in _blocks(text):
+        marked += [text[pos:start], "\x00"]
+        pos = end
+    marked = "".join([*marked, text[pos:]])
     return re.sub(r"\s*\x00\s*", "\n", marked).strip()
 
 

@@ -16,6 +16,8 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from agentinfer_jax.agents.clients import LLMClient, TokenCounter, builtin_token_counter
 from agentinfer_jax.agents.react import StepRecord
 from agentinfer_jax.agents.tools import Bm25Index, SearchResult
@@ -53,7 +55,11 @@ class SearchResultFilter:
 
     def rank_bm25(self, question: str, results: Sequence[SearchResult]) -> list[tuple[SearchResult, float]]:
         """(result, score) best first; ties keep the search's order."""
-        scores = Bm25Index([f"{r.title} {r.snippet}" for r in results]).scores(question)
+        try:
+            with np.errstate(invalid="ignore", divide="ignore"):  # bm25s divides by a zero mean length first
+                scores = Bm25Index([f"{r.title} {r.snippet}" for r in results]).scores(question)
+        except ValueError:  # bm25s cannot index results with no word at all (empty or stop words only)
+            scores = [0.0] * len(results)
         order = sorted(range(len(results)), key=lambda i: (-scores[i], i))
         return [(results[i], float(scores[i])) for i in order]
 
@@ -229,6 +235,9 @@ class MemoryDistiller:
                 temperature=0.0,
                 session_id=self._session_id,
             )
+            reply = completion.text
+            if not isinstance(reply, str):  # a broken reply falls back like a failed call, not a failed task
+                raise TypeError(f"the small model's reply is {type(reply).__name__}, not text")
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -236,7 +245,7 @@ class MemoryDistiller:
             return _Distillation(started_round, tuple(fallback))
         compressed = list(fallback)
         found = 0
-        for m in self._ITEM.finditer(completion.text):
+        for m in self._ITEM.finditer(reply):
             i = int(m.group(1)) - 1
             if 0 <= i < len(snapshot) and not snapshot[i].compressed:
                 compressed[i] = m.group(2)
@@ -246,8 +255,13 @@ class MemoryDistiller:
         return _Distillation(started_round, tuple(compressed))
 
     async def aclose(self) -> None:
-        """Cancels a running distillation (no task outlives its session)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
+        """Cancels a running distillation (no task outlives its session); one that failed after the
+        last poll is counted in `distillations_failed` (and its exception retrieved, not logged at GC)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        elif not task.cancelled() and task.exception() is not None:
+            self.metrics.distillations_failed += 1

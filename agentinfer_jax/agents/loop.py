@@ -4,12 +4,15 @@ One `ReActAgent` serves many sessions concurrently (`run` keeps all per-session 
 sessions share its ActionServer (concurrency limit, de-duplication) and ActionBuffer. Each
 technique is a feature flag. Nothing a model or tool does makes `run` raise: malformed output
 becomes an "Invalid action" observation, tool failures and timeouts become "tool error"
-observations, and a failing LLM backend ends the session with `metrics.error` set. Every
-background task of a session is cancelled before `run` returns.
+observations, and a failing LLM backend ends the session with `metrics.error` set (as does an
+LLM call past `AgentConfig.llm_timeout_s`, when set). A failing search-result filter leaves the
+observation unfiltered (`metrics.filter_errors`). Every background task of a session is cancelled
+before `run` returns.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import json
@@ -19,7 +22,7 @@ from typing import Any, TypeVar
 
 from agentinfer_jax.agents.action_buffer import ActionBuffer
 from agentinfer_jax.agents.action_server import ActionServer
-from agentinfer_jax.agents.clients import Completion, LLMClient, TokenCounter, builtin_token_counter, count_message_tokens
+from agentinfer_jax.agents.clients import ClientError, Completion, LLMClient, TokenCounter, builtin_token_counter, count_message_tokens
 from agentinfer_jax.agents.collab import PROGRESS_INSTRUCTION, CollabController, strip_progress
 from agentinfer_jax.agents.compress import MemoryDistiller, SearchResultFilter
 from agentinfer_jax.agents.react import (REACT_TOOLS, Action, StepRecord, action_from_tool_call, build_messages,
@@ -51,10 +54,15 @@ class AgentConfig:
     stop: tuple[str, ...] = ("\nObservation",)
     priority: int = 0
     native_tools: bool = False  # OpenAI tool calling (REACT_TOOLS) instead of Thought/Action text
+    # bound on each LLM call the session waits for (reasoning, aggressive guesses, result filter);
+    # None: the client's own (OpenAIClient has one, the in-process EngineClient has none)
+    llm_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.max_tokens < 1:
             raise ValueError("max_steps and max_tokens must be >= 1")
+        if self.llm_timeout_s is not None and not self.llm_timeout_s > 0:
+            raise ValueError(f"llm_timeout_s must be > 0 or None, got {self.llm_timeout_s}")
         if self.role not in ("large", "small"):
             raise ValueError(f"role must be 'large' or 'small', got {self.role!r}")
 
@@ -74,6 +82,7 @@ class SessionMetrics:
     cached_tokens: int = 0
     parse_errors: int = 0
     tool_errors: int = 0
+    filter_errors: int = 0  # search-result filter failures (the observation stayed unfiltered)
     buffer_hits: int = 0
     skipped_reasoning_calls: int = 0
     finished: bool = False
@@ -175,8 +184,14 @@ class _Session:
 
     async def _timed(self, awaitable: Awaitable[T], kind: str) -> T:
         start = time.perf_counter()
+        limit = self.cfg.llm_timeout_s if kind == "llm" else None
         try:
-            return await awaitable
+            async with asyncio.timeout(limit) as deadline:
+                return await awaitable
+        except TimeoutError as e:
+            if deadline.expired():  # ours, not one the client raised
+                raise ClientError(f"LLM call timed out after {limit:g}s") from e
+            raise
         finally:
             elapsed = time.perf_counter() - start
             if kind == "llm":
@@ -203,12 +218,14 @@ class _Session:
         except Exception as e:  # a failing backend ends this session, never the serving loop
             self.metrics.error = f"{type(e).__name__}: {e}"
         finally:
-            if self.speculator is not None:
-                await self.speculator.aclose()
-            if self.distiller is not None:
-                await self.distiller.aclose()
-            self.metrics.wall_s = time.perf_counter() - start
-            self._collect()
+            try:
+                if self.speculator is not None:
+                    await self.speculator.aclose()
+            finally:  # also when a second cancellation interrupts the first close
+                if self.distiller is not None:
+                    await self.distiller.aclose()
+                self.metrics.wall_s = time.perf_counter() - start
+                self._collect()
         return AgentResult(self.question, self.metrics.answer, self.steps, self.messages(), self.metrics)
 
     def _collect(self) -> None:
@@ -280,16 +297,16 @@ class _Session:
         action = action_from_tool_call(call) if call is not None else None
         if action is None:
             self.metrics.parse_errors += 1
-            error = "no tool call" if call is None else f"cannot run {json.dumps(call.get('function'))}"
+            error = "no tool call" if call is None else f"cannot run {_describe_call(call)}"
             self.steps.append(StepRecord(response or "(no output)", INVALID_TOOL_CALL.format(error=error),
-                                         tool_call=call))
+                                         tool_call=_replayable_call(call)))
             return False
         if action.kind == "finish":
             self.metrics.finished, self.metrics.answer = True, action.arg
-            self.steps.append(StepRecord(response, "Episode finished.", action, tool_call=call))
+            self.steps.append(StepRecord(response, "Episode finished.", action, tool_call=_replayable_call(call)))
             return True
         outcome = await self._timed(self._execute(action), "tool")
-        await self._observe(response, action, outcome, tool_call=call)
+        await self._observe(response, action, outcome, tool_call=_replayable_call(call))
         return False
 
     async def _aggressive(self, messages: list[dict[str, str]], role: str, index: int) -> Action | None:
@@ -342,11 +359,27 @@ class _Session:
         else:
             self.state = outcome.state
             if self.agent._filter is not None and outcome.results:
-                kept = await self._timed(
-                    self.agent._filter.filter(self.question, outcome.results, session_id=self.id), "llm"
-                )
-                observation = render_results(outcome.query, kept)
+                try:
+                    kept = await self._timed(
+                        self.agent._filter.filter(self.question, outcome.results, session_id=self.id), "llm"
+                    )
+                    observation = render_results(outcome.query, kept)
+                except Exception:  # the filter is an optimisation: the tool's own observation stands
+                    self.metrics.filter_errors += 1
         self.steps.append(StepRecord(response, observation, action, tool_call=tool_call))
         if self.distiller is not None:
             counter = self.agent._count or builtin_token_counter()
             self.distiller.maybe_start(self.question, self.steps, count_message_tokens(self.messages(), counter))
+
+
+def _describe_call(call: object) -> str:
+    """A model's unusable tool call, for its error observation (it may not even be a dict)."""
+    if isinstance(call, dict):
+        return json.dumps(call.get("function"), default=str)[:500]
+    return f"{type(call).__name__} {call!r}"[:500]
+
+
+def _replayable_call(call: object) -> dict[str, Any] | None:
+    """The call as the history sends it back (assistant tool_calls + a tool message with its id), or
+    None when it has no id to answer to: the step is then kept as plain text and a user note."""
+    return call if isinstance(call, dict) and isinstance(call.get("id"), str) else None

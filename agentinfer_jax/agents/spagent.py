@@ -30,7 +30,7 @@ from agentinfer_jax.agents.action_buffer import ActionBuffer
 from agentinfer_jax.agents.action_server import ActionServer
 from agentinfer_jax.agents.clients import Completion, LLMClient, Message
 from agentinfer_jax.agents.react import Action, normalize_action_key, parse_step
-from agentinfer_jax.agents.tools import ToolOutcome, ToolState, action_cache_key
+from agentinfer_jax.agents.tools import ToolOutcome, ToolState, action_cache_key, reusable_in
 
 CANDIDATE_INSTRUCTION = """\
 Guess the next action directly, without a thought. Write one line `Action: Search[...]`,
@@ -201,7 +201,8 @@ class ActionSpeculator:
 
     async def _execute_into_buffer(self, action: Action, state: ToolState) -> None:
         key = action_cache_key(action, state)
-        if (self.session_id, key) in self._buffer:
+        stored = self._buffer.peek(self.session_id, key)
+        if stored is not None and reusable_in(stored, state):
             return
         self.metrics.speculative_executions += 1
         outcome = await self._server.execute(action, state, speculative=True)
@@ -213,7 +214,8 @@ class ActionSpeculator:
         """The real action's outcome and whether speculation served it: from the buffer, or by joining
         its still-running speculative execution (True); else executed now (False)."""
         key = action_cache_key(action, state)
-        cached = self._buffer.get(self.session_id, key)
+        # an entry speculated in another browsing state may not carry over to this one (a search miss)
+        cached = self._buffer.get(self.session_id, key, usable=lambda o: reusable_in(o, state))
         if cached is not None:
             self.metrics.buffer_hits += 1
             return cached, True
@@ -228,8 +230,10 @@ class ActionSpeculator:
         tasks = list(self._background)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._buffer.drop_session(self.session_id)
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # emptied even when the wait is cancelled (cancelled tasks put nothing more)
+            self._buffer.drop_session(self.session_id)
 
 
 # ---------------------------------------------------------------------------------------------

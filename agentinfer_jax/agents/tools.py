@@ -69,6 +69,8 @@ class ToolOutcome:
     answer: str | None = None
     results: tuple[SearchResult, ...] = ()
     query: str = ""
+    # the state it was executed in (set by the ActionServer; None = unknown), see `reusable_in`
+    from_state: ToolState | None = None
 
 
 def tool_error(message: str, state: ToolState, latency_s: float = 0.0) -> ToolOutcome:
@@ -79,6 +81,16 @@ def action_cache_key(action: Action, state: ToolState) -> str:
     """Equal keys give equal outcomes: Search and Finish ignore the state, Lookup depends on it."""
     key = normalize_action_key(action)
     return f"{key}@{state.key}" if action.kind == "lookup" else key
+
+
+def reusable_in(outcome: ToolOutcome, state: ToolState) -> bool:
+    """Whether an outcome shared under a state-free key (Search) may stand for the same action in `state`.
+
+    A search that opened a page leads to that page wherever it ran; one that missed keeps the state
+    it ran in, which would send a session in another state back there. So an outcome that left its
+    state unchanged is reused only in that same state.
+    """
+    return outcome.from_state is None or outcome.from_state == state or outcome.state != outcome.from_state
 
 
 class ToolEnvironment(Protocol):
