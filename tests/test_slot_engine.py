@@ -148,6 +148,18 @@ def test_bad_calls_raise_and_leak_nothing(engine):
         engine.prefill([1] * EC.max_model_len)
     with pytest.raises(ValueError, match="non-empty"):
         engine.prefill([])
+    # The slot interface samples plainly: what it cannot honour is refused, never ignored.
+    from agentinfer_jax.sampling_params import InvalidRequestError, StructuredOutput
+    for sp, what in [(SamplingParams(logprobs=2), "logprobs"), (SamplingParams(frequency_penalty=0.5), "penalties"),
+                     (SamplingParams(presence_penalty=-0.5), "penalties"),
+                     (SamplingParams(logit_bias=((3, 5.0),)), "penalties"),
+                     (SamplingParams(structured=StructuredOutput("json_object")), "structured"),
+                     (SamplingParams(n=2), "n")]:
+        with pytest.raises(ValueError, match=f"does not support {what}"):
+            engine.prefill([1, 2, 3], sampling=sp)
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        engine.prefill([1, 2, 3], sampling=SamplingParams(top_p=0.0))
+    assert engine.num_free_pages == free_before
     a = engine.prefill([1, 2, 3])
     with pytest.raises(ValueError, match="not a prefix"):
         engine.prefill([1, 5, 3, 4], existing_prefix=a)
