@@ -56,6 +56,9 @@ def test_greedy_tokens_pick_the_first_maximum_like_numpy():
     np.testing.assert_array_equal(jax.jit(greedy_tokens)(jnp.asarray(logits)), np.argmax(logits, -1))
     np.testing.assert_array_equal(greedy_tokens(jnp.asarray(logits.reshape(4, 10, 4096))),
                                   np.argmax(logits.reshape(4, 10, 4096), -1))
+    # A row of NaNs (a diverged model) matches no maximum: the documented last id, never out of range.
+    nan_rows = np.full((2, 4096), np.nan, np.float32)
+    np.testing.assert_array_equal(jax.jit(greedy_tokens)(jnp.asarray(nan_rows)), [4095, 4095])
 
 
 def test_greedy_verify_keeps_longest_agreeing_prefix():
