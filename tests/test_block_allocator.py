@@ -222,3 +222,13 @@ def test_pool_in_place_updates_follow_the_model(seed):
                 np.testing.assert_array_equal(x, y)
         model.assert_matches(pool.state)
         assert pool.num_free + pool.num_used == nb - 1
+
+
+def test_a_mask_of_another_shape_than_the_ids_is_refused_on_both_backends():
+    s = ba.init(8)
+    s, ids, _ = ba.allocate(s, 3, max_n=3)
+    for fn in (ba.release, ba.incref):
+        with pytest.raises(ValueError, match="valid_mask"):
+            fn(s, list(ids), [True, False])
+        with pytest.raises(ValueError, match="valid_mask"):
+            fn(jax.tree.map(jnp.asarray, s), jnp.asarray(ids), jnp.asarray([True, False]))
