@@ -255,3 +255,31 @@ def test_seeded_cells_price_every_step_the_switch_asks_about(max_batch, max_k, m
             assert cost(b, t) == truth[bucket(b), bucket(t)], (b, t)
     cost.record(1, 1, 0.5)  # served: with the seed, the median of two samples moves
     assert cost(1, 1) == pytest.approx((truth[1, 1] + 0.5) / 2)
+
+
+def test_step_cost_table_against_piecewise_linear_reference():
+    """Random tables against np.interp inside the measured tokens and the end segments' slopes
+    outside (a one-point curve: flat below its tokens, proportional above); batch sizes snap to
+    the nearest measured one at or above, else the largest."""
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        batches = sorted(rng.choice(np.arange(1, 65), size=int(rng.integers(1, 4)), replace=False).tolist())
+        curves = {}
+        for b in batches:
+            toks = sorted(rng.choice(np.arange(1, 300), size=int(rng.integers(1, 5)), replace=False).tolist())
+            curves[b] = {t: float(c) for t, c in zip(toks, np.sort(rng.uniform(1e-3, 9e-3, len(toks))))}
+        table = StepCostTable(curves)
+        for _ in range(20):
+            b, t = int(rng.integers(1, 80)), int(rng.integers(0, 400))
+            snap = next((x for x in batches if x >= b), batches[-1])
+            xs = sorted(curves[snap])
+            ys = [curves[snap][x] for x in xs]
+            if len(xs) == 1:
+                want = ys[0] * t / xs[0] if t > xs[0] else ys[0]
+            elif t < xs[0]:
+                want = ys[0] + (ys[1] - ys[0]) / (xs[1] - xs[0]) * (t - xs[0])
+            elif t > xs[-1]:
+                want = ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (t - xs[-1])
+            else:
+                want = float(np.interp(t, xs, ys))
+            assert table(b, t) == pytest.approx(max(want, 1e-12), rel=1e-9, abs=1e-15), (curves, b, t)

@@ -171,3 +171,64 @@ def test_pool_counts_fork_and_exhaustion():
     snapshot = pool.state
     pool.release([a[1]])
     assert int(snapshot.refcounts[a[1]]) == 2  # `state` is a copy, not a view
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pool_in_place_updates_follow_the_model(seed):
+    """BlockPool updates its arrays in place and checks ids on its own paths (a scalar loop up to
+    16 ids, vectorised beyond): random valid operations, short and long id lists with repeats up to
+    each block's references, against the model; over-releases are refused and change nothing."""
+    rng = random.Random(seed)
+    nb = 24
+    pool, model = BlockPool(nb), ModelAllocator(nb)
+
+    def in_use():
+        return [b for b in range(1, nb) if model.refs[b] > 0]
+
+    def some_refs(length):
+        """Up to `length` entries naming in-use blocks, no block more often than it is referenced."""
+        left = {b: model.refs[b] for b in in_use()}
+        out = []
+        while left and len(out) < length:
+            b = rng.choice(sorted(left))
+            out.append(b)
+            left[b] -= 1
+            if not left[b]:
+                del left[b]
+        return out
+
+    for _ in range(300):
+        op = rng.choice(["alloc", "alloc", "release", "incref", "fork", "over"])
+        length = rng.choice([3, 16, 17, 40])
+        if op == "alloc":
+            n = rng.randrange(0, 6)
+            want, ok = model.allocate(n, n)
+            assert pool.allocate(n) == (want if ok else None)
+        elif op in ("release", "incref") and in_use():
+            ids = some_refs(length) if op == "release" else [rng.choice(in_use()) for _ in range(length)]
+            getattr(model, op)(ids)
+            getattr(pool, op)(ids)
+        elif op == "fork" and in_use():
+            b = rng.choice(in_use())
+            new, copy, ok = model.fork(b)
+            assert pool.fork(b) == ((int(new), copy) if ok else None)
+        elif op == "over" and in_use():
+            b = rng.choice(in_use())
+            ids = some_refs(length) + [b] * (model.refs[b] + 1)
+            before = pool.state
+            with pytest.raises(ValueError, match="released"):
+                pool.release(ids)
+            for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(pool.state)):
+                np.testing.assert_array_equal(x, y)
+        model.assert_matches(pool.state)
+        assert pool.num_free + pool.num_used == nb - 1
+
+
+def test_a_mask_of_another_shape_than_the_ids_is_refused_on_both_backends():
+    s = ba.init(8)
+    s, ids, _ = ba.allocate(s, 3, max_n=3)
+    for fn in (ba.release, ba.incref):
+        with pytest.raises(ValueError, match="valid_mask"):
+            fn(s, list(ids), [True, False])
+        with pytest.raises(ValueError, match="valid_mask"):
+            fn(jax.tree.map(jnp.asarray, s), jnp.asarray(ids), jnp.asarray([True, False]))

@@ -17,6 +17,7 @@ import pytest
 
 from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.engine.engine import Engine, EngineConfig
+from agentinfer_jax.engine.step_batch import StepBatch
 from agentinfer_jax.model.config import ModelConfig
 from agentinfer_jax.model.transformer import generate, init_model
 from agentinfer_jax.serving.request import Request, SamplingParams
@@ -357,3 +358,43 @@ def test_timed_steps_leave_live_requests_untouched(model, requests, reference):
     subset = [i for i in range(16) if len(requests[i][0]) + requests[i][1] <= 64][:6]
     out, _, _ = run(model, requests, subset=subset, ec=ec, engine=engine, blocks=24)
     assert out == [reference[i] for i in subset]
+
+
+def test_step_records_never_overlap_and_describe_their_steps(model, requests, reference):
+    """`record_steps` feeds the projection's timelines, which need the documented invariant that
+    records never overlap, also when the loop dispatches a step before the last one's result is
+    in; each record describes its step as the cost model's StepFeatures do."""
+    from agentinfer_jax.serving.loop import ServingLoop
+    from agentinfer_jax.workloads.cost_model import StepFeatures
+    from agentinfer_jax.workloads.projection import StepTimeline, TimedStep
+
+    engine = Engine(model, EC, record_steps=True)
+    collected = []
+    real_collect = engine.collect
+
+    def collect(pending):  # records are appended as steps are collected, in dispatch order
+        collected.append(StepBatch(list(pending.seqs)))
+        return real_collect(pending)
+
+    engine.collect = collect
+    pool = BlockPool(64)
+    sched = Scheduler(EC.scheduler_config(CFG), pool, PrefixCache(8, pool))
+    loop = ServingLoop(sched, engine, overlap=True)
+    subset = [0, 1, 2, 3, 4, 5]
+    reqs = [Request(f"r{i}", requests[i][0], SamplingParams(max_tokens=requests[i][1])) for i in subset]
+    for r in reqs:
+        loop.submit(r)
+    loop.run_until_idle()
+    assert [r.output_tokens for r in reqs] == [reference[i] for i in subset]
+    assert engine.num_fed_on_device > 0  # steps were planned ahead
+    recs = engine.steps
+    assert len(recs) == len(collected) > 5
+    for prev, rec in zip(recs, recs[1:]):
+        assert rec.start_s >= prev.end_s
+    for rec, batch in zip(recs, collected):
+        f = StepFeatures.from_scheduler_output(batch)
+        assert (rec.prefill_tokens, rec.decode_tokens, rec.num_seqs, rec.context_tokens, rec.attended_pairs) == (
+            f.prefill_tokens, f.decode_tokens, f.num_seqs, f.kv_read_tokens, f.attn_ctx_tokens)
+        assert rec.padded_tokens in engine.token_buckets and rec.padded_tokens >= batch.num_tokens
+        assert rec.start_s <= rec.end_s and 0 < rec.seconds <= rec.end_s - rec.start_s + 1e-9
+    StepTimeline([TimedStep(r.start_s, r.end_s, StepFeatures()) for r in recs], lambda f: 0.0)

@@ -233,6 +233,14 @@ def _good():
     (lambda a: a.__setitem__(3, a[3].astype(jnp.int16)), "kv_lens must be int32"),
     (lambda a: a.__setitem__(0, a[0][:, :3]), "multiple of num_kv_heads"),
     (lambda a: a.__setitem__(2, a[2][:, :-1]), "differ in shape"),
+    (lambda a: a.__setitem__(2, a[2].astype(jnp.bfloat16)), "differ in dtype"),
+    (lambda a: a.__setitem__(0, a[0][..., :32]), "head_dim"),
+    (lambda a: a.__setitem__(6, jnp.int32(4)), "outside"),  # num_seqs past the 3 sequence slots
+    (lambda a: a.__setitem__(6, jnp.int32(-1)), "outside"),
+    (lambda a: a.__setitem__(5, a[5] + 1), "must be 0"),
+    # kv_len 17 needs 3 pages of 8 but the table has 2 columns: a read past the table.
+    (lambda a: (a.__setitem__(3, a[3].at[1].set(17)), a.__setitem__(4, a[4][:, :2])), "needs 3 pages"),
+    (lambda a: a.__setitem__(6, jnp.asarray([2, 2], jnp.int32)), "scalar"),
 ])
 def test_bad_input_raises_value_error(mutate, match):
     args = list(_good().args())

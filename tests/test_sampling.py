@@ -56,6 +56,9 @@ def test_greedy_tokens_pick_the_first_maximum_like_numpy():
     np.testing.assert_array_equal(jax.jit(greedy_tokens)(jnp.asarray(logits)), np.argmax(logits, -1))
     np.testing.assert_array_equal(greedy_tokens(jnp.asarray(logits.reshape(4, 10, 4096))),
                                   np.argmax(logits.reshape(4, 10, 4096), -1))
+    # A row of NaNs (a diverged model) matches no maximum: the documented last id, never out of range.
+    nan_rows = np.full((2, 4096), np.nan, np.float32)
+    np.testing.assert_array_equal(jax.jit(greedy_tokens)(jnp.asarray(nan_rows)), [4095, 4095])
 
 
 def test_greedy_verify_keeps_longest_agreeing_prefix():
@@ -87,15 +90,76 @@ def test_rejection_sampling_preserves_target_distribution():
         np.testing.assert_allclose(freq, np.exp(np.asarray(logits)), atol=0.015)
 
 
+def test_verified_tokens_follow_the_filtered_target_at_every_position():
+    """Two drafts under temperature and top-k: the first token follows row 0's filtered
+    distribution, the token after an accepted draft row 1's, the bonus token after both row 2's
+    (each row its own distribution), against np_filtered_probs in float64."""
+    v, n, t, k = 7, 30000, 0.7, 4
+    rng = np.random.default_rng(9)
+    rows = rng.normal(size=(3, v)) * 1.5
+    drafts = (int(np.argsort(-rows[0])[1]), int(np.argsort(-rows[1])[0]))  # likely, not certain
+    lg = jnp.broadcast_to(jnp.asarray(rows, jnp.float32), (n, 3, v))
+    toks, num_new = verify(lg, jnp.broadcast_to(jnp.asarray(drafts, jnp.int32), (n, 2)), jnp.full(n, 2, jnp.int32),
+                           arrays(n, t=t, k=k, seed0=11), jnp.zeros(n, jnp.int32))
+    toks, num_new = np.asarray(toks), np.asarray(num_new)
+    want = [np_filtered_probs(r, t, k, 1.0) for r in rows]
+    np.testing.assert_allclose(np.bincount(toks[:, 0], minlength=v) / n, want[0], atol=0.015)
+    first_ok = toks[:, 0] == drafts[0]
+    np.testing.assert_array_equal(num_new == 1, ~first_ok)  # one token exactly when draft 0 is rejected
+    second = toks[first_ok, 1]
+    np.testing.assert_allclose(np.bincount(second, minlength=v) / len(second), want[1], atol=0.02)
+    both = first_ok & (toks[:, 1] == drafts[1])
+    np.testing.assert_array_equal(num_new[first_ok] == 3, both[first_ok])
+    bonus = toks[both, 2]
+    assert len(bonus) > 2000
+    np.testing.assert_allclose(np.bincount(bonus, minlength=v) / len(bonus), want[2], atol=0.03)
+
+
 def test_sampling_is_a_function_of_seed_and_position():
-    logits = jax.random.normal(jax.random.key(3), (4, 40))
-    a = sample(logits, arrays(4, t=1.0), jnp.arange(4))
-    b = sample(logits, arrays(4, t=1.0), jnp.arange(4))
-    np.testing.assert_array_equal(a, b)
-    # Same row, same seed, 64 positions: the draws vary with position (flat logits: 40 equal choices).
+    """A row draws the same token whatever its batch index and neighbours (another order, other
+    rows with other filters around it), and verification likewise; the draws vary with position
+    and with the seed."""
+    rng = np.random.default_rng(3)
+    n, v = 6, 40
+    sample_, verify_ = jax.jit(sample), jax.jit(verify)  # one compilation per shape, not op by op
+    logits = rng.normal(size=(n, v)).astype(np.float32) * 2
+    seeds = rng.integers(0, 2**32, n, dtype=np.uint32)
+    pos = rng.integers(0, 1000, n).astype(np.int32)
+
+    def params(idx):
+        return SamplingArrays(jnp.ones(len(idx)), jnp.zeros(len(idx), jnp.int32), jnp.ones(len(idx)),
+                              jnp.asarray(seeds[idx]))
+
+    alone = [int(sample_(jnp.asarray(logits[[i]]), params([i]), jnp.asarray(pos[[i]]))[0]) for i in range(n)]
+    perm = rng.permutation(n)
+    # Two extra rows in front (greedy, and sampled with top-k) shift every row and force the sort.
+    p = params(perm)
+    mixed = SamplingArrays(jnp.concatenate([jnp.asarray([0.0, 0.5]), p.temperature]),
+                           jnp.concatenate([jnp.asarray([0, 5], jnp.int32), p.top_k]),
+                           jnp.concatenate([jnp.ones(2), p.top_p]),
+                           jnp.concatenate([jnp.asarray([1, 2], jnp.uint32), p.seed]))
+    batch_logits = np.concatenate([rng.normal(size=(2, v)).astype(np.float32), logits[perm]])
+    got = np.asarray(sample_(jnp.asarray(batch_logits), mixed, jnp.asarray(np.concatenate([[5, 6], pos[perm]]))))
+    assert got[2:].tolist() == [alone[i] for i in perm]
+
+    s = 5
+    vlogits, vdrafts, vnd = _random_verify_case(4, s=s, k=3, v=v, agree=0.3)
+    vpos = jnp.asarray(rng.integers(0, 1000, s), jnp.int32)
+    vparams = SamplingArrays(jnp.full((s,), 0.9), jnp.zeros(s, jnp.int32), jnp.full((s,), 0.95),
+                             jnp.asarray(rng.integers(0, 2**32, s, dtype=np.uint32)))
+    toks_all, num_all = (np.asarray(a) for a in verify_(vlogits, vdrafts, vnd, vparams, vpos))
+    for i in range(s):
+        one = jax.tree.map(lambda a: a[i:i + 1], vparams)
+        toks, num = verify_(vlogits[i:i + 1], vdrafts[i:i + 1], vnd[i:i + 1], one, vpos[i:i + 1])
+        assert int(num[0]) == num_all[i]
+        assert np.asarray(toks)[0, :num_all[i]].tolist() == toks_all[i, :num_all[i]].tolist()
+
+    # Flat logits (40 equal choices): the draws vary with position under one seed, and with the seed.
     flat = jnp.zeros((64, 40))
     one_seed = SamplingArrays(jnp.ones(64), jnp.zeros(64, jnp.int32), jnp.ones(64), jnp.zeros(64, jnp.uint32))
     assert len(set(np.asarray(sample(flat, one_seed, jnp.arange(64))).tolist())) > 10
+    many = SamplingArrays(jnp.ones(64), jnp.zeros(64, jnp.int32), jnp.ones(64), jnp.arange(64, dtype=jnp.uint32))
+    assert len(set(np.asarray(sample(flat, many, jnp.zeros(64, jnp.int32))).tolist())) > 10
 
 
 def _random_verify_case(seed, s=12, k=6, v=97, agree=0.6):

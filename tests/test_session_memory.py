@@ -10,7 +10,7 @@ import pytest
 from agentinfer_jax.speculation import SessionMemory
 
 
-def brute_bm25_top(docs: dict[str, list[int]], query: list[int], k: int, k1=1.5, b=0.75) -> list[str]:
+def brute_bm25_scores(docs: dict[str, list[int]], query: list[int], k1=1.5, b=0.75) -> dict[str, float]:
     """Lucene BM25 in float64 over token ids as words; query words deduplicated (as documented)."""
     n = len(docs)
     avg = sum(len(d) for d in docs.values()) / n
@@ -24,6 +24,11 @@ def brute_bm25_top(docs: dict[str, list[int]], query: list[int], k: int, k1=1.5,
                 idf = math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5))
                 s += idf * tf[t] * (k1 + 1) / (tf[t] + k1 * (1 - b + b * len(d) / avg))
         scores[sid] = s
+    return scores
+
+
+def brute_bm25_top(docs: dict[str, list[int]], query: list[int], k: int, k1=1.5, b=0.75) -> list[str]:
+    scores = brute_bm25_scores(docs, query, k1, b)
     return sorted((s for s in scores if scores[s] > 0), key=lambda s: -scores[s])[:k]
 
 
@@ -164,3 +169,41 @@ def test_arena_stays_within_its_cap_and_keeps_texts_through_compactions():
             assert sid in got
             for g in got:
                 assert sam.contains(docs[g])
+
+
+def test_merged_text_is_the_best_sessions_tails_within_the_budget_most_similar_last():
+    """The retrieved automaton's text, rebuilt independently: each session stored as its last
+    doc_tokens tokens without negative ones; the top-k by brute-force BM25 taken best first, whole
+    while they fit the token budget, then the most recent tokens of the first that does not, none
+    after; concatenated most similar last, each followed by its own negative sentinel."""
+    rng = random.Random(9)
+    doc_tokens, budget, k = 40, 70, 4
+    checked = 0
+    with SessionMemory(top_k=k, doc_tokens=doc_tokens, retrieved_tokens=budget) as mem:
+        stored = {}
+        for sid, toks in make_docs(rng, 14).items():
+            toks = [t if rng.random() > 0.1 else -rng.randrange(1, 5) for t in toks]  # a few sentinels
+            mem.add(sid, toks)
+            stored[sid] = [t for t in toks[-doc_tokens:] if t >= 0]
+        for _ in range(12):
+            query = rng.sample(stored[f"s{rng.randrange(14)}"], 6) + [rng.randrange(5)]
+            scores = brute_bm25_scores(stored, query)
+            best = sorted((s for s in scores if scores[s] > 0), key=lambda s: -scores[s])[:k + 1]
+            if any(math.isclose(scores[a], scores[b], rel_tol=1e-9) for a, b in zip(best, best[1:])):
+                continue  # a tie: the order is not defined
+            picked, left = [], budget
+            for sid in best[:k]:
+                if left <= 0:
+                    break
+                take = min(len(stored[sid]), left)
+                picked.append((sid, stored[sid][len(stored[sid]) - take:]))
+                left -= take
+            picked.reverse()
+            want = []
+            for i, (_, tail) in enumerate(picked):
+                want += tail + [-1 - i]
+            sam, ids = mem.retrieve(query).result()
+            assert ids == [sid for sid, _ in picked]
+            assert sam.tokens.tolist() == want
+            checked += 1
+    assert checked >= 8

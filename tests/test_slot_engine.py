@@ -42,11 +42,31 @@ def reference(model, prompts, counts):
     return [row[:n] for row, n in zip(rows, counts)]
 
 
+def check_pages(engine, state, live_prefixes):
+    """DecodeState's invariants against the allocator: an inactive slot has length 0 and an
+    all-zero row; an active one owns exactly the first cdiv(length, page_size) entries of its row;
+    every page's refcount is the number of slots and live prefixes that hold it."""
+    want = np.zeros(engine.config.num_blocks, np.int64)
+    for slot in range(engine.num_slots):
+        row, n = state.page_table[slot], int(state.lengths[slot])
+        if not state.active[slot]:
+            assert n == 0 and not row.any()
+            continue
+        owned = -(-n // engine.page_size)
+        assert (row[:owned] > 0).all() and not row[owned:].any()
+        np.add.at(want, row[:owned], 1)
+    for prefix in live_prefixes:
+        np.add.at(want, prefix.pages, 1)
+    refs = np.asarray(engine._alloc.refcounts)
+    np.testing.assert_array_equal(refs[1:], want[1:])
+
+
 def run_slots(engine, jobs):
     """Continuous batching over the slots: jobs are (tokens, num_new, existing_prefix or None).
     A job enters the lowest free slot, decodes until it has num_new tokens, then its slot is freed
     and reused. Returns each job's tokens; checks the result columns on the way."""
     state = engine.init_decode_state()
+    live = {id(e): e for _, _, e in jobs if e is not None}.values()  # shared prefixes stay live
     pending = list(enumerate(jobs))
     slot_job: dict[int, int] = {}
     out: dict[int, list[int]] = {}
@@ -64,6 +84,7 @@ def run_slots(engine, jobs):
         if not slot_job:
             continue
         state, result = engine.generate(state)
+        check_pages(engine, state, live)
         result = np.asarray(result)
         for slot in range(engine.num_slots):
             assert result[slot, VALID] == (slot in slot_job)
@@ -75,6 +96,7 @@ def run_slots(engine, jobs):
                 state = engine.free(state, slot)
                 del slot_job[slot]
     assert not state.active.any() and not state.page_table.any()
+    check_pages(engine, state, live)
     return [out[j] for j in range(len(jobs))]
 
 
@@ -148,6 +170,18 @@ def test_bad_calls_raise_and_leak_nothing(engine):
         engine.prefill([1] * EC.max_model_len)
     with pytest.raises(ValueError, match="non-empty"):
         engine.prefill([])
+    # The slot interface samples plainly: what it cannot honour is refused, never ignored.
+    from agentinfer_jax.sampling_params import InvalidRequestError, StructuredOutput
+    for sp, what in [(SamplingParams(logprobs=2), "logprobs"), (SamplingParams(frequency_penalty=0.5), "penalties"),
+                     (SamplingParams(presence_penalty=-0.5), "penalties"),
+                     (SamplingParams(logit_bias=((3, 5.0),)), "penalties"),
+                     (SamplingParams(structured=StructuredOutput("json_object")), "structured"),
+                     (SamplingParams(n=2), "n")]:
+        with pytest.raises(ValueError, match=f"does not support {what}"):
+            engine.prefill([1, 2, 3], sampling=sp)
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        engine.prefill([1, 2, 3], sampling=SamplingParams(top_p=0.0))
+    assert engine.num_free_pages == free_before
     a = engine.prefill([1, 2, 3])
     with pytest.raises(ValueError, match="not a prefix"):
         engine.prefill([1, 5, 3, 4], existing_prefix=a)

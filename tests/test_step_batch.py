@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -150,3 +151,73 @@ def test_the_jetstream_adapter_imports_no_higher_layer():
     import agentinfer_jax.engine as eng
     src = (pathlib.Path(eng.__path__[0]) / "jetstream_adapter.py").read_text()
     assert "agentinfer_jax.serving" not in src and "agentinfer_jax.agents" not in src
+
+
+def _words(allowed: np.ndarray) -> np.ndarray:
+    """Bool [rows, V] -> int32 [rows, ceil(V / 32)] with bit t % 32 of word t // 32."""
+    rows, v = allowed.shape
+    words = np.zeros((rows, -(-v // 32)), np.uint32)
+    for t in range(v):
+        words[:, t // 32] |= allowed[:, t].astype(np.uint32) << np.uint32(t % 32)
+    return words.view(np.int32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pack_extras_gives_each_row_the_openai_adjustment_and_its_mask(seed):
+    """pack_extras then adjust_logits (on zero logits) against a dense float64 statement per row:
+    logit_bias (repeated ids add up) minus frequency * count minus presence * [count > 0], where
+    row j counts the generated tokens plus the first j drafts; the row's grammar mask, rows past
+    the drafts repeating the last one; sequences that do not sample and padding get nothing."""
+    import jax.numpy as jnp
+
+    from agentinfer_jax.engine.sampling import adjust_logits
+    from agentinfer_jax.engine.step_batch import pack_extras
+
+    rng = np.random.default_rng(seed)
+    v, k, s_pad = 70, 3, 6
+    seqs, expect = [], []
+    for i in range(int(rng.integers(1, 5))):
+        nd = int(rng.integers(0, k + 1))
+        toks = tuple(int(t) for t in rng.integers(0, v, nd + 1))
+        generated = [int(t) for t in rng.integers(0, 12, int(rng.integers(0, 15)))]
+        penalised = rng.random() < 0.7
+        sp = SeqSampling(presence_penalty=float(rng.uniform(-2, 2)) if penalised else 0.0,
+                         frequency_penalty=float(rng.uniform(-2, 2)) if penalised else 0.0,
+                         logit_bias=tuple((int(t), float(b)) for t, b in zip(rng.integers(0, 12, 3),
+                                                                              rng.uniform(-5, 5, 3))),
+                         logprobs=3 if rng.random() < 0.3 else None)
+        allowed = rng.random((nd + 1, v)) < 0.5 if rng.random() < 0.6 else None
+        samples = rng.random() < 0.85
+        seqs.append(StepSeq(f"r{i}", 10, toks, nd, (1, 2), sp, samples,
+                            None if allowed is None else _words(allowed),
+                            tuple(sorted(Counter(generated).items()))))
+        rows = np.zeros((k + 1, v))
+        ok = np.ones((k + 1, v), bool)
+        if samples:
+            for j in range(k + 1):
+                counts = np.bincount(generated + list(toks[1:1 + j]), minlength=v)  # toks[1:]: the drafts
+                rows[j] = -sp.frequency_penalty * counts - sp.presence_penalty * (counts > 0)
+                for t, b in sp.logit_bias:
+                    rows[j, t] += b
+                if allowed is not None:
+                    ok[j] = allowed[min(j, nd)]
+        expect.append((rows, ok, samples))
+    ex = pack_extras(seqs, num_seqs=s_pad, draft_width=k, vocab_size=v)
+    assert ex.logprobs == any(s.samples and s.sampling.logprobs is not None for s in seqs)
+    assert (ex.bias_ids is None) == (not any(s.samples and s.sampling.penalized for s in seqs))
+    assert (ex.mask is None) == (not any(s.samples and s.allowed is not None for s in seqs))
+    got = np.asarray(adjust_logits(jnp.zeros((s_pad, k + 1, v)), None if ex.mask is None else jnp.asarray(ex.mask),
+                                   None if ex.bias_ids is None else jnp.asarray(ex.bias_ids),
+                                   None if ex.bias_vals is None else jnp.asarray(ex.bias_vals)))
+    for i in range(s_pad):
+        rows, ok, _ = expect[i] if i < len(expect) else (np.zeros((k + 1, v)), np.ones((k + 1, v), bool), False)
+        np.testing.assert_allclose(got[i][ok], rows[ok], rtol=1e-5, atol=1e-5)
+        assert (got[i][~ok] < -1e29).all()
+
+
+def test_pack_extras_rejects_a_mask_per_wrong_row_count():
+    from agentinfer_jax.engine.step_batch import pack_extras
+
+    seq = StepSeq("a", 0, (1, 2, 3), 2, (1,), allowed=_words(np.ones((2, 40), bool)))
+    with pytest.raises(ValueError, match="2 mask rows for 2 drafts"):
+        pack_extras([seq], num_seqs=1, draft_width=2, vocab_size=40)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentinfer_jax.speculation.suffix_automaton import FrozenAutomatonError, Matcher, SuffixAutomaton
+from agentinfer_jax.speculation.suffix_automaton import N_EDGES, FrozenAutomatonError, Matcher, SuffixAutomaton
 
 SEQ = st.lists(st.integers(0, 2), min_size=0, max_size=28)
 
@@ -189,6 +189,29 @@ def test_growth_keeps_every_substring_and_counts_on_long_texts():
         assert np.array_equal(built.count, frozen.count) and np.array_equal(built.length, frozen.length)
 
 
-def test_nbytes_counts_the_arrays():
-    sam = SuffixAutomaton(list(range(100)) * 3)
-    assert sam.nbytes == sam.st.nbytes + sam.keys.nbytes + sam.vals.nbytes + sam._tokens.nbytes + sam.meta.nbytes
+def _held_arrays_nbytes(obj):
+    """Bytes of every numpy array the object holds, found by inspection, not by listing fields."""
+    return sum(v.nbytes for v in vars(obj).values() if isinstance(v, np.ndarray))
+
+
+def test_nbytes_counts_every_array_held_and_shrinks_on_freeze():
+    rng = random.Random(6)
+    seq = [rng.randrange(50) for _ in range(3000)]
+    sam = SuffixAutomaton(count_depth=2)
+    for i in range(0, len(seq), 250):  # grown several times
+        sam.extend_many(seq[i:i + 250])
+        assert sam.nbytes == _held_arrays_nbytes(sam) > 0
+    growing = sam.nbytes
+    sam.freeze()
+    assert sam.nbytes == _held_arrays_nbytes(sam) < growing  # trimmed to the read-only fields
+    built = SuffixAutomaton.frozen_of(seq)
+    assert built.nbytes == _held_arrays_nbytes(built)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=3, max_size=40))
+def test_transition_count_within_the_documented_bound(seq):
+    """At most 3n - 4 transitions for n >= 3 tokens (Blumer et al.), counted from the table."""
+    sam = SuffixAutomaton(seq)
+    edges = sum(len(sam.transitions(s)) for s in range(sam.num_states))
+    assert edges == sam.meta[N_EDGES] <= 3 * len(seq) - 4
