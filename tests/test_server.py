@@ -484,3 +484,34 @@ def test_client_gone_mid_upload_is_no_server_error(server, caplog):
             res = http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8], "max_tokens": 2})
     assert res.status_code == 200
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
+def test_requests_to_a_stopped_serving_loop_are_503s_not_waits(server):
+    """The loop's thread gone (stopped, or dead of a bug): requests used to wait forever for events."""
+    stack = server.stack
+    slow = _SlowExecutor(stack, 0.05)
+    result: dict = {}
+
+    def long_request():
+        with httpx.Client(base_url=server.base_url, timeout=30) as http:
+            result["res"] = http.post("/v1/completions", json={"model": model_name(server), "max_tokens": 150,
+                                                               "prompt": [7, 8, 9], "ignore_eos": True})
+
+    try:
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        assert wait_until(lambda: any(r.output_tokens for r in stack.scheduler.running))
+        stack.loop.shutdown()
+        worker.join(timeout=10)
+        assert not worker.is_alive() and result["res"].status_code == 503, "the in-flight request kept waiting"
+        with httpx.Client(base_url=server.base_url, timeout=10) as http:
+            res = http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8], "max_tokens": 2})
+            assert res.status_code == 503 and res.json()["error"]["code"] == "loop_down"
+    finally:
+        slow.restore()
+        stack.loop.start()
+    # Restarted: the abandoned request's cancel is applied, its blocks come back, serving goes on.
+    assert wait_until(lambda: not stack.scheduler.has_unfinished and stack.pool.num_used == len(stack.prefix_cache))
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        res = http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8], "max_tokens": 2})
+    assert res.status_code == 200

@@ -386,6 +386,7 @@ class _OpenAIRoutes:
 
     async def _respond(self, http: HttpRequest, parsed: ParsedRequest, chat: bool) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        _check_loop_alive(self.stack)  # a request queued to a stopped loop would wait forever
         gen = _Generation(self.stack, parsed, rid)
         if parsed.stream:
             return StreamingResponse(self._stream(gen, chat), media_type="text/event-stream",
@@ -410,6 +411,7 @@ class _OpenAIRoutes:
                 if loop.time() >= next_check:
                     if await http.is_disconnected():
                         raise ApiError(499, "client disconnected", "client_disconnected")
+                    _check_loop_alive(self.stack)
                     next_check = loop.time() + _DISCONNECT_POLL_S
                 if not done:
                     continue
@@ -531,6 +533,11 @@ class _OpenAIRoutes:
 
 def _loop_alive(stack: ServingStack) -> bool:
     return stack.loop.is_running
+
+
+def _check_loop_alive(stack: ServingStack) -> None:
+    if not _loop_alive(stack):
+        raise ApiError(503, "the serving loop is not running", "loop_down", "server_error")
 
 
 def create_app(stack: ServingStack, limits: ServerLimits | None = None) -> FastAPI:
