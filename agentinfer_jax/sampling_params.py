@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 
 SEED_MAX = 2**32 - 1  # the engine's per-request seed is a uint32
+INT32_MAX = 2**31 - 1  # the engine packs top_k as an int32
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -82,8 +83,8 @@ class SamplingParams:
             raise InvalidRequestError(f"max_tokens must be positive, got {self.max_tokens}")
         if not self.temperature >= 0.0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k <= INT32_MAX:
+            raise InvalidRequestError(f"top_k must be in 0..{INT32_MAX}, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed <= SEED_MAX:

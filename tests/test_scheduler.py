@@ -228,6 +228,7 @@ def test_thousand_random_requests_no_leak():
     ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
     ([1] * 300, SamplingParams(), "context limit"),
     ([1, 2], SamplingParams(top_p=0.0), "top_p"),
+    ([1, 2], SamplingParams(top_k=2**31), "top_k"),  # the engine packs k as int32: a failed step before
 ])
 def test_bad_input_is_rejected_and_serving_continues(prompt, params, msg):
     sched, ex, pool, pc = make()

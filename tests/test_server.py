@@ -425,3 +425,93 @@ def test_start_up_logs_one_summary_line(caplog):
     for part in ("model tiny", f"dtype {stack.model_config.dtype}", "KV pages 39 x 16", "policy lpm",
                  "drafter sam (k<=3, adaptive)", "max_model_len 128"):
         assert part in line, (part, line)
+
+
+def _bodies_the_engine_cannot_take(name):
+    """(label, raw body, status, param): JSON text Python's json accepts but the tokenizer or the
+    engine cannot take (500s, or a 400 that named no field)."""
+    chat = '{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": %s}]}'
+    completion = '{"model": "%s", "max_tokens": 2, "prompt": "hi", %s}'
+    return [
+        ("deep nesting", "[" * 100_000, 400, None),
+        ("NaN", completion % (name, '"temperature": NaN'), 400, None),
+        ("Infinity", completion % (name, '"temperature": Infinity'), 400, None),
+        ("beyond a float", completion % (name, '"top_p": 1e400'), 400, None),
+        ("lone surrogate in a prompt", '{"model": "%s", "max_tokens": 2, "prompt": "a\\ud800b"}' % name, 400, "prompt"),
+        ("lone surrogate in a message", chat % (name, '"\\udc00"'), 400, "messages.0.content"),
+        ("prompt id beyond the vocabulary", '{"model": "%s", "max_tokens": 2, "prompt": [5, 4096]}' % name, 400,
+         "prompt"),
+        ("negative logit_bias id", completion % (name, '"logit_bias": {"-1": 5}'), 400, "logit_bias"),
+        ("prompt over the context", '{"model": "%s", "max_tokens": 2, "prompt": %s}' % (name, [5] * MAX_MODEL_LEN),
+         400, "prompt"),
+    ]
+
+
+def test_bodies_the_engine_cannot_take_are_400s_naming_the_field_and_the_connection_serves_on(server):
+    stack = server.stack
+    path = {True: "/v1/chat/completions", False: "/v1/completions"}
+    normal = {"model": model_name(server), "prompt": [7, 8, 9], "max_tokens": 2}
+    failures = []
+    assert wait_until(lambda: not stack.scheduler.has_unfinished)
+    used = stack.pool.num_used
+    # One keep-alive connection: an unhandled error (500) used to close it under the next request.
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        for label, raw, status, param in _bodies_the_engine_cannot_take(model_name(server)):
+            res = http.post(path['"messages"' in raw], content=raw.encode(),
+                            headers={"content-type": "application/json"})
+            err = res.json().get("error", {})
+            if res.status_code != status or err.get("param") != param or (param and param not in err["message"]):
+                failures.append((label, res.status_code, res.text[:200]))
+            ok = http.post("/v1/completions", json=normal)
+            if ok.status_code != 200:
+                failures.append((label, "then", ok.status_code, ok.text[:200]))
+    assert not failures, failures
+    assert stack.loop.is_running and stack.pool.num_used == used  # nothing reached the KV cache
+
+
+def test_client_gone_mid_upload_is_no_server_error(server, caplog):
+    """A client that disconnects while sending its body used to be logged as an unhandled error."""
+    import socket
+
+    with caplog.at_level("ERROR"):
+        sock = socket.create_connection((server.host, server.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.2)
+        sock.close()
+        time.sleep(0.5)
+        with httpx.Client(base_url=server.base_url, timeout=60) as http:
+            res = http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8], "max_tokens": 2})
+    assert res.status_code == 200
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
+def test_requests_to_a_stopped_serving_loop_are_503s_not_waits(server):
+    """The loop's thread gone (stopped, or dead of a bug): requests used to wait forever for events."""
+    stack = server.stack
+    slow = _SlowExecutor(stack, 0.05)
+    result: dict = {}
+
+    def long_request():
+        with httpx.Client(base_url=server.base_url, timeout=30) as http:
+            result["res"] = http.post("/v1/completions", json={"model": model_name(server), "max_tokens": 150,
+                                                               "prompt": [7, 8, 9], "ignore_eos": True})
+
+    try:
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        assert wait_until(lambda: any(r.output_tokens for r in stack.scheduler.running))
+        stack.loop.shutdown()
+        worker.join(timeout=10)
+        assert not worker.is_alive() and result["res"].status_code == 503, "the in-flight request kept waiting"
+        with httpx.Client(base_url=server.base_url, timeout=10) as http:
+            res = http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8], "max_tokens": 2})
+            assert res.status_code == 503 and res.json()["error"]["code"] == "loop_down"
+    finally:
+        slow.restore()
+        stack.loop.start()
+    # Restarted: the abandoned request's cancel is applied, its blocks come back, serving goes on.
+    assert wait_until(lambda: not stack.scheduler.has_unfinished and stack.pool.num_used == len(stack.prefix_cache))
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        res = http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8], "max_tokens": 2})
+    assert res.status_code == 200

@@ -112,6 +112,14 @@ def test_completions_logprobs_penalties_and_logit_bias(server, client):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 3}}}},
      "response_format"),
+    # a schema beside another type, or a key the schema object does not have, was ignored
+    ({"response_format": {"type": "text", "json_schema": {"schema": {"type": "integer"}}}}, "response_format"),
+    ({"response_format": {"type": "json_object", "json_schema": {"schema": {"type": "integer"}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}, "shema": {}}}},
+     "response_format.json_schema.shema"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # no stream: no usage chunk to add
+    ({"top_k": 2**31, "temperature": 1.0}, "top_k"),  # the engine packs k as int32 (was a 500)
+    ({"top_k": -2}, "top_k"),
 ])
 def test_fields_that_cannot_take_effect_are_a_400_naming_them(server, body, field):
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
@@ -119,3 +127,4 @@ def test_fields_that_cannot_take_effect_are_a_400_naming_them(server, body, fiel
                                                        "max_tokens": 2, **body})
     assert res.status_code == 400, res.text
     assert field.strip("'") in res.json()["error"]["message"]
+    assert (res.json()["error"]["param"] or "").startswith(field.strip("'")), res.text

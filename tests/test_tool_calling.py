@@ -233,6 +233,7 @@ def test_bad_tool_requests_are_400s_naming_the_field(server):
             {"id": "c", "type": "function", "function": {"name": "search", "arguments": "{oops"}}]}]}, "arguments"),
         ({**base, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "tool_calls"),
         ({**base, "functions": [{"name": "f"}]}, "functions"),
+        ({**base, "tools": [TOOLS[0], TOOLS[0]]}, "tools"),  # which definition would a call be of?
     ]
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         for body, field in cases:

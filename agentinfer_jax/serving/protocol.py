@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agentinfer_jax.engine.structured import validate_structured
-from agentinfer_jax.sampling_params import InvalidRequestError, SamplingParams, StructuredOutput, fold_seed
+from agentinfer_jax.sampling_params import (INT32_MAX, InvalidRequestError, SamplingParams, StructuredOutput,
+                                            fold_seed)
 from agentinfer_jax.serving.openai_sampling import FieldError, sampling_fields
 
 __all__ = ["ApiError", "error_response", "ChatMessage", "ToolDefinition", "ChatCompletionRequest",
@@ -165,9 +166,22 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None
 
 
+class JsonSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    strict: bool | None = None  # the grammar holds every reply to the schema, strict or not
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema_with_type(self) -> ResponseFormat:
+        if self.json_schema is not None and self.type != "json_schema":
+            raise ValueError(f"'json_schema' needs type 'json_schema', not {self.type!r}")
+        return self
 
 
 class _RequestBase(_Strict):
@@ -185,7 +199,7 @@ class _RequestBase(_Strict):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # extensions (vLLM / SGLang spell top_k, ignore_eos and cache_salt the same way)
-    top_k: int | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None  # -1 / 0: off; the engine packs k as int32
     ignore_eos: bool | None = None
     return_token_ids: bool | None = None
     session_id: str | None = None
@@ -197,6 +211,13 @@ class _RequestBase(_Strict):
     no_stop_trim: bool | None = None
     skip_special_tokens: bool | None = None
     return_hidden_states: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> _RequestBase:
+        # Without a stream there is no usage chunk to add: refused (as OpenAI does), not ignored.
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("'stream_options' needs 'stream': true")
+        return self
 
 
 class CompletionRequest(_RequestBase):
@@ -249,8 +270,11 @@ class ChatCompletionRequest(_RequestBase):
             raise ValueError("'tool_choice' needs 'tools'")
         if self.parallel_tool_calls is not None and not self.tools:
             raise ValueError("'parallel_tool_calls' needs 'tools'")
+        names = [t.function.name for t in self.tools or ()]
+        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if dup is not None:  # a call names its tool: two definitions of one name are ambiguous
+            raise ValueError(f"'tools' defines {dup!r} more than once")
         if isinstance(self.tool_choice, NamedToolChoice):
-            names = [t.function.name for t in self.tools or ()]
             if self.tool_choice.function.name not in names:
                 raise ValueError(f"'tool_choice' names {self.tool_choice.function.name!r}, which is not in 'tools'")
         return self
@@ -365,7 +389,7 @@ def sampling_params_from_request(req: CompletionRequest | ChatCompletionRequest,
         if req.top_logprobs is not None:
             body["top_logprobs"] = req.top_logprobs
         if req.response_format is not None:
-            body["response_format"] = req.response_format.model_dump(exclude_none=True)
+            body["response_format"] = req.response_format.model_dump(exclude_none=True, by_alias=True)
     try:
         fields = sampling_fields(body, chat=chat)
         if tool_json_schema is not None:

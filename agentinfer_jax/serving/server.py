@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from agentinfer_jax.serving import tool_parsers
 from agentinfer_jax.serving.builder import ServingStack
@@ -113,6 +115,11 @@ class BodyParser:
                              f"expected one of {sorted(tool_parsers.TOOL_PARSERS)}")
         self.tool_parser = limits.tool_parser or tool_parsers.detect_tool_parser(stack.tokenizer.chat_template)
 
+    @property
+    def vocab_size(self) -> int:
+        """The ids the engine takes (the model's vocabulary, which may pad the tokenizer's)."""
+        return self.stack.scheduler.config.vocab_size
+
     def completion(self, body: Mapping[str, Any]) -> ParsedRequest:
         req: CompletionRequest = parse_request(CompletionRequest, dict(body))
         self._check_model(req.model)
@@ -164,6 +171,7 @@ class BodyParser:
     def _common(self, req: CompletionRequest | ChatCompletionRequest, prompt: list[int],
                 chat_max_tokens: int | None = None, tools: ToolPlan | None = None) -> ParsedRequest:
         chat = isinstance(req, ChatCompletionRequest)
+        self._check_prompt_length(prompt, "messages" if chat else "prompt")
         # chat: max_completion_tokens replaces the deprecated max_tokens (wins when both are sent, as vLLM)
         max_tokens = chat_max_tokens if chat_max_tokens is not None else req.max_tokens
         if max_tokens is None and chat:
@@ -179,6 +187,11 @@ class BodyParser:
                            "invalid_max_tokens", param="max_tokens")
         sampling = sampling_params_from_request(req, max_tokens=max_tokens,
                                                 tool_json_schema=tools.json_schema if tools is not None else None)
+        try:  # the loop checks these too, but without knowing which field they came from
+            if sampling.logit_bias:
+                sampling.validate_ids(self.vocab_size)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), "invalid_logit_bias", param="logit_bias") from e
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         session_id = req.session_id
         if session_id is None and chat:
@@ -197,9 +210,73 @@ class BodyParser:
         if isinstance(prompt, str):
             return self.stack.tokenizer.encode(prompt)
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ApiError(400, f"'prompt': token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                               "invalid_prompt", param="prompt")
             return list(prompt)
         raise ApiError(400, "'prompt' must be a string or a list of token ids (batches are not supported)",
                        "invalid_prompt", param="prompt")
+
+    def _check_prompt_length(self, prompt: list[int], field: str) -> None:
+        limit = self.stack.config.max_model_len
+        if not prompt:
+            raise ApiError(400, f"'{field}' is empty", "invalid_prompt", param=field)
+        if len(prompt) >= limit:  # not one token of room left
+            raise ApiError(400, f"'{field}' has {len(prompt)} tokens; the context limit is {limit}",
+                           "context_length_exceeded", param=field)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: JSON text, but no float can hold it
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; ApiError(400) for anything Python's json is lenient about
+    but the engine cannot take: NaN / Infinity, numbers beyond a float, nesting past the recursion
+    limit, strings with unpaired UTF-16 surrogates (which the tokenizer cannot encode)."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply", "invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError and the hooks' errors
+        raise ApiError(400, f"malformed JSON body: {e}", "invalid_json") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "the JSON body must be an object", "invalid_json")
+    _check_strings(body)
+    return body
+
+
+def _check_strings(body: dict[str, Any]) -> None:
+    """Raises ApiError(400) naming the first string (key or value) that is not valid Unicode.
+    Iterative: json.loads already bounded the depth, a recursive walk could still overflow."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, list):
+            items = ((str(i), v) for i, v in enumerate(value))
+        else:
+            items = ()
+        for key, item in items:
+            where = f"{path}.{key}" if path else key
+            for text in (key, item):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise ApiError(400, f"'{where}' holds an unpaired UTF-16 surrogate (not valid Unicode)",
+                                       "invalid_json", param=where) from None
+            if isinstance(item, (dict, list)):
+                stack.append((where, item))
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -288,18 +365,15 @@ class _OpenAIRoutes:
             raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
                            "body_too_large")
         chunks, size = [], 0
-        async for chunk in http.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "body_too_large")
-            chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"malformed JSON body: {e}", "invalid_json") from e
-        if not isinstance(body, dict):
-            raise ApiError(400, "the JSON body must be an object", "invalid_json")
-        return body
+            async for chunk in http.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "body_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing to log as a server error
+            raise ApiError(499, "client disconnected", "client_disconnected") from None
+        return parse_json_body(b"".join(chunks))
 
     async def completions(self, http: HttpRequest) -> Response:
         # Parsing tokenizes: a worker thread, so a huge prompt does not stall other streams.
@@ -312,6 +386,7 @@ class _OpenAIRoutes:
 
     async def _respond(self, http: HttpRequest, parsed: ParsedRequest, chat: bool) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        _check_loop_alive(self.stack)  # a request queued to a stopped loop would wait forever
         gen = _Generation(self.stack, parsed, rid)
         if parsed.stream:
             return StreamingResponse(self._stream(gen, chat), media_type="text/event-stream",
@@ -336,6 +411,7 @@ class _OpenAIRoutes:
                 if loop.time() >= next_check:
                     if await http.is_disconnected():
                         raise ApiError(499, "client disconnected", "client_disconnected")
+                    _check_loop_alive(self.stack)
                     next_check = loop.time() + _DISCONNECT_POLL_S
                 if not done:
                     continue
@@ -457,6 +533,11 @@ class _OpenAIRoutes:
 
 def _loop_alive(stack: ServingStack) -> bool:
     return stack.loop.is_running
+
+
+def _check_loop_alive(stack: ServingStack) -> None:
+    if not _loop_alive(stack):
+        raise ApiError(503, "the serving loop is not running", "loop_down", "server_error")
 
 
 def create_app(stack: ServingStack, limits: ServerLimits | None = None) -> FastAPI:
