@@ -497,13 +497,26 @@ def test_requests_to_a_stopped_serving_loop_are_503s_not_waits(server):
             result["res"] = http.post("/v1/completions", json={"model": model_name(server), "max_tokens": 150,
                                                                "prompt": [7, 8, 9], "ignore_eos": True})
 
+    def long_stream():
+        with httpx.Client(base_url=server.base_url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json={"model": model_name(server), "max_tokens": 150,
+                                                              "prompt": [7, 8, 10], "ignore_eos": True,
+                                                              "stream": True}) as res:
+                result["events"] = [line for line in res.iter_lines() if line.startswith("data: ")]
+
     try:
-        worker = threading.Thread(target=long_request)
-        worker.start()
-        assert wait_until(lambda: any(r.output_tokens for r in stack.scheduler.running))
+        workers = [threading.Thread(target=long_request), threading.Thread(target=long_stream)]
+        for w in workers:
+            w.start()
+        assert wait_until(lambda: sum(bool(r.output_tokens) for r in stack.scheduler.running) == 2)
         stack.loop.shutdown()
-        worker.join(timeout=10)
-        assert not worker.is_alive() and result["res"].status_code == 503, "the in-flight request kept waiting"
+        for w in workers:
+            w.join(timeout=10)
+        assert not any(w.is_alive() for w in workers), "an in-flight request kept waiting"
+        assert result["res"].status_code == 503
+        # the stream ends with an error event naming the cause, then [DONE]
+        assert result["events"][-1] == "data: [DONE]"
+        assert json.loads(result["events"][-2][len("data: "):])["error"]["code"] == "loop_down"
         with httpx.Client(base_url=server.base_url, timeout=10) as http:
             res = http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8], "max_tokens": 2})
             assert res.status_code == 503 and res.json()["error"]["code"] == "loop_down"

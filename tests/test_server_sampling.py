@@ -120,6 +120,12 @@ def test_completions_logprobs_penalties_and_logit_bias(server, client):
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # no stream: no usage chunk to add
     ({"top_k": 2**31, "temperature": 1.0}, "top_k"),  # the engine packs k as int32 (was a 500)
     ({"top_k": -2}, "top_k"),
+    # int() reads these as ids; a token id is decimal digits
+    ({"logit_bias": {" 5": 1}}, "logit_bias"),
+    ({"logit_bias": {"1_0": 1}}, "logit_bias"),
+    # max_completion_tokens wins over max_tokens, but a bad max_tokens beside it is not dropped
+    ({"max_tokens": -1, "max_completion_tokens": 3}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
 ])
 def test_fields_that_cannot_take_effect_are_a_400_naming_them(server, body, field):
     with httpx.Client(base_url=server.base_url, timeout=60) as http:

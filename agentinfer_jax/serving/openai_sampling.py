@@ -79,10 +79,10 @@ def _logit_bias(body: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
                                        "token id -> bias entries")
     out = []
     for key, value in bias.items():
-        try:
-            tok = int(key)
-        except (TypeError, ValueError):
-            raise FieldError("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}") from None
+        # decimal digits only: int() would also read " 5", "1_0" and "+5" as ids
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise FieldError("logit_bias", f"'logit_bias' keys must be token ids, got {key!r}")
+        tok = int(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
             raise FieldError("logit_bias", f"'logit_bias' values must be numbers in [-100, 100], got {value!r}")
         out.append((tok, float(value)))

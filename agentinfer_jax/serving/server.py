@@ -172,19 +172,23 @@ class BodyParser:
                 chat_max_tokens: int | None = None, tools: ToolPlan | None = None) -> ParsedRequest:
         chat = isinstance(req, ChatCompletionRequest)
         self._check_prompt_length(prompt, "messages" if chat else "prompt")
-        # chat: max_completion_tokens replaces the deprecated max_tokens (wins when both are sent, as vLLM)
+        # chat: max_completion_tokens replaces the deprecated max_tokens (wins when both are sent, as vLLM);
+        # the other one is still checked, never silently dropped
+        if chat_max_tokens is not None and req.max_tokens is not None and req.max_tokens <= 0:
+            raise ApiError(400, f"max_tokens must be positive, got {req.max_tokens}", "invalid_max_tokens",
+                           param="max_tokens")
         max_tokens = chat_max_tokens if chat_max_tokens is not None else req.max_tokens
         if max_tokens is None and chat:
             # chat: the rest of the context (as vLLM), within the server's max_tokens limit
             max_tokens = max(1, min(self.max_tokens_limit, self.stack.config.max_model_len - len(prompt)))
         if max_tokens is None:  # completions: a default, never over the limit (the client set none)
             max_tokens = min(self.limits.default_max_tokens, self.max_tokens_limit)
+        field = "max_completion_tokens" if chat_max_tokens is not None else "max_tokens"
         if max_tokens <= 0:
-            raise ApiError(400, f"max_tokens must be positive, got {max_tokens}", "invalid_max_tokens",
-                           param="max_tokens")
+            raise ApiError(400, f"{field} must be positive, got {max_tokens}", "invalid_max_tokens", param=field)
         if max_tokens > self.max_tokens_limit:
-            raise ApiError(400, f"max_tokens {max_tokens} exceeds the limit {self.max_tokens_limit}",
-                           "invalid_max_tokens", param="max_tokens")
+            raise ApiError(400, f"{field} {max_tokens} exceeds the limit {self.max_tokens_limit}",
+                           "invalid_max_tokens", param=field)
         sampling = sampling_params_from_request(req, max_tokens=max_tokens,
                                                 tool_json_schema=tools.json_schema if tools is not None else None)
         try:  # the loop checks these too, but without knowing which field they came from
@@ -314,7 +318,16 @@ class _Generation:
         return all(s.finished for s in self.streams)
 
     async def next_event(self) -> tuple[int, StreamEvent]:
-        index, ev = await self.queue.get()
+        # One pending get across polls (a wait_for timeout could drop an event); a loop that stops
+        # meanwhile sends nothing more, so its absence ends the wait with a 503.
+        get = asyncio.ensure_future(self.queue.get())
+        try:
+            while not (await asyncio.wait({get}, timeout=_DISCONNECT_POLL_S))[0]:
+                _check_loop_alive(self.stack)
+        finally:
+            if not get.done():
+                get.cancel()
+        index, ev = get.result()
         if ev.finished:
             self.streams[index].finished = True
             if ev.error:
