@@ -50,6 +50,8 @@ from agentinfer_jax.speculation import (AcceptanceCalibrator, Drafter, PromptLoo
                                         SessionMemory)
 from agentinfer_jax.workloads.traces import Trajectory, default_trace_path, load_traces, portable_path, shared_trace_paths
 
+import suffix_decoding_peer  # beside this script in experiments/
+
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "agentinfer_jax" / "assets"
 
 FLAGS = flags.FLAGS
@@ -148,7 +150,7 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
                         draft = drafter.propose(rid, k)
                     t1 = time.perf_counter_ns()
                     if tree:
-                        acc = tree_accepted(draft, parents, response[pos:])
+                        acc = suffix_decoding_peer.tree_accepted(draft, parents, response[pos:])
                     else:
                         acc = 0
                         for d, r in zip(draft, response[pos:]):
@@ -171,24 +173,6 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
             context += chat.message(m)
 
 
-def tree_accepted(tokens: Sequence[int], parents: Sequence[int], target: Sequence[int]) -> int:
-    """Greedy verification of a draft tree (node i's parent is parents[i], -1 for the root's
-    children, parents before children): the longest root path agreeing with `target`. Siblings
-    carry distinct tokens, so at most one child of a node can agree."""
-    children: dict[int, dict[int, int]] = {}
-    for i, (tok, parent) in enumerate(zip(tokens, parents)):
-        if not -1 <= parent < i:
-            raise ValueError(f"node {i}'s parent {parent} does not come before it")
-        children.setdefault(parent, {}).setdefault(tok, i)
-    node, acc = -1, 0
-    for tok in target:
-        node = children.get(node, {}).get(tok, -2)
-        if node == -2:
-            break
-        acc += 1
-    return acc
-
-
 def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], None] | None, SessionMemory | None]]]:
     """Factories, so only one drafter (and its global state) is alive at a time."""
 
@@ -199,7 +183,6 @@ def make_drafters() -> dict[str, Callable[[], tuple[Drafter, Callable[[str], Non
         return drafter, drafter.wait_for_memory, memory
 
     def peer(factor, tree=False):
-        import suffix_decoding_peer
         if not suffix_decoding_peer.available():
             raise app.UsageError("SuffixDecoding is not built: run `make suffix-decoding` first")
         return suffix_decoding_peer.SuffixDecodingDrafter(max_spec_factor=factor, tree=tree), None, None
@@ -380,7 +363,6 @@ def main(argv: Sequence[str]) -> None:
     factories = make_drafters()
     names = FLAGS.drafters or DEFAULT_DRAFTERS
     if not FLAGS.drafters:
-        import suffix_decoding_peer
         if not suffix_decoding_peer.available():
             logging.warning("SuffixDecoding is not built (make suffix-decoding): replaying without it")
             names = [n for n in names if not n.startswith("suffix_decoding")]

@@ -7,7 +7,8 @@ Each request starts a local tree over its prompt (`start_request`), every verifi
 its local tree and to its response in the global tree (`add_active_response`), and a proposal is
 `speculate` over the last `max_tree_depth` context tokens with the peer's own selection between
 the two trees, as in arctic-inference's vLLM model runner. With `tree=True` the peer's tree
-speculation (`use_tree_spec`) is exposed as `propose_tree`: up to k nodes, each with its parent.
+speculation (`use_tree_spec`) is exposed as `propose_tree`: up to k nodes, each with its parent;
+`tree_accepted` is how a replay verifies such a tree.
 """
 
 from __future__ import annotations
@@ -90,3 +91,21 @@ class SuffixDecodingDrafter:
     def global_bytes(self) -> int:
         """The peer's own estimate of its global tree's memory."""
         return int(self.cache._global_tree.estimate_memory())
+
+
+def tree_accepted(tokens: Sequence[int], parents: Sequence[int], target: Sequence[int]) -> int:
+    """Greedy verification of a draft tree (node i's parent is parents[i], -1 for the root's
+    children, parents before children): the longest root path agreeing with `target`. Siblings
+    carry distinct tokens, so at most one child of a node can agree."""
+    children: dict[int, dict[int, int]] = {}
+    for i, (tok, parent) in enumerate(zip(tokens, parents)):
+        if not -1 <= parent < i:
+            raise ValueError(f"node {i}'s parent {parent} does not come before it")
+        children.setdefault(parent, {}).setdefault(tok, i)
+    node, acc = -1, 0
+    for tok in target:
+        node = children.get(node, {}).get(tok, -2)
+        if node == -2:
+            break
+        acc += 1
+    return acc

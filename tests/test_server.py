@@ -129,6 +129,9 @@ def test_stop_string_cuts_the_text(server, client, stream):
 
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [model_name(server)]
+    assert client.models.retrieve(model_name(server)).id == model_name(server)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
     with httpx.Client(base_url=server.base_url) as http:
         assert http.get("/health").json() == {"status": "ok"}
         http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8, 9], "max_tokens": 2})

@@ -122,12 +122,12 @@ class BodyParser:
 
     def completion(self, body: Mapping[str, Any]) -> ParsedRequest:
         req: CompletionRequest = parse_request(CompletionRequest, dict(body))
-        self._check_model(req.model)
+        self.check_model(req.model)
         return self._common(req, self._prompt_ids(req.prompt))
 
     def chat(self, body: Mapping[str, Any]) -> ParsedRequest:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, dict(body))
-        self._check_model(req.model)
+        self.check_model(req.model)
         messages = [m.template_message() for m in req.messages]
         plan = self._tool_plan(req)
         tools = [t.template_tool() for t in req.tools] if req.tools else None
@@ -203,7 +203,7 @@ class BodyParser:
         return ParsedRequest(prompt, sampling, bool(req.stream), include_usage, bool(req.return_token_ids),
                              session_id, req.priority or 0, bool(req.speculative), req.cache_salt or "", tools)
 
-    def _check_model(self, model: str) -> None:
+    def check_model(self, model: str) -> None:
         if model != self.stack.model_name:
             raise ApiError(404, f"model {model!r} does not exist; this server serves {self.stack.model_name!r}",
                            "model_not_found", param="model")
@@ -531,9 +531,16 @@ class _OpenAIRoutes:
             gen.cancel_unless_finished()
 
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.stack.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "agentinfer-jax",
-                                            "max_model_len": self.stack.config.max_model_len}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        """GET /v1/models/{model_id} (the OpenAI SDK's `models.retrieve`)."""
+        self.parser.check_model(model_id)
+        return self._model_card()
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.stack.model_name, "object": "model", "created": self.created, "owned_by": "agentinfer-jax",
+                "max_model_len": self.stack.config.max_model_len}
 
     def health(self) -> JSONResponse:
         if not _loop_alive(self.stack):
@@ -575,6 +582,7 @@ def create_app(stack: ServingStack, limits: ServerLimits | None = None) -> FastA
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
     app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", routes.model, methods=["GET"])  # ids may hold '/'
     app.add_api_route("/health", routes.health, methods=["GET"])
     app.add_api_route("/metrics", routes.metrics, methods=["GET"])
     return app

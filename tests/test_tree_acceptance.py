@@ -1,4 +1,5 @@
-"""The AgentSAM replay's verification of draft trees (experiments/sam_acceptance.py)."""
+"""How the drafting replay verifies a draft tree (experiments/suffix_decoding_peer.py; runs without the
+built peer)."""
 
 import importlib.util
 import pathlib
@@ -6,10 +7,10 @@ import random
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "sam_acceptance.py"
-_spec = importlib.util.spec_from_file_location("sam_acceptance_under_test", _PATH)
-sam_acceptance = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sam_acceptance)
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "suffix_decoding_peer.py"
+_spec = importlib.util.spec_from_file_location("suffix_decoding_peer_trees", _PATH)
+peer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(peer)
 
 
 def _random_tree(rng: random.Random, n: int, vocab: int) -> tuple[list[int], list[int]]:
@@ -49,11 +50,11 @@ def test_tree_acceptance_is_the_longest_root_path_agreeing_with_the_target():
                 path.append(tokens[node])
                 node = parents[node]
             target = path[::-1] + target
-        assert sam_acceptance.tree_accepted(tokens, parents, target) == _longest_agreeing_path(tokens, parents, target)
+        assert peer.tree_accepted(tokens, parents, target) == _longest_agreeing_path(tokens, parents, target)
     # A path is a tree whose every node hangs off the one before it.
-    assert sam_acceptance.tree_accepted([3, 1, 4], [-1, 0, 1], [3, 1, 5]) == 2
+    assert peer.tree_accepted([3, 1, 4], [-1, 0, 1], [3, 1, 5]) == 2
 
 
 def test_tree_acceptance_refuses_a_parent_after_its_child():
     with pytest.raises(ValueError, match="parent"):
-        sam_acceptance.tree_accepted([1, 2], [1, -1], [1, 2])
+        peer.tree_accepted([1, 2], [1, -1], [1, 2])
