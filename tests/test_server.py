@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -531,3 +532,21 @@ def test_requests_to_a_stopped_serving_loop_are_503s_not_waits(server):
     with httpx.Client(base_url=server.base_url, timeout=60) as http:
         res = http.post("/v1/completions", json={"model": model_name(server), "prompt": [7, 8], "max_tokens": 2})
     assert res.status_code == 200
+
+
+def test_a_bug_in_one_request_is_a_500_and_its_keep_alive_connection_serves_on(server, monkeypatch):
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(server.stack.loop.metrics, "prometheus_text", broken)
+    # One raw keep-alive connection (a client library would quietly reconnect): uvicorn used to reset it.
+    with socket.create_connection((server.host, server.port), timeout=10) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\nGET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        data = b""
+        while b'{"status":"ok"}' not in data:
+            chunk = conn.recv(4096)
+            assert chunk, f"connection closed after {data!r}"
+            data += chunk
+    first, second = data.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"500") and b'"code":"internal_error"' in first
+    assert second.startswith(b"200")

@@ -560,6 +560,38 @@ def _check_loop_alive(stack: ServingStack) -> None:
         raise ApiError(503, "the serving loop is not running", "loop_down", "server_error")
 
 
+class _InternalErrors:
+    """ASGI middleware: a bug in one request is a 500 JSON error and the connection serves on.
+
+    Starlette's handler for `Exception` answers and then re-raises to the server, and uvicorn then
+    resets the client's keep-alive connection. Caught here, below that handler, nothing re-raises
+    unless the response had already started (then there is no status left to send).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:
+            if started:
+                raise
+            log.exception("unhandled error")
+            response = error_response(500, f"internal error: {type(e).__name__}", "internal_error", "server_error")
+            await response(scope, receive, send)
+
+
 def create_app(stack: ServingStack, limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app. The caller owns the stack's loop (start it before serving)."""
     routes = _OpenAIRoutes(stack, limits or ServerLimits())
@@ -574,11 +606,7 @@ def create_app(stack: ServingStack, limits: ServerLimits | None = None) -> FastA
     async def _http_error(_: HttpRequest, e: StarletteHTTPException) -> JSONResponse:
         return error_response(e.status_code, str(e.detail), None, "invalid_request_error")
 
-    @app.exception_handler(Exception)
-    async def _internal_error(_: HttpRequest, e: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, f"internal error: {type(e).__name__}", "internal_error", "server_error")
-
+    app.add_middleware(_InternalErrors)
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
     app.add_api_route("/v1/models", routes.models, methods=["GET"])
