@@ -17,6 +17,8 @@ past responses; each finished session is added to memory);
 optionally `sam_retrieval_only`, the memory without the global automaton, and `sam_memory_no_ctx`,
 SAM + memory whose calibrator does not condition later drafted tokens on the tokens before each.
 
+With --json_out, a PNG beside it plots tokens per step (a panel per trace file, a bar per drafter and k).
+
 Per drafter: tokens per step, drafting p50/p99 per step, the process's peak RSS during its replay
 (`rss_mb`: the kernel's high-water mark, reset before each replay), and `bytes_per_token`, the bytes
 of its cross-request store per stored token (SAM: the session memory's arena; the peer: its own
@@ -286,6 +288,32 @@ def print_table(rows: list[tuple[str, int, str, dict]]) -> None:
               f"{s['extend_us_p50']:6.1f} {s['rss_mb']:7.0f} {s['bytes_per_token']:6.1f} {mem}")
 
 
+def plot(detail: dict[str, dict[str, dict[str, dict]]], path: pathlib.Path) -> None:
+    """Tokens per verify step: one panel per trace file, k on the x axis, a bar per drafter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(detail), figsize=(4.5 * len(detail), 3.8), squeeze=False, sharey=True)
+    for ax, (trace, by_k) in zip(axes[0], detail.items()):
+        ks = list(by_k)
+        names = list(by_k[ks[0]])
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(ks))]
+            bars = ax.bar(xs, [by_k[k][name]["tokens_per_step"] for k in ks], width, label=name)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)  # the differences are a few percent: print them
+        ax.set_xticks(range(len(ks)), [f"k = {k}" for k in ks])
+        ax.set_title(trace[:40], fontsize=9)
+    axes[0][0].set_ylabel("tokens per verify step")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper center", ncol=len(labels))
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _after_pass(drafter, memory: SessionMemory | None) -> tuple[float, dict[str, float]]:
     """RSS MB after a pass (garbage collected, free heap returned) and what the drafter's own
     arrays (and the memory's) hold then, MB."""
@@ -434,8 +462,10 @@ def main(argv: Sequence[str]) -> None:
               "k": ks[0], "traces": [portable_path(p) for p in paths], "detail": detail,
               "by_k": {str(k): {n: s.summary() for n, s in d.items()} for k, d in merged.items()}}
     if FLAGS.json_out:
-        pathlib.Path(FLAGS.json_out).write_text(json.dumps(result, indent=1))
-        print(f"wrote {FLAGS.json_out}")
+        out = pathlib.Path(FLAGS.json_out)
+        out.write_text(json.dumps(result, indent=1))
+        plot(detail, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
