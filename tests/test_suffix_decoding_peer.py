@@ -18,51 +18,32 @@ _spec.loader.exec_module(peer)
 pytestmark = pytest.mark.skipif(not peer.available(), reason="SuffixDecoding not built (make suffix-decoding)")
 
 
-def test_adapter_drafts_what_the_peer_cache_speculates_and_follows_the_drafter_protocol():
+@pytest.mark.parametrize("tree", [False, True])
+def test_adapter_drafts_what_the_peer_cache_speculates(tree):
     rng = random.Random(3)
-    d = peer.SuffixDecodingDrafter(max_spec_factor=8.0)
-    reference = peer._import_cache()(max_tree_depth=64)
-    for trial in range(20):
-        prompt = [rng.randrange(5) for _ in range(rng.randrange(4, 40))]
-        rid = f"r{trial}"
-        d.begin(rid, prompt)
-        reference.start_request(rid, prompt)
-        context = list(prompt)
-        for _ in range(5):
-            draft = d.propose(rid, 6)
-            expect = reference.speculate(rid, context[-64:], max_spec_tokens=6, max_spec_factor=8.0,
-                                         min_token_prob=0.1).token_ids
-            assert draft == list(expect) and len(draft) <= 6
-            step = [rng.randrange(5) for _ in range(rng.randrange(1, 4))]
-            d.extend(rid, step)
-            reference.add_active_response(rid, step)
-            context += step
-        d.end(rid)
-        reference.stop_request(rid)
-    assert d.response_tokens > 0 and d.global_bytes() > 0
-
-
-def test_tree_adapter_returns_the_peer_cache_tree_with_parents_before_children():
-    rng = random.Random(5)
-    d = peer.SuffixDecodingDrafter(max_spec_factor=8.0, tree=True)
+    d = peer.SuffixDecodingDrafter(max_spec_factor=8.0, tree=tree)
     reference = peer._import_cache()(max_tree_depth=64)
     branched = 0
     for trial in range(20):
         prompt = [rng.randrange(4) for _ in range(rng.randrange(8, 60))]
-        rid = f"t{trial}"
+        rid = f"r{trial}"
         d.begin(rid, prompt)
         reference.start_request(rid, prompt)
-        for _ in range(4):
-            tokens, parents = d.propose_tree(rid, 8)
+        for _ in range(5):
             expect = reference.speculate(rid, prompt[-64:], max_spec_tokens=8, max_spec_factor=8.0,
-                                         min_token_prob=0.1, use_tree_spec=True)
-            assert (tokens, parents) == (list(expect.token_ids), list(expect.parents)) and len(tokens) <= 8
-            assert all(-1 <= p < i for i, p in enumerate(parents))
-            branched += len(set(parents)) < len(parents)
+                                         min_token_prob=0.1, use_tree_spec=tree)
+            if tree:
+                tokens, parents = d.propose_tree(rid, 8)
+                assert parents == list(expect.parents) and all(-1 <= p < i for i, p in enumerate(parents))
+                branched += len(set(parents)) < len(parents)
+            else:
+                tokens = d.propose(rid, 8)
+            assert tokens == list(expect.token_ids) and len(tokens) <= 8
             step = [rng.randrange(4) for _ in range(rng.randrange(1, 4))]
             d.extend(rid, step)
             reference.add_active_response(rid, step)
             prompt += step
         d.end(rid)
         reference.stop_request(rid)
-    assert branched  # some trees really branch
+    assert d.response_tokens > 0 and d.global_bytes() > 0
+    assert branched or not tree  # some trees really branch
