@@ -10,8 +10,8 @@ import pytest
 from agentinfer_jax.cache import BlockPool, PrefixCache
 from agentinfer_jax.serving.loop import ServingLoop
 from agentinfer_jax.serving.request import Request, SamplingParams
-from agentinfer_jax.serving.scheduler import Scheduler, SchedulerConfig
-from page_oracle import PageOracleExecutor, PipelinedOracleExecutor, reference_generate
+from agentinfer_jax.serving.scheduler import Scheduler, SchedulerConfig, SessionRetention
+from page_oracle import PageOracleExecutor, PipelinedOracleExecutor, next_token, reference_generate
 
 VOCAB = 50
 
@@ -264,3 +264,235 @@ def test_step_costs_count_device_time_and_a_verify_steps_exposed_host_time(monke
     monkeypatch.setattr(loop_module.time, "perf_counter", lambda: 2.0)
     loop._observe(verify, planned_s=1.6, dispatched_s=1.9)
     assert seen == [pytest.approx((0.10, None))]
+
+
+# ---- robustness: faulty drafters, stops inside accepted drafts, loop-level failures, shutdown ----
+
+class _OracleDrafter:
+    """Proposes the page oracle's own continuation (every draft accepted) unless `fault(rid)` names
+    a fault for that request: the method that raises ("begin", "extend", "propose", "end") or the
+    garbage `propose` returns ("oov", "negative", "float", "str", "none")."""
+
+    def __init__(self, fault=lambda rid: None, wrong_every: int = 0):
+        self.ctx, self.fault, self.wrong_every, self.calls = {}, fault, wrong_every, 0
+
+    def _maybe_raise(self, rid, method):
+        if self.fault(rid) == method:
+            raise RuntimeError(f"drafter {method} bug")
+
+    def begin(self, rid, prompt, session_id=None):
+        self._maybe_raise(rid, "begin")
+        assert rid not in self.ctx
+        self.ctx[rid] = list(prompt)
+
+    def extend(self, rid, toks):
+        self._maybe_raise(rid, "extend")
+        self.ctx[rid] += list(toks)
+
+    def end(self, rid):
+        self._maybe_raise(rid, "end")
+        del self.ctx[rid]
+
+    def propose(self, rid, k):
+        self._maybe_raise(rid, "propose")
+        garbage = {"oov": [VOCAB + 3] * k, "negative": [-1] * k, "float": [1.5] * k, "str": ["x"] * k,
+                   "none": None}
+        if self.fault(rid) in garbage:
+            return garbage[self.fault(rid)]
+        ctx, out = list(self.ctx[rid]), []
+        for _ in range(k):
+            self.calls += 1
+            t = next_token(ctx, VOCAB)
+            if self.wrong_every and self.calls % self.wrong_every == 0:
+                t = (t + 1) % VOCAB  # a rejected draft
+            out.append(t)
+            ctx.append(t)
+        return out
+
+
+def _drafting_loop(drafter, blocks=64, overlap=True, detok_fn=None, max_model_len=200, retention=False,
+                   eos=()):
+    pool = BlockPool(blocks)
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=6, max_tokens_per_step=24,
+                                      max_model_len=max_model_len, vocab_size=VOCAB, num_draft_tokens=4,
+                                      eos_token_ids=eos),
+                      pool, PrefixCache(4, pool), drafter=drafter,
+                      retention=SessionRetention(pool, ttl_s=100.0) if retention else None)
+    loop = ServingLoop(sched, PipelinedOracleExecutor(blocks, 4, VOCAB), detokenize=detok_fn, overlap=overlap)
+    return loop, sched, pool
+
+
+def _collect(loop, events, rid, req):
+    loop.submit(req, lambda ev: events.setdefault(rid, []).append(ev))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("fault", ["propose", "oov", "negative", "float", "str", "none", "begin", "extend",
+                                   "end"])
+def test_a_faulty_drafter_costs_only_its_request_its_drafts(fault, overlap):
+    """A drafter that raises, or proposes ids outside the vocabulary, negative ids (-1 is the
+    engine's PREVIOUS_TOKEN), non-ints or None, for one request: that request decodes without drafts
+    and its output is the model's; the others still draft; nothing leaks; the loop serves on."""
+    drafter = _OracleDrafter(lambda rid: fault if rid == "bad" else None)
+    loop, sched, pool = _drafting_loop(drafter, overlap=overlap)
+    events = {}
+    prompts = {"bad": [1, 2, 3, 4, 5], "good": [6, 7, 8, 9]}
+    for rid, prompt in prompts.items():
+        _collect(loop, events, rid, Request(rid, prompt, SamplingParams(max_tokens=15)))
+    loop.run_until_idle()
+    for rid, prompt in prompts.items():
+        evs = events[rid]
+        assert [e.finished for e in evs].count(True) == 1 and evs[-1].finished
+        assert evs[-1].finish_reason == "length" and evs[-1].error is None
+        assert [t for e in evs for t in e.new_tokens] == reference_generate(prompt, 15, VOCAB), rid
+    assert sched.num_drafter_errors >= 1
+    assert loop.metrics.finished[-1].accepted > 0 or loop.metrics.finished[0].accepted > 0  # "good" drafted
+    assert not drafter.ctx or fault == "end"  # every begun request's state ended
+    _collect(loop, events, "after", Request("after", [3, 3, 3], SamplingParams(max_tokens=6)))
+    loop.run_until_idle()
+    assert [t for e in events["after"] for t in e.new_tokens] == reference_generate([3, 3, 3], 6, VOCAB)
+    sched.prefix_cache.evict(pool.num_used)
+    assert pool.num_used == 0
+
+
+def test_a_stop_string_inside_accepted_drafts_drops_the_tokens_after_it():
+    """All drafts accepted, a stop string completed by a token in the middle of them: the tokens
+    after it are neither streamed, kept nor counted (as without drafts)."""
+    prompt = [1, 2, 3, 4, 5]
+    ref = reference_generate(prompt, 40, VOCAB)
+    ref_text = detok(ref)
+    stop = ref_text[5:7]
+    n_stop = ref_text.find(stop) + len(stop)  # tokens until the stop string is complete (1 char each)
+    loop, sched, pool = _drafting_loop(_OracleDrafter(), overlap=False, detok_fn=detok)
+    events = {}
+    req = Request("s", prompt, SamplingParams(max_tokens=40, stop=(stop,)))
+    _collect(loop, events, "s", req)
+    loop.run_until_idle()
+    evs = events["s"]
+    assert req.num_accepted > 0 and n_stop < len([t for e in evs for t in e.new_tokens]) + 4  # drafts did land
+    assert [t for e in evs for t in e.new_tokens] == ref[:n_stop]
+    assert req.output_tokens == ref[:n_stop]
+    assert evs[-1].finished and evs[-1].finish_reason == "stop" and evs[-1].text == ref_text[:ref_text.find(stop)]
+    assert loop.metrics.finished[-1].output_tokens == n_stop
+    sched.prefix_cache.evict(pool.num_used)
+    assert pool.num_used == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_drafts_under_block_pressure_with_faults_cancels_and_sessions(seed, overlap):
+    """A pool small enough to preempt while verifying drafts, with the prefix cache, session
+    retention (sessions reused by concurrent calls), stop ids, stop strings, max_tokens reaching
+    max_model_len exactly, cancels (also of preempted requests), partly rejected drafts and a
+    drafter that fails for some requests: every token streamed is the model's, each request gets
+    exactly one final event, and every block comes back."""
+    rng = random.Random(seed)
+    max_len = 40
+    drafter = _OracleDrafter(lambda rid: {"r3": "propose", "r8": "extend", "r13": "oov"}.get(rid), wrong_every=5)
+    loop, sched, pool = _drafting_loop(drafter, blocks=14, overlap=overlap, detok_fn=detok, max_model_len=max_len,
+                                       retention=True, eos=(7,))
+    shared = [rng.randrange(1, VOCAB) for _ in range(7)]
+    streams, finals, specs = {}, {}, {}
+    for i in range(18):
+        prompt = (shared if i % 2 else []) + [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 10))]
+        sp = SamplingParams(max_tokens=rng.choice([1, 5, 20, max_len, max_len - len(prompt)]), ignore_eos=i % 3 == 0,
+                            stop=("q",) if i % 5 == 0 else ())
+        cancel_after = rng.randint(1, 5) if i % 6 == 1 else None
+        specs[f"r{i}"] = (prompt, sp, cancel_after)
+
+        def cb(ev, rid=f"r{i}", cancel_after=cancel_after):
+            assert rid not in finals, "an event after the final one"
+            streams.setdefault(rid, []).extend(ev.new_tokens)
+            if ev.finished:
+                finals[rid] = ev
+            elif cancel_after is not None and len(streams[rid]) >= cancel_after:
+                loop.cancel(rid)
+
+        loop.submit(Request(f"r{i}", prompt, sp, session_id=f"s{i % 3}"), cb)
+    loop.cancel("r17")  # possibly preempted or waiting by then
+    steps = 0
+    while loop.step():
+        steps += 1
+        assert steps < 5000, "stalled"
+    assert sched.num_preemptions > 0 and sched.num_drafter_errors >= 1
+    for rid, (prompt, sp, cancel_after) in specs.items():
+        ref = reference_generate(prompt, min(sp.max_tokens, max_len - len(prompt)), VOCAB,
+                                 stop_ids=() if sp.ignore_eos else (7,))
+        got = streams.get(rid, [])
+        assert got == ref[:len(got)], rid
+        if cancel_after is None and rid != "r17":
+            if sp.stop:
+                text = detok(ref)
+                assert finals[rid].text == text[:text.find("q")] if "q" in text else got == ref, rid
+            else:
+                assert got == ref and finals[rid].finish_reason in ("stop", "length"), rid
+    assert set(finals) == set(specs)
+    assert not drafter.ctx
+    assert loop.metrics.summary()["requests"] == len(specs)
+    sched.retention.clear()
+    sched.prefix_cache.evict(pool.num_used)
+    assert pool.num_used == 0
+
+
+def test_a_step_bug_past_the_isolation_ends_its_requests_and_the_thread_serves_on():
+    """An executor breaking its contract (more tokens than drafts) makes Scheduler.update raise
+    outside the engine-failure isolation: the loop's thread must not die with the request waiting
+    forever; it ends what it holds with an error and serves the next request."""
+    class Garbled(PageOracleExecutor):
+        def execute(self, out):
+            res = super().execute(out)
+            if "bad" in res:
+                res["bad"] = res["bad"] * 3
+            return res
+
+    loop, pool = make_loop(Garbled(64, 4, VOCAB))
+    finals = {}
+    done = {rid: threading.Event() for rid in ("bad", "ok")}
+
+    def cb(ev):
+        if ev.finished:
+            finals[ev.request_id] = ev
+            done[ev.request_id].set()
+
+    loop.start()
+    try:
+        loop.submit(Request("bad", [1, 2, 3], SamplingParams(max_tokens=5)), cb)
+        assert done["bad"].wait(10), "the request was never ended"
+        assert finals["bad"].finish_reason == "abort" and "serving loop error" in finals["bad"].error
+        assert loop.is_running
+        loop.submit(Request("ok", [2, 4, 6], SamplingParams(max_tokens=8)), cb)
+        assert done["ok"].wait(10)
+    finally:
+        loop.shutdown()
+    assert finals["ok"].finish_reason == "length"
+    assert [t.output_tokens for t in loop.metrics.finished if t.request_id == "ok"] == [8]
+    loop.scheduler.prefix_cache.evict(pool.num_used)
+    assert pool.num_used == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_shutdown_ends_every_request_it_holds(overlap):
+    """Requests running, waiting and still queued when the loop shuts down each get one final
+    event (abort, with an error); their blocks come back; the loop serves again once restarted."""
+    pool = BlockPool(64)
+    sched = Scheduler(SchedulerConfig(block_size=4, max_num_seqs=2, max_tokens_per_step=32, max_model_len=200,
+                                      vocab_size=VOCAB), pool, PrefixCache(4, pool))
+    loop = ServingLoop(sched, PipelinedOracleExecutor(64, 4, VOCAB), overlap=overlap)
+    events = {}
+    for i in range(4):
+        _collect(loop, events, f"r{i}", Request(f"r{i}", [1 + i, 2, 3], SamplingParams(max_tokens=50)))
+    loop.step()
+    loop.step()
+    _collect(loop, events, "queued", Request("queued", [5, 5, 5], SamplingParams(max_tokens=5)))
+    assert len(sched.running) == 2 and len(sched.waiting) == 2
+    loop.shutdown()
+    for rid in ("r0", "r1", "r2", "r3", "queued"):
+        finals = [e for e in events[rid] if e.finished]
+        assert len(finals) == 1 and finals[0].finish_reason == "abort" and "shut down" in finals[0].error, rid
+    assert not sched.requests and not sched.has_unfinished
+    assert loop.metrics.summary()["requests"] == 4  # the queued one never reached the scheduler
+    sched.prefix_cache.evict(pool.num_used)
+    assert pool.num_used == 0
+    _collect(loop, events, "later", Request("later", [3, 1, 4], SamplingParams(max_tokens=6)))
+    loop.run_until_idle()
+    assert [t for e in events["later"] for t in e.new_tokens] == reference_generate([3, 1, 4], 6, VOCAB)

@@ -92,11 +92,14 @@ class ServingLoop:
         return self._thread is not None and self._thread.is_alive()
 
     def shutdown(self) -> None:
+        """Stops the loop's thread; every request it still holds (queued, waiting, running) gets
+        its final event (finish_reason abort, with an error) and its blocks back in the pool."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._fail_all("the serving loop was shut down")
 
     # ---- loop thread ---------------------------------------------------------------------------
 
@@ -114,9 +117,11 @@ class ServingLoop:
                 try:
                     self.scheduler.add_request(arg)
                     self._callbacks[arg.request_id] = cb
-                except ValueError as e:  # validated again (e.g. duplicate id): report, keep serving
+                except Exception as e:  # noqa: BLE001 - validated again (e.g. duplicate id), or its
+                    # grammar failed to build: report to this request alone, keep serving
                     if cb is not None:
-                        cb(StreamEvent(arg.request_id, [], True, FinishReason.ABORT.value, error=str(e)))
+                        with contextlib.suppress(Exception):
+                            cb(StreamEvent(arg.request_id, [], True, FinishReason.ABORT.value, error=str(e)))
             else:
                 req = self.scheduler.abort(arg)
                 if req is not None:
@@ -264,26 +269,65 @@ class ServingLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as e:  # noqa: BLE001 - a bug past the per-request isolation: the thread
+                # must not die with requests waiting on it forever; end them and serve on.
+                log.exception("serving loop step failed; ending the requests it holds")
+                self._fail_all(f"serving loop error: {e}")
+                continue
+            if not busy:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
+
+    def _fail_all(self, error: str) -> None:
+        """Ends every request the loop holds with a final event: queued ones, waiting and running
+        ones (aborted, blocks released) and any finished but not yet delivered. The step in
+        flight, if any, is collected and dropped."""
+        if self._inflight is not None:
+            with contextlib.suppress(Exception):
+                self.executor.collect(self._inflight[1])
+            self._inflight = None
+        self._last_done_s = None
+        while True:
+            try:
+                op, arg, cb = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if op == "add" and cb is not None:
+                with contextlib.suppress(Exception):
+                    cb(StreamEvent(arg.request_id, [], True, FinishReason.ABORT.value, error=error))
+        for rid, req in list(self.scheduler.requests.items()):
+            aborted = self.scheduler.abort(rid)
+            self._deliver_finish(req, error=error if aborted is not None else None)
+            self.scheduler.forget(rid)
+        self._update_gauges()
 
     # ---- delivery --------------------------------------------------------------------------------
 
     def _check_stop_strings(self, req: Request, fresh: list[int]) -> str | None:
         """The output text so far, cut before a matched stop string; a match finishes the request
-        with this step's tokens (`fresh`) in its last event, so usage counts every emitted token."""
+        with this step's tokens up to the one completing the match in its last event (so usage
+        counts every emitted token). Tokens after it (accepted drafts) are dropped, as they would
+        never have been generated one at a time."""
         if self.detokenize is None:
             return None
         text = self.detokenize(req.output_tokens)
-        for stop in req.sampling.stop:
-            idx = text.find(stop)
-            if idx >= 0:
-                text = text[:idx]
-                req.stop_text = text
-                self.scheduler.stop(req.request_id)
-                self._deliver_finish(req, new=fresh, text=text)
-                return text
+        if not any(stop in text for stop in req.sampling.stop):
+            return text
+        n0 = len(req.output_tokens) - len(fresh)
+        for m in range(1, len(fresh) + 1):  # the fewest of this step's tokens that complete a stop
+            text = self.detokenize(req.output_tokens[:n0 + m])
+            hits = [i for stop in req.sampling.stop if (i := text.find(stop)) >= 0]
+            if hits:
+                break
+        del req.output_tokens[n0 + m:]
+        del req.output_logprobs[len(req.output_tokens):]
+        text = text[:min(hits)]
+        req.stop_text = text
+        if self.scheduler.stop(req.request_id) is None:  # finished by this step too (length, EOS)
+            req.finish_reason = FinishReason.STOP  # the stop string came first
+        self._deliver_finish(req, new=fresh[:m], text=text)
         return text
 
     def _emit(self, ev: StreamEvent) -> None:

@@ -69,6 +69,7 @@ class Request:
     waiting_since_s: float = 0.0
     stop_text: str | None = None  # output text cut before a matched stop string
     drafter_started: bool = False  # the drafter holds state for this request
+    drafter_failed: bool = False  # the drafter raised or proposed garbage for it: no more drafts
     output_logprobs: list = dataclasses.field(default_factory=list)  # TokenLogprob per output token (logprobs on)
     token_counts: dict[int, int] = dataclasses.field(default_factory=dict)  # output token counts (penalties on)
     grammar: object | None = None  # the scheduler's GrammarMatcher (structured output), advanced per token

@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,8 @@ from agentinfer_jax.engine.step_batch import PREVIOUS_TOKEN, SeqSampling, StepBa
 from agentinfer_jax.serving.policies import FCFS, AdmissionPolicy, CacheView, Candidate
 from agentinfer_jax.serving.request import (FinishReason, InvalidRequestError, Request, RequestState,
                                             SamplingParams)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SchedulerConfig", "StepSeq", "SchedulerOutput", "Scheduler", "SessionRetention", "replay_tokens",
            "InvalidRequestError", "SamplingParams"]
@@ -149,6 +152,8 @@ class Scheduler:
         # Tokens those gained as cache hits by waiting: at most the prefill saved (the budget might
         # have held some of them back anyway); compare runs with the flag off for the exact saving.
         self.num_inflight_shared_tokens = 0
+        # Drafter calls that raised or returned garbage; each turns drafting off for its request.
+        self.num_drafter_errors = 0
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -326,9 +331,10 @@ class Scheduler:
                 if self.adaptive is not None:
                     self.adaptive.observe(req.request_id, seq.num_draft, num_acc)
             if toks:
+                n0 = len(req.output_tokens)
                 reason = self._append(req, toks, now, logprobs)
-                if self.drafter is not None:
-                    self.drafter.extend(req.request_id, toks)
+                if req.drafter_started:  # what entered the context: nothing past a stop
+                    self._drafter_call(req, "extend", req.output_tokens[n0:])
             else:
                 reason = None
             # Cache blocks as prefill chunks complete and at the end; decode blocks wait for the
@@ -424,7 +430,8 @@ class Scheduler:
         now and judges the proposal, so a weak one keeps the overlap; `stale`: the request's newest
         token is still in flight, so the proposal is one token early (its first token predicts the
         one in flight). The step's own plan proposes again, up to date, and judges that too."""
-        if self.drafter is None:
+        if self.drafter is None or req.drafter_failed:
+            self._pending_k.pop(req.request_id, None)
             return 0
         if req.request_id in self._pending_k:  # already chosen for this step by schedule_ahead
             return self._pending_k.pop(req.request_id)
@@ -444,7 +451,9 @@ class Scheduler:
                 self._backoff[req.request_id] = (skip - 1, backoff)
             return 0
         if ahead:
-            drafts = self.drafter.propose(req.request_id, k + stale)
+            drafts = self._propose(req, k + stale)
+            if req.drafter_failed:
+                return 0
             if not self._worth_verifying(req.request_id, min(len(drafts) - stale, k), step_tokens, stale):
                 return 0
         return k
@@ -452,13 +461,57 @@ class Scheduler:
     def _worth_verifying(self, request_id: str, num_drafts: int, step_tokens: int, stale: bool = False) -> int:
         """How many tokens of the drafter's latest proposal the switch keeps, judged by the
         drafter's own score (one token fewer when `stale`); 0 backs the request off proposing."""
-        expected = self.drafter.expected_accepted(request_id) - stale
+        try:
+            expected = float(self.drafter.expected_accepted(request_id)) - stale
+        except Exception:  # noqa: BLE001 - a drafter's fault stays its request's: no drafts
+            self._drafter_failed(self.requests[request_id], "expected_accepted")
+            return 0
         keep = self.adaptive.drafts_to_keep(max(1, len(self.running)), num_drafts, expected, max(step_tokens, 1))
         if keep:
             return keep
         backoff = min(2 * self._backoff.get(request_id, (0, 0))[1] or 1, MAX_PROPOSAL_BACKOFF)
         self._backoff[request_id] = (backoff, backoff)
         return 0
+
+    # ---- drafter calls: a drafter (possibly a custom one) that raises or proposes garbage costs
+    # its request its drafts, never the request itself, the step or the serving loop.
+
+    def _drafter_call(self, req: Request, method: str, *args) -> bool:
+        """Calls drafter.begin/extend/end for `req`; False (drafting off for it) if it raised."""
+        try:
+            getattr(self.drafter, method)(req.request_id, *args)
+            return True
+        except Exception:  # noqa: BLE001
+            self._drafter_failed(req, method, exc_info=True)
+            return False
+
+    def _drafter_failed(self, req: Request, what: str, exc_info: bool = True) -> None:
+        """Turns drafting off for `req` (its drafter state may be out of step) and ends that state."""
+        self.num_drafter_errors += 1
+        log.warning("drafter %s failed for %s; it decodes without drafts", what, req.request_id, exc_info=exc_info)
+        req.drafter_failed = True
+        self._backoff.pop(req.request_id, None)
+        if req.drafter_started:
+            req.drafter_started = False
+            try:
+                self.drafter.end(req.request_id)
+            except Exception:  # noqa: BLE001 - its state may be gone or half-built already
+                pass
+
+    def _propose(self, req: Request, k: int) -> list[int]:
+        """The drafter's proposal for `req`, at most k token ids in the vocabulary; [] (and drafting
+        off for `req`) when it raises or returns anything else (non-ints, ids out of range)."""
+        try:
+            raw = self.drafter.propose(req.request_id, k)
+            drafts = list(raw)[:k]
+            vocab = self.config.vocab_size
+            for t in drafts:
+                if isinstance(t, bool) or not hasattr(t, "__index__") or not 0 <= int(t) < vocab:
+                    raise ValueError(f"draft token {t!r} is not a token id in [0, {vocab})")
+            return [int(t) for t in drafts]
+        except Exception:  # noqa: BLE001
+            self._drafter_failed(req, "propose")
+            return []
 
     def _plan_running(self, req: Request, budget: int, step_tokens: int = 1) -> StepSeq | None:
         """The request's next feed within `budget`, with blocks allocated; None if blocks ran out.
@@ -469,7 +522,7 @@ class Scheduler:
         if len(pending) == 1:
             k = min(self._draft_len(req, step_tokens), budget - 1)
             if k > 0:
-                drafts = list(self.drafter.propose(req.request_id, k))[:k]
+                drafts = self._propose(req, k)
                 if drafts and self._scored_drafts:
                     # The drafter's own score says how much of this proposal verifying pays for.
                     drafts = drafts[:self._worth_verifying(req.request_id, len(drafts), step_tokens)]
@@ -615,9 +668,9 @@ class Scheduler:
                 req.admitted_s = now
                 req.num_cached_tokens = min(req.num_computed_tokens, len(req.prompt_tokens))
             req.num_inserted_blocks = len(hit)
-            if self.drafter is not None and not req.drafter_started:
-                self.drafter.begin(req.request_id, req.prompt_tokens, req.session_id)
+            if self.drafter is not None and not req.drafter_started and not req.drafter_failed:
                 req.drafter_started = True
+                self._drafter_call(req, "begin", req.prompt_tokens, req.session_id)
             seq = self._plan_running(req, budget, self.config.max_tokens_per_step - budget + 1)
             if seq is None:  # not feasible now: undo and try the next candidate
                 self.pool.release(req.block_ids)
@@ -678,9 +731,9 @@ class Scheduler:
         req.state = state
         req.finish_reason = reason
         req.finish_s = self.clock()
-        if self.drafter is not None and req.drafter_started:
-            self.drafter.end(req.request_id)
+        if req.drafter_started:
             req.drafter_started = False
+            self._drafter_call(req, "end")
         if self.adaptive is not None:
             self.adaptive.end(req.request_id)
         self._pending_k.pop(req.request_id, None)

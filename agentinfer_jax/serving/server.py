@@ -332,6 +332,7 @@ class _Generation:
             self.streams[index].finished = True
             if ev.error:
                 self.cancel_unless_finished()
+                _check_loop_alive(self.stack)  # ended by the loop stopping: a 503, as for a wait
                 raise ApiError(500, ev.error, "engine_error", "server_error")
         return index, ev
 
