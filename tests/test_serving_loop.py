@@ -347,6 +347,9 @@ def test_a_faulty_drafter_costs_only_its_request_its_drafts(fault, overlap):
         assert [t for e in evs for t in e.new_tokens] == reference_generate(prompt, 15, VOCAB), rid
     assert sched.num_drafter_errors >= 1
     assert loop.metrics.finished[-1].accepted > 0 or loop.metrics.finished[0].accepted > 0  # "good" drafted
+    # operators see it: the faulty request alone is counted
+    assert {m.request_id for m in loop.metrics.finished if m.drafter_failed} == {"bad"}
+    assert b"agentinfer_drafter_failed_requests_total 1.0" in loop.metrics.prometheus_text()
     assert not drafter.ctx or fault == "end"  # every begun request's state ended
     _collect(loop, events, "after", Request("after", [3, 3, 3], SamplingParams(max_tokens=6)))
     loop.run_until_idle()

@@ -29,6 +29,7 @@ class RequestMetrics:
     preemptions: int
     finish_reason: str
     inflight_shared_tokens: int = 0  # of cached_tokens: waited for while another request prefilled them
+    drafter_failed: bool = False  # its drafter raised or proposed garbage: it decoded on without drafts
 
     @classmethod
     def of(cls, r: Request) -> RequestMetrics:
@@ -39,7 +40,7 @@ class RequestMetrics:
         return cls(r.request_id, len(r.prompt_tokens), r.num_cached_tokens, n, queue, ttft, tpot,
                    r.finish_s - r.arrival_s, r.num_drafted, r.num_accepted, r.num_verify_steps,
                    r.num_preemptions, r.finish_reason.value if r.finish_reason else "",
-                   r.num_inflight_shared_tokens)
+                   r.num_inflight_shared_tokens, r.drafter_failed)
 
 
 class ServingMetrics:
@@ -70,6 +71,9 @@ class ServingMetrics:
         self.p_drafted = Counter("agentinfer_drafted_tokens", "Drafted tokens sent to verification", registry=r)
         self.p_accepted = Counter("agentinfer_accepted_tokens", "Drafted tokens accepted", registry=r)
         self.p_preempt = Counter("agentinfer_preemptions", "Preemptions", registry=r)
+        self.p_drafter_failed = Counter("agentinfer_drafter_failed_requests",
+                                        "Finished requests whose drafter failed (they decoded on without drafts)",
+                                        registry=r)
         self.g_blocks = Gauge("agentinfer_blocks_in_use",
                               "KV blocks held by requests or retained sessions (evictable cache blocks excluded)",
                               registry=r)
@@ -110,6 +114,7 @@ class ServingMetrics:
         self.p_drafted.inc(m.drafted)
         self.p_accepted.inc(m.accepted)
         self.p_preempt.inc(m.preemptions)
+        self.p_drafter_failed.inc(m.drafter_failed)
         self.p_queue.observe(max(0.0, m.queue_s))
         if m.ttft_s is not None:
             self.p_ttft.observe(m.ttft_s)
