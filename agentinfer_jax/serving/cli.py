@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR
 from agentinfer_jax.serving import distributed
+from agentinfer_jax.serving.argtypes import int_in_range, seconds
 from agentinfer_jax.serving.builder import DRAFTERS, ServerConfig, build_stack
 from agentinfer_jax.serving.policies import POLICY_NAMES
 from agentinfer_jax.serving.server import ServerLimits, serve
@@ -35,32 +36,8 @@ def _mesh_shape(text: str) -> tuple[int, int]:
     return data, model
 
 
-def _int_at_least(low: int, high: int | None = None):
-    """An argparse type: an int in [low, high]; argparse names the flag in its error."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
-    return parse
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-_PORT = _int_at_least(0, 65535)
-_POSITIVE = _int_at_least(1)
+_PORT = int_in_range(0, 65535)
+_POSITIVE = int_in_range(1)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -78,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=_PORT, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--dtype", help="activation dtype override, e.g. float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0, help="random-weight seed (--config; default: %(default)s)")
-    p.add_argument("--num-blocks", type=_int_at_least(2), default=512,
+    p.add_argument("--num-blocks", type=int_in_range(2), default=512,
                    help="KV pages in the pool, page 0 reserved (default: %(default)s)")
     p.add_argument("--block-size", type=_POSITIVE, default=16, help="tokens per KV page (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=_POSITIVE, default=16,
@@ -114,7 +91,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-speculation-first", action="store_true",
                    help="admit requests marked speculative in policy order (default: before the others of "
                         "their priority, SPAgent's rule for its short action guesses)")
-    p.add_argument("--retention-ttl", type=_seconds, default=0.0,
+    p.add_argument("--retention-ttl", type=seconds, default=0.0,
                    help="seconds a finished session call's KV stays held for its next call (0 = off; default: 0)")
     p.add_argument("--max-body-bytes", type=_POSITIVE, default=1 << 20,
                    help="largest request body in bytes; larger ones are refused (default: %(default)s)")
@@ -126,9 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="process 0's address for jax.distributed (same on every process)")
     multi.add_argument("--num-processes", type=_POSITIVE, default=1,
                        help="processes (hosts) running the model (default: %(default)s)")
-    multi.add_argument("--process-id", type=_int_at_least(0), default=0,
+    multi.add_argument("--process-id", type=int_in_range(0), default=0,
                        help="this process's index; 0 serves HTTP (default: %(default)s)")
-    multi.add_argument("--step-port", type=_int_at_least(1, 65535),
+    multi.add_argument("--step-port", type=int_in_range(1, 65535),
                        help="port on the coordinator's host where process 0 sends steps to the others "
                        "(default: coordinator port + 1)")
     args = p.parse_args(argv)
