@@ -1,4 +1,4 @@
-"""The model `make demo` serves on CPU: the tiny decoder made wide enough (~7.6M parameters, 29 MB
+"""The model `make demo` serves on CPU: the tiny decoder made wide enough (~7.7M parameters, 29 MB
 in float32) that a decode step is bound by streaming its weights, as serving a real model on an
 accelerator is, rather than by compute, as the 0.8M-parameter tiny model is on a CPU. One KV head
 keeps each sequence's KV reads small next to the weights, as in a large GQA model.

@@ -75,16 +75,20 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "small run for the demo (few short sessions, tool latency mean 0.5 s)")
 flags.DEFINE_string("json_out", "experiments/results/agent_e2e.json", "where to write the JSON (plot beside it)")
 flags.DEFINE_string("traces", None, "trace file/dir (default: the bundled FireAct sample)")
-flags.DEFINE_integer("num_sessions", None, "sessions to replay (default 12; quick: 4)")
-flags.DEFINE_float("tool_latency_mean", None, "mean simulated tool latency in s (default 1.5; quick: 0.5)")
+flags.DEFINE_integer("num_sessions", None, "sessions to replay (default 12; quick: 4)", lower_bound=1)
+flags.DEFINE_float("tool_latency_mean", None, "mean simulated tool latency in s (default 1.5; quick: 0.5)",
+                  lower_bound=0.0)
 flags.DEFINE_float("arrival_rate", 1.0, "Poisson session arrivals per second")
-flags.DEFINE_integer("max_turns", None, "only sessions with at most this many LLM calls (default 6; quick: 3)")
+flags.DEFINE_integer("max_turns", None, "only sessions with at most this many LLM calls (default 6; quick: 3)",
+                     lower_bound=1)
 flags.DEFINE_string("model", "cpu_demo", "configs/<name>.py of the large role, random weights (cpu_demo: decode is "
                     "bound by streaming weights, as on an accelerator; tiny: compute-bound on a CPU)")
-flags.DEFINE_integer("num_draft_tokens", 8, "k drafted tokens per verify step (AgentSAM)")
-flags.DEFINE_integer("memory_sessions", 60, "other trace sessions pre-loaded into AgentSAM's cross-session memory")
+flags.DEFINE_integer("num_draft_tokens", 8, "k drafted tokens per verify step (AgentSAM)", lower_bound=1)
+flags.DEFINE_integer("memory_sessions", 60, "other trace sessions pre-loaded into AgentSAM's cross-session memory",
+                     lower_bound=0)
 flags.DEFINE_list("configs", list(CONFIG_NAMES), "configs to run (baseline always runs)")
-flags.DEFINE_integer("repeats", 1, "rounds per config, in alternating order; fields are medians over rounds")
+flags.DEFINE_integer("repeats", 1, "rounds per config, in alternating order; fields are medians over rounds",
+                     lower_bound=1)
 flags.DEFINE_bool("projection_switch", True, "drafting configs replay once more with the adaptive switch pricing k "
                   "at the projection target's step costs; their projection uses that replay")
 flags.DEFINE_integer("seed", 0, "seed of arrivals, tool latencies and action guesses")
@@ -92,6 +96,21 @@ flags.DEFINE_string("compilation_cache", DEFAULT_CACHE_DIR,
                     "JAX persistent compilation cache dir ('' = off)")
 flags.DEFINE_string("derive_hit_rates_from", None,
                     "speculative-action run_metrics dir: re-derive the bundled hit-rate JSON from it and exit")
+flags.register_validator("arrival_rate", lambda v: 0 < v < float("inf"), "must be a positive number of sessions per s")
+flags.register_validator("configs", lambda v: set(v) <= set(CONFIG_NAMES), f"choose from {','.join(CONFIG_NAMES)}")
+flags.register_validator("traces", lambda v: v is None or pathlib.Path(v).exists(), "no such file or directory")
+flags.register_validator("derive_hit_rates_from", lambda v: v is None or pathlib.Path(v).is_dir(), "no such directory")
+
+
+def _is_model_config(name: str) -> bool:
+    try:
+        load_model_config(name)
+    except ValueError:
+        return False
+    return True
+
+
+flags.register_validator("model", _is_model_config, "no such configs/<name>.py")
 
 
 # ---------------------------------------------------------------------------------------------

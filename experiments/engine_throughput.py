@@ -57,20 +57,20 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "configs/<name>.py (random weights).")
 flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Concurrent requests.")
 flags.DEFINE_list("context_lens", ["128", "512"], "Prompt tokens per request.")
-flags.DEFINE_integer("gen_len", 64, "Output tokens per request.")
-flags.DEFINE_integer("num_draft_tokens", 4, "k of the drafters (at most k with the adaptive switch).")
+flags.DEFINE_integer("gen_len", 64, "Output tokens per request.", lower_bound=1)
+flags.DEFINE_integer("num_draft_tokens", 4, "k of the drafters (at most k with the adaptive switch).", lower_bound=1)
 flags.DEFINE_list("drafters", ["none", "ngram", "sam", "sam_adaptive"],
                   "none, ngram (prompt lookup), sam (AgentSAM, fixed k), sam_adaptive (AgentSAM, adaptive k).")
-flags.DEFINE_integer("block_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("max_tokens_per_step", 512, "Token budget per step.")
+flags.DEFINE_integer("block_size", 16, "Tokens per KV page.", lower_bound=1)
+flags.DEFINE_integer("max_tokens_per_step", 512, "Token budget per step.", lower_bound=1)
 flags.DEFINE_string("dtype", "", "Activation dtype override (default: the config's).")
 flags.DEFINE_bool("quick", False, "Small sweep (< 3 min on CPU).")
 flags.DEFINE_bool("efficiency", True, "Step efficiency against the dense forward.")
 flags.DEFINE_bool("sweep", True, "Throughput sweep over drafters, contexts and batches.")
 flags.DEFINE_list("efficiency_batches", ["1", "4", "16"], "Batches of the efficiency table.")
-flags.DEFINE_integer("efficiency_context", 512, "Cached tokens per sequence before the step.")
+flags.DEFINE_integer("efficiency_context", 512, "Cached tokens per sequence before the step.", lower_bound=1)
 flags.DEFINE_bool("fine_token_buckets", True, "Efficiency engine: token and page-table buckets at 1.5x steps.")
-flags.DEFINE_integer("rounds", 21, "Timed rounds per efficiency point (medians).")
+flags.DEFINE_integer("rounds", 21, "Timed rounds per efficiency point (medians).", lower_bound=1)
 flags.DEFINE_string("compilation_cache_dir", DEFAULT_CACHE_DIR, "JAX persistent compilation cache ('' = off).")
 flags.DEFINE_list("overlap", ["on", "off"], "Serving-loop host/device overlap settings to sweep (on, off).")
 flags.DEFINE_string("json_out", "", "Write results here.")
@@ -78,6 +78,28 @@ flags.DEFINE_bool("compile_all", True, "Sweep stacks warm up as the server does:
                   "adaptive switch's cost cells timed before measuring (its k follows timings, so a warm-up run "
                   "need not meet every shape). Off: only the warm-up run's shapes compile (large models on an "
                   "accelerator: far fewer compilations)")
+
+
+def _positive_ints(values: list[str]) -> bool:
+    return all(v.isdigit() and int(v) > 0 for v in values)
+
+
+def _is_model_config(name: str) -> bool:
+    try:
+        load_model_config(name)
+    except ValueError:
+        return False
+    return True
+
+
+DRAFTER_NAMES = ("none", "ngram", "sam", "sam_adaptive")
+flags.register_validator("config", _is_model_config, "no such configs/<name>.py")
+flags.register_validator("drafters", lambda v: set(v) <= set(DRAFTER_NAMES), f"choose from {','.join(DRAFTER_NAMES)}")
+flags.register_validator("overlap", lambda v: set(v) <= {"on", "off"}, "choose from on,off")
+flags.register_validator("dtype", lambda v: v in ("", "float32", "bfloat16", "float16"),
+                         "float32, bfloat16 or float16 ('' = the config's)")
+for _name in ("batch_sizes", "context_lens", "efficiency_batches"):
+    flags.register_validator(_name, _positive_ints, "must be positive integers")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ plots hit rate against capacity and the shadow price over time; writes JSON with
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import pathlib
@@ -26,9 +27,9 @@ from absl import app, flags
 from tqdm import tqdm
 
 from agentinfer_jax.cache import BlockPool, PrefixCache
-from agentinfer_jax.serving.policies import make_policy
+from agentinfer_jax.serving.policies import POLICY_NAMES, make_policy
 from agentinfer_jax.serving.scheduler import Scheduler, SchedulerConfig, SessionRetention
-from agentinfer_jax.workloads.cost_model import StepCostModel, holdout_report
+from agentinfer_jax.workloads.cost_model import DEVICES, StepCostModel, holdout_report
 from agentinfer_jax.workloads.sessions import (TokenizedCall, TokenizedSession, ToolLatency,
                                                poisson_arrivals, sessions_from_traces, tokenize_session)
 from agentinfer_jax.workloads.simulator import (SimulatedExecutor, TimedEngineExecutor, VirtualClock,
@@ -49,14 +50,15 @@ flags.DEFINE_string("plot_out", "", "PNG of hit rate vs capacity and lambda over
 flags.DEFINE_list("policies", ["fcfs", "sjf", "lpm", "agentsched"], "Policies to compare.")
 flags.DEFINE_list("capacity_fracs", ["0.15", "0.25", "0.35", "0.5", "0.75"], "KV capacity / working set.")
 flags.DEFINE_list("rates", ["4.0"], "Session arrival rates (sessions per second).")
-flags.DEFINE_integer("num_sessions", 200, "Sessions replayed (first N of the traces).")
-flags.DEFINE_float("tool_latency_mean", 1.5, "Mean tool latency in seconds (lognormal).")
-flags.DEFINE_float("retention_ttl", 0.0, "Session-aware retention TTL in seconds (0 = off), for every policy.")
-flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
-flags.DEFINE_integer("max_num_seqs", 64, "Running requests at most.")
-flags.DEFINE_integer("max_tokens_per_step", 2048, "Token budget per step.")
+flags.DEFINE_integer("num_sessions", 200, "Sessions replayed (first N of the traces).", lower_bound=1)
+flags.DEFINE_float("tool_latency_mean", 1.5, "Mean tool latency in seconds (lognormal).", lower_bound=0.0)
+flags.DEFINE_float("retention_ttl", 0.0, "Session-aware retention TTL in seconds (0 = off), for every policy.",
+                  lower_bound=0.0)
+flags.DEFINE_integer("block_size", 16, "Tokens per KV block.", lower_bound=1)
+flags.DEFINE_integer("max_num_seqs", 64, "Running requests at most.", lower_bound=1)
+flags.DEFINE_integer("max_tokens_per_step", 2048, "Token budget per step.", lower_bound=1)
 flags.DEFINE_string("model_config", "llama3_1_8b", "configs/<name>.py whose shape the roofline uses (sim).")
-flags.DEFINE_string("device", "h100", "Roofline device for the sim cost model.")
+flags.DEFINE_enum("device", "h100", list(DEVICES), "Roofline device for the sim cost model.")
 flags.DEFINE_string("cost_model", "", "A fitted StepCostModel JSON (overrides the roofline).")
 flags.DEFINE_float("as_a", 8.0, "AgentSched a (hit reward per cached block).")
 flags.DEFINE_float("as_b", 1.0, "AgentSched b (base block price).")
@@ -70,6 +72,23 @@ flags.DEFINE_integer("working_set_blocks", 0,
 flags.DEFINE_bool("sweep_agentsched", False, "Also sweep AgentSched's (c, lambda_max) at the headline point.")
 flags.DEFINE_bool("stress", False, "Run the 100-token / 32K-token stress mix instead.")
 flags.DEFINE_integer("seed", 0, "Seed for arrivals and tool latency.")
+
+
+def _positive_numbers(values: list[str]) -> bool:
+    try:
+        return all(0 < float(v) < math.inf for v in values)
+    except ValueError:
+        return False
+
+
+flags.register_validator("policies", lambda v: set(v) <= set(POLICY_NAMES), f"choose from {','.join(POLICY_NAMES)}")
+flags.register_validator("traces", lambda v: all(pathlib.Path(p).exists() for p in v), "no such file or directory")
+flags.register_validator("cost_model", lambda v: not v or pathlib.Path(v).is_file(), "no such file")
+flags.register_validator("capacity_fracs", _positive_numbers, "must be positive numbers")
+flags.register_validator("rates", _positive_numbers, "must be positive numbers of sessions per second")
+flags.register_validator("working_set_blocks", lambda v: v >= 0, "must be >= 0 (0 = measure it)")
+flags.register_validator("model_config", lambda v: importlib.util.find_spec(f"agentinfer_jax.configs.{v}") is not None
+                         if v.isidentifier() else False, "no such configs/<name>.py")
 
 
 def load_sessions(paths, n, tokenizer, instruction="fewshot") -> list[TokenizedSession]:

@@ -14,6 +14,7 @@ and prompt tokens). `session` is the gateway's manual policy keyed by session id
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -34,18 +35,24 @@ from agentinfer_jax.workloads.traces import default_trace_path, load_traces
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("policies", ["round_robin", "cache_aware", "session"], f"Routing policies ({', '.join(POLICIES)}).")
-flags.DEFINE_integer("replicas", 2, "agentinfer-serve replicas behind the router.")
-flags.DEFINE_integer("num_sessions", 40, "Sessions replayed (the bundled sample's first N, longest first).")
-flags.DEFINE_integer("concurrency", 8, "Sessions in flight at once.")
-flags.DEFINE_integer("max_tokens", 8, "Tokens the model generates per call (its own, greedy).")
+flags.DEFINE_integer("replicas", 2, "agentinfer-serve replicas behind the router.", lower_bound=1)
+flags.DEFINE_integer("num_sessions", 40, "Sessions replayed (the bundled sample's first N, longest first).",
+                     lower_bound=1)
+flags.DEFINE_integer("concurrency", 8, "Sessions in flight at once.", lower_bound=1)
+flags.DEFINE_integer("max_tokens", 8, "Tokens the model generates per call (its own, greedy).", lower_bound=1)
 flags.DEFINE_string("config", "tiny", "configs/<name>.py each replica serves (random weights).")
-flags.DEFINE_integer("num_blocks", 256, "KV pages per replica (the memory a replica has for sessions' KV).")
-flags.DEFINE_integer("max_model_len", 2048, "Context per request.")
+flags.DEFINE_integer("num_blocks", 256, "KV pages per replica (the memory a replica has for sessions' KV).",
+                     lower_bound=2)
+flags.DEFINE_integer("max_model_len", 2048, "Context per request.", lower_bound=1)
 flags.DEFINE_list("serve_args", [], "Extra agentinfer-serve arguments for every replica.")
 flags.DEFINE_list("router_args", [], "Extra sglang-router arguments (they override the launcher's, e.g. "
                   "--assignment-mode,min_group).")
 flags.DEFINE_bool("quick", False, "12 sessions, 6 in flight, 160 KV pages per replica (CI / demo scale).")
 flags.DEFINE_string("json_out", "", "Write results here.")
+flags.register_validator("policies", lambda v: set(v) <= set(POLICIES), f"choose from {','.join(POLICIES)}")
+flags.register_validator("config", lambda v: v.isidentifier()
+                         and importlib.util.find_spec(f"agentinfer_jax.configs.{v}") is not None,
+                         "no such configs/<name>.py")
 
 _METRIC = re.compile(r"^(agentinfer_(?:requests_total|prompt_tokens_total|cached_prompt_tokens_total))(\{[^}]*\})? (\S+)$",
                      re.MULTILINE)

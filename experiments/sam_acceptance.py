@@ -64,16 +64,26 @@ flags.DEFINE_string("shared", str(pathlib.Path(__file__).resolve().parents[2] / 
 flags.DEFINE_string("tokenizer", str(ASSETS / "tokenizer.json"), "tokenizer.json to use.")
 flags.DEFINE_list("k", ["8"], "Draft length(s) k.")
 flags.DEFINE_bool("quick", False, "First 25 trajectories per trace, k = 8 only.")
-flags.DEFINE_integer("limit", None, "At most this many trajectories per trace.")
+flags.DEFINE_integer("limit", None, "At most this many trajectories per trace.", lower_bound=1)
 flags.DEFINE_string("json_out", None, "Write results JSON here.")
-flags.DEFINE_list("drafters", None, "Drafters to replay (default: DEFAULT_DRAFTERS; the peer's only when built).")
+flags.DEFINE_list("drafters", None, "Drafters to replay (default: prompt_lookup, suffix_decoding, suffix_decoding_f8, "
+                  "sam_session, sam_memory; the peer's only when built).")
 flags.DEFINE_float("memory_cap_mb", 64.0, "SessionMemory's cap on stored sessions, MB (SessionMemory's default).")
+flags.register_validator("memory_cap_mb", lambda v: v > 0, "must be > 0")
 flags.DEFINE_bool("gil_probe", False, "Also measure the main thread's longest stall while the memory's "
                   "worker builds a 256K-token global automaton and runs retrievals (GIL release check).")
-flags.DEFINE_integer("passes", 1, "Replay each trace this many times with the same drafter (RSS flatness check).")
+flags.DEFINE_integer("passes", 1, "Replay each trace this many times with the same drafter (RSS flatness check).",
+                     lower_bound=1)
 flags.DEFINE_integer("stream_passes", 0, "Instead of the table: one drafter per k and name replays every trace "
                      "file in one stream, this many times over, as one long-running server would; prints and "
-                     "writes RSS after each pass (RSS flatness over a long replay).")
+                     "writes RSS after each pass (RSS flatness over a long replay).", lower_bound=0)
+flags.register_validator("k", lambda v: all(k.isdigit() and int(k) > 0 for k in v), "must be positive integers")
+flags.register_validator("traces", lambda v: all(pathlib.Path(p).exists() for a in v or () for p in a.split(",") if p),
+                         "no such file or directory")
+flags.register_validator("tokenizer", lambda v: pathlib.Path(v).is_file(), "no such file")
+flags.register_multi_flags_validator(["all_shared", "shared"],
+                                     lambda f: not f["all_shared"] or pathlib.Path(f["shared"]).is_dir(),
+                                     "--shared must be the shared data checkout for --all_shared")
 
 
 class ChatTokenizer:

@@ -32,9 +32,9 @@ from agentinfer_jax.serving.scheduler import Scheduler
 from agentinfer_jax.tokenizer import load_tokenizer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_requests", 32, "Requests per variant (all admitted at once).")
-flags.DEFINE_integer("max_tokens", 64, "Output tokens per request at most.")
-flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per request.")
+flags.DEFINE_integer("num_requests", 32, "Requests per variant (all admitted at once).", lower_bound=1)
+flags.DEFINE_integer("max_tokens", 64, "Output tokens per request at most.", lower_bound=1)
+flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per request.", lower_bound=1)
 flags.DEFINE_bool("quick", False, "8 requests of 24 tokens.")
 flags.DEFINE_string("json_out", None, "Write the results here as JSON.")
 

@@ -65,17 +65,26 @@ def kv_bytes(case) -> int:
     return int(np.sum(np.asarray(case["kv_lens"]))) * kp.shape[0] * kp.shape[3] * kp.dtype.itemsize * 2
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--kv_heads", type=int, default=8)
-    ap.add_argument("--head_dim", type=int, default=128)
-    ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--page_size", type=int, default=16)
-    ap.add_argument("--verify_len", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--json_out", type=str, default="")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=_positive, default=64, help="sequences per step (default: %(default)s)")
+    ap.add_argument("--context", type=_positive, default=4096,
+                    help="KV tokens per sequence, new ones included (default: %(default)s)")
+    ap.add_argument("--kv_heads", type=_positive, default=8, help="KV heads (default: %(default)s)")
+    ap.add_argument("--head_dim", type=_positive, default=128, help="dimension per head (default: %(default)s)")
+    ap.add_argument("--group", type=_positive, default=4, help="query heads per KV head (default: %(default)s)")
+    ap.add_argument("--page_size", type=_positive, default=16, help="tokens per KV page (default: %(default)s)")
+    ap.add_argument("--verify_len", type=_positive, default=8,
+                    help="query tokens per sequence in the verification case (default: %(default)s)")
+    ap.add_argument("--iters", type=_positive, default=20, help="timed calls per case (default: %(default)s)")
+    ap.add_argument("--json_out", type=str, default="", help="write the rows here as JSON ('' = do not)")
     args = ap.parse_args()
 
     on_gpu = jax.default_backend() == "gpu"

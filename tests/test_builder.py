@@ -268,3 +268,23 @@ def test_speculative_requests_are_admitted_first_unless_turned_off():
     from agentinfer_jax.serving.cli import config_from_args, parse_args
     assert config_from_args(parse_args([])).speculation_first
     assert not config_from_args(parse_args(["--no-speculation-first"])).speculation_first
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--port", "-5"], "--port"), (["--max-model-len", "-1"], "--max-model-len"),
+    (["--num-blocks", "1"], "--num-blocks"), (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--retention-ttl", "-1"], "--retention-ttl"), (["--log-level", "bogus"], "--log-level"),
+    (["--num-draft-tokens", "x"], "--num-draft-tokens"),
+    (["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id"),
+])
+def test_cli_refuses_bad_values_naming_the_flag(argv, flag, capsys):
+    """A bad value is a usage error naming its flag, never a traceback or a server that starts."""
+    from agentinfer_jax.serving.cli import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_server_config_refuses_a_context_without_tokens():
+    with pytest.raises(ValueError, match="max_model_len"):
+        ServerConfig(config="tiny", max_model_len=0)

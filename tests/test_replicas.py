@@ -63,8 +63,9 @@ def test_router_arguments():
     args, serve = parse_args(["--replicas", "3", "--policy", "cache_aware", "--", "--config", "tiny", "--policy", "lpm"])
     assert (args.replicas, args.policy, serve) == (3, "cache_aware", ["--config", "tiny", "--policy", "lpm"])
     assert parse_args([])[1] == ["--config", "tiny"]
-    with pytest.raises(SystemExit):
-        parse_args(["--policy", "sticky"])
+    for bad in (["--policy", "sticky"], ["--replicas", "0"], ["--port", "-1"], ["--replica-ports", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def _requests_served(url: str) -> float:

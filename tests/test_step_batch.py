@@ -132,6 +132,7 @@ sys.exit(1 if bad else 0)
 
 
 @pytest.mark.parametrize("pkg, forbidden", [
+    ("model", ("agentinfer_jax.engine", "agentinfer_jax.serving", "agentinfer_jax.agents", "agentinfer_jax.workloads")),
     ("engine", ("agentinfer_jax.serving", "agentinfer_jax.agents", "agentinfer_jax.workloads")),
     ("cache", ("agentinfer_jax.engine", "agentinfer_jax.serving", "agentinfer_jax.agents")),
     ("speculation", ("agentinfer_jax.engine", "agentinfer_jax.serving", "agentinfer_jax.agents")),

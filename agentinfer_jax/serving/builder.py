@@ -101,6 +101,8 @@ class ServerConfig:
             raise ValueError(f"num_draft_tokens must be positive with a drafter, got {self.num_draft_tokens}")
         if self.retention_ttl_s < 0:
             raise ValueError(f"retention_ttl_s must be >= 0, got {self.retention_ttl_s}")
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
     @property
     def num_draft(self) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR
 from agentinfer_jax.serving import distributed
+from agentinfer_jax.serving.argtypes import int_in_range, seconds
 from agentinfer_jax.serving.builder import DRAFTERS, ServerConfig, build_stack
 from agentinfer_jax.serving.policies import POLICY_NAMES
 from agentinfer_jax.serving.server import ServerLimits, serve
@@ -35,6 +36,11 @@ def _mesh_shape(text: str) -> tuple[int, int]:
     return data, model
 
 
+_PORT = int_in_range(0, 65535)
+_POSITIVE = int_in_range(1)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="agentinfer-serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,18 +49,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--config", help="configs/<name>.py with random weights (default: tiny)")
     p.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json, or 'builtin' for the bundled one "
                    "(default: the checkpoint's tokenizer.json, required; --config: built-in)")
-    p.add_argument("--model-name", help="model id served in /v1/models")
+    p.add_argument("--model-name",
+                   help="model id served in /v1/models (default: the checkpoint folder's or config's name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_PORT, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--dtype", help="activation dtype override, e.g. float32 or bfloat16")
-    p.add_argument("--seed", type=int, default=0, help="random-weight seed (--config)")
-    p.add_argument("--num-blocks", type=int, default=512, help="KV pages")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--max-tokens-per-step", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--drafter", choices=DRAFTERS, default="none")
-    p.add_argument("--num-draft-tokens", type=int, default=4, help="draft length k at most")
+    p.add_argument("--seed", type=int, default=0, help="random-weight seed (--config; default: %(default)s)")
+    p.add_argument("--num-blocks", type=int_in_range(2), default=512,
+                   help="KV pages in the pool, page 0 reserved (default: %(default)s)")
+    p.add_argument("--block-size", type=_POSITIVE, default=16, help="tokens per KV page (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=_POSITIVE, default=16,
+                   help="requests running at once, at most (default: %(default)s)")
+    p.add_argument("--max-tokens-per-step", type=_POSITIVE, default=256,
+                   help="token budget of one engine step: prefill chunks, decode and draft tokens "
+                        "(default: %(default)s)")
+    p.add_argument("--max-model-len", type=_POSITIVE, default=2048,
+                   help="context length in tokens, prompt plus output (default: %(default)s)")
+    p.add_argument("--drafter", choices=DRAFTERS, default="none",
+                   help="draft tokens for speculative decoding: ngram = prompt lookup, sam = AgentSAM "
+                        "(default: %(default)s)")
+    p.add_argument("--num-draft-tokens", type=_POSITIVE, default=4,
+                   help="draft length k at most, in tokens (default: %(default)s)")
     p.add_argument("--no-adaptive-draft", action="store_true",
                    help="always draft k tokens (default: k per request from measured step cost and acceptance)")
     p.add_argument("--mesh", type=_mesh_shape, metavar="DATA,MODEL",
@@ -66,29 +81,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="JAX's persistent compilation cache, so a restart loads compiled steps ('' = off)")
     p.add_argument("--no-overlap", action="store_true",
                    help="wait for each step before planning the next (default: plan step n+1 while n runs)")
-    p.add_argument("--policy", choices=POLICY_NAMES, default="fcfs")
-    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--policy", choices=POLICY_NAMES, default="fcfs",
+                   help="admission order of waiting requests (default: %(default)s)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse cached KV blocks of earlier prompts (default: reuse them)")
     p.add_argument("--no-share-inflight-prefill", action="store_true",
                    help="admit a request at once even while a running request is prefilling its prompt's "
                    "next blocks (default: wait for them to be cached)")
     p.add_argument("--no-speculation-first", action="store_true",
                    help="admit requests marked speculative in policy order (default: before the others of "
                         "their priority, SPAgent's rule for its short action guesses)")
-    p.add_argument("--retention-ttl", type=float, default=0.0, help="session KV retention seconds (0 = off)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: max-model-len)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--retention-ttl", type=seconds, default=0.0,
+                   help="seconds a finished session call's KV stays held for its next call (0 = off; default: 0)")
+    p.add_argument("--max-body-bytes", type=_POSITIVE, default=1 << 20,
+                   help="largest request body in bytes; larger ones are refused (default: %(default)s)")
+    p.add_argument("--max-tokens-limit", type=_POSITIVE, help="largest max_tokens accepted (default: max-model-len)")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
+                   help="log level of the server and uvicorn (default: %(default)s)")
     multi = p.add_argument_group("one model over several processes (jax.distributed)")
     multi.add_argument("--coordinator-address", metavar="HOST:PORT",
                        help="process 0's address for jax.distributed (same on every process)")
-    multi.add_argument("--num-processes", type=int, default=1, help="processes (hosts) running the model")
-    multi.add_argument("--process-id", type=int, default=0, help="this process's index; 0 serves HTTP")
-    multi.add_argument("--step-port", type=int,
+    multi.add_argument("--num-processes", type=_POSITIVE, default=1,
+                       help="processes (hosts) running the model (default: %(default)s)")
+    multi.add_argument("--process-id", type=int_in_range(0), default=0,
+                       help="this process's index; 0 serves HTTP (default: %(default)s)")
+    multi.add_argument("--step-port", type=int_in_range(1, 65535),
                        help="port on the coordinator's host where process 0 sends steps to the others "
                        "(default: coordinator port + 1)")
     args = p.parse_args(argv)
     if args.num_processes > 1 and not args.coordinator_address:
         p.error("--num-processes > 1 needs --coordinator-address")
+    if args.process_id >= args.num_processes:
+        p.error(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
     return args
 
 

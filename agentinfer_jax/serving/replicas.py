@@ -313,14 +313,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     if "--" in argv:
         cut = argv.index("--")
         argv, serve_args = argv[:cut], argv[cut + 1:]
+    from agentinfer_jax.serving.argtypes import int_in_range
+
     p = argparse.ArgumentParser(prog="agentinfer-replicas", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--replicas", type=int, default=2, help="agentinfer-serve replicas to start on this host")
+    p.add_argument("--replicas", type=int_in_range(1), default=2,
+                   help="agentinfer-serve replicas to start on this host (default: %(default)s)")
     p.add_argument("--policy", choices=POLICIES, default="session",
-                   help="routing policy (session = sticky per x-smg-routing-key, i.e. per agent session)")
+                   help="routing policy (session = sticky per x-smg-routing-key, i.e. per agent session; "
+                        "default: %(default)s)")
     p.add_argument("--host", default=_LOOPBACK, help="the router's bind address (replicas bind loopback)")
-    p.add_argument("--port", type=int, default=30000, help="the router's port")
-    p.add_argument("--replica-ports", type=int, nargs="*", default=[], help="replica ports (default: free ones)")
+    p.add_argument("--port", type=int_in_range(1, 65535), default=30000,
+                   help="the router's port (default: %(default)s)")
+    p.add_argument("--replica-ports", type=int_in_range(1, 65535), nargs="*", default=[],
+                   help="replica ports (default: free ones)")
     p.add_argument("--worker-urls", nargs="*", default=[],
                    help="route to replicas already running (e.g. on other hosts) instead of starting any")
     p.add_argument("--log-dir", help="replica and router logs (default: a temporary folder)")
