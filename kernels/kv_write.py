@@ -7,7 +7,6 @@ tokens name the same slot, which one lands is unspecified (the engine never does
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
