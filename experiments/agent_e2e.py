@@ -56,7 +56,8 @@ from agentinfer_jax.agents.spagent import SpeculationConfig
 from agentinfer_jax.agents.tools import ToolLatency
 from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR, EngineConfig, enable_compilation_cache
 from agentinfer_jax.model.transformer import init_model
-from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_engine, build_stack, load_model_config
+from agentinfer_jax.serving.builder import (ServerConfig, ServingStack, build_engine, build_stack, is_model_config,
+                                            load_model_config)
 from agentinfer_jax.speculation import SessionMemory
 from agentinfer_jax.speculation.sam_drafter import compile_kernels
 from agentinfer_jax.tokenizer import Tokenizer, load_tokenizer
@@ -102,15 +103,7 @@ flags.register_validator("traces", lambda v: v is None or pathlib.Path(v).exists
 flags.register_validator("derive_hit_rates_from", lambda v: v is None or pathlib.Path(v).is_dir(), "no such directory")
 
 
-def _is_model_config(name: str) -> bool:
-    try:
-        load_model_config(name)
-    except ValueError:
-        return False
-    return True
-
-
-flags.register_validator("model", _is_model_config, "no such configs/<name>.py")
+flags.register_validator("model", is_model_config, "no such configs/<name>.py")
 
 
 # ---------------------------------------------------------------------------------------------

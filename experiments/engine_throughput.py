@@ -47,7 +47,8 @@ from agentinfer_jax.engine.engine import DEFAULT_CACHE_DIR, Engine, EngineConfig
 from agentinfer_jax.engine.step_batch import PREVIOUS_TOKEN, StepBatch, StepSeq
 from agentinfer_jax.model.attention import ContiguousAttention, ContiguousMeta
 from agentinfer_jax.model.transformer import init_cache, init_model
-from agentinfer_jax.serving.builder import ServerConfig, ServingStack, build_stack, load_model_config
+from agentinfer_jax.serving.builder import (ServerConfig, ServingStack, build_stack, is_model_config,
+                                            load_model_config)
 from agentinfer_jax.serving.request import Request, SamplingParams
 from agentinfer_jax.speculation import SAMDrafter, SessionMemory
 from agentinfer_jax.tokenizer import load_tokenizer
@@ -84,16 +85,8 @@ def _positive_ints(values: list[str]) -> bool:
     return all(v.isdigit() and int(v) > 0 for v in values)
 
 
-def _is_model_config(name: str) -> bool:
-    try:
-        load_model_config(name)
-    except ValueError:
-        return False
-    return True
-
-
 DRAFTER_NAMES = ("none", "ngram", "sam", "sam_adaptive")
-flags.register_validator("config", _is_model_config, "no such configs/<name>.py")
+flags.register_validator("config", is_model_config, "no such configs/<name>.py")
 flags.register_validator("drafters", lambda v: set(v) <= set(DRAFTER_NAMES), f"choose from {','.join(DRAFTER_NAMES)}")
 flags.register_validator("overlap", lambda v: set(v) <= {"on", "off"}, "choose from on,off")
 flags.register_validator("dtype", lambda v: v in ("", "float32", "bfloat16", "float16"),

@@ -195,6 +195,15 @@ def load_model_config(name: str) -> ModelConfig:
     return module.get_config()
 
 
+def is_model_config(name: str) -> bool:
+    """Whether `load_model_config(name)` finds a config (for flag validators)."""
+    try:
+        load_model_config(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _model_config(config: ServerConfig) -> ModelConfig:
     """The model's shapes, read cheaply (no weights) so bad configs fail before any loading."""
     if config.checkpoint is None:
