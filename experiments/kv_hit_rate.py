@@ -16,7 +16,6 @@ plots hit rate against capacity and the shadow price over time; writes JSON with
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -27,6 +26,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from agentinfer_jax.cache import BlockPool, PrefixCache
+from agentinfer_jax.serving.builder import is_model_config, load_model_config
 from agentinfer_jax.serving.policies import POLICY_NAMES, make_policy
 from agentinfer_jax.serving.scheduler import Scheduler, SchedulerConfig, SessionRetention
 from agentinfer_jax.workloads.cost_model import DEVICES, StepCostModel, holdout_report
@@ -87,8 +87,7 @@ flags.register_validator("cost_model", lambda v: not v or pathlib.Path(v).is_fil
 flags.register_validator("capacity_fracs", _positive_numbers, "must be positive numbers")
 flags.register_validator("rates", _positive_numbers, "must be positive numbers of sessions per second")
 flags.register_validator("working_set_blocks", lambda v: v >= 0, "must be >= 0 (0 = measure it)")
-flags.register_validator("model_config", lambda v: importlib.util.find_spec(f"agentinfer_jax.configs.{v}") is not None
-                         if v.isidentifier() else False, "no such configs/<name>.py")
+flags.register_validator("model_config", is_model_config, "no such configs/<name>.py")
 
 
 def load_sessions(paths, n, tokenizer, instruction="fewshot") -> list[TokenizedSession]:
@@ -123,9 +122,7 @@ def working_set_blocks(sessions, arrivals, latencies, bs) -> int:
 def make_cost_model():
     if FLAGS.cost_model:
         return StepCostModel.load(FLAGS.cost_model)
-    import importlib
-    cfg = importlib.import_module(f"agentinfer_jax.configs.{FLAGS.model_config}").get_config()
-    return StepCostModel.default_for(cfg, FLAGS.device)
+    return StepCostModel.default_for(load_model_config(FLAGS.model_config), FLAGS.device)
 
 
 class Runner:

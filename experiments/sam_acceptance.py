@@ -161,14 +161,9 @@ def replay(drafter: Drafter, trajs: Sequence[Trajectory], chat: ChatTokenizer, k
                     else:
                         draft = drafter.propose(rid, k)
                     t1 = time.perf_counter_ns()
-                    if tree:
-                        acc = suffix_decoding_peer.tree_accepted(draft, parents, response[pos:])
-                    else:
-                        acc = 0
-                        for d, r in zip(draft, response[pos:]):
-                            if d != r:
-                                break
-                            acc += 1
+                    if not tree:  # a path: each token hangs off the one before it
+                        parents = range(-1, len(draft) - 1)
+                    acc = suffix_decoding_peer.tree_accepted(draft, parents, response[pos:])
                     adv = min(acc + 1, len(response) - pos)
                     t2 = time.perf_counter_ns()
                     drafter.extend(rid, response[pos:pos + adv])

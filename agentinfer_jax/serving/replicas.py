@@ -39,6 +39,8 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+from agentinfer_jax.serving.argtypes import int_in_range
+
 __all__ = ["ROUTING_KEY_HEADER", "POLICIES", "REJOIN_S", "ManagedProcess", "ReplicaFleet", "free_port",
            "router_args", "routing_key_http_client", "wait_http_ok", "main"]
 
@@ -313,8 +315,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     if "--" in argv:
         cut = argv.index("--")
         argv, serve_args = argv[:cut], argv[cut + 1:]
-    from agentinfer_jax.serving.argtypes import int_in_range
-
     p = argparse.ArgumentParser(prog="agentinfer-replicas", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int_in_range(1), default=2,

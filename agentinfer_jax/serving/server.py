@@ -318,16 +318,19 @@ class _Generation:
         return all(s.finished for s in self.streams)
 
     async def next_event(self) -> tuple[int, StreamEvent]:
-        # One pending get across polls (a wait_for timeout could drop an event); a loop that stops
-        # meanwhile sends nothing more, so its absence ends the wait with a 503.
-        get = asyncio.ensure_future(self.queue.get())
-        try:
-            while not (await asyncio.wait({get}, timeout=_DISCONNECT_POLL_S))[0]:
-                _check_loop_alive(self.stack)
-        finally:
-            if not get.done():
-                get.cancel()
-        index, ev = get.result()
+        try:  # a decoding request has its next event queued already: no task, no wait
+            index, ev = self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            # One pending get across polls (a wait_for timeout could drop an event); a loop that
+            # stops meanwhile sends nothing more, so its absence ends the wait with a 503.
+            get = asyncio.ensure_future(self.queue.get())
+            try:
+                while not (await asyncio.wait({get}, timeout=_DISCONNECT_POLL_S))[0]:
+                    _check_loop_alive(self.stack)
+            finally:
+                if not get.done():
+                    get.cancel()
+            index, ev = get.result()
         if ev.finished:
             self.streams[index].finished = True
             if ev.error:
@@ -411,9 +414,10 @@ class _OpenAIRoutes:
             gen.cancel_unless_finished()
 
     async def _complete(self, http: HttpRequest, gen: _Generation, chat: bool) -> dict[str, Any]:
-        # One pending get at a time (never wait_for on queue.get: a timeout could drop an event).
-        # The disconnect check runs on a clock, not only when no event came: a decoding request
-        # delivers an event every step, and its client may be long gone.
+        # One pending get at a time (never wait_for on queue.get: a timeout could drop an event); the
+        # get itself ends with a 503 if the loop stops. The disconnect check runs on a clock, not only
+        # when no event came: a decoding request delivers an event every step, and its client may be
+        # long gone.
         pending: asyncio.Future[tuple[int, StreamEvent]] | None = None
         loop = asyncio.get_running_loop()
         next_check = loop.time() + _DISCONNECT_POLL_S
@@ -425,7 +429,6 @@ class _OpenAIRoutes:
                 if loop.time() >= next_check:
                     if await http.is_disconnected():
                         raise ApiError(499, "client disconnected", "client_disconnected")
-                    _check_loop_alive(self.stack)
                     next_check = loop.time() + _DISCONNECT_POLL_S
                 if not done:
                     continue
